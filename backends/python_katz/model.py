@@ -1,0 +1,78 @@
+"""Triton glue for every Katz model: tensors in, :mod:`katz.triton_models` call, tensors out.
+
+This is a Python-based backend (``backend: "python_katz"`` in config.pbtxt).
+The ``role`` parameter picks the model class; all logic lives in the ``katz``
+package, which the stub imports from the virtual environment it was started in.
+GPU tensors cross the boundary through DLPack, never through host copies.
+"""
+
+import json
+import traceback
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from katz.triton_models import ModelCallError, create_model, is_user_error
+
+
+def _to_python(tensor):
+    """A Triton tensor as torch (numeric) or numpy object array (BYTES)."""
+    if tensor is None:
+        return None
+    if tensor.is_cpu():
+        arr = tensor.as_numpy()
+        return arr if arr.dtype == np.object_ else torch.from_numpy(arr.copy())
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def _to_triton(name, value):
+    if isinstance(value, torch.Tensor):
+        value = value.contiguous()
+        if value.is_cuda:
+            return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value))
+        return pb_utils.Tensor(name, value.numpy())
+    return pb_utils.Tensor(name, np.asarray(value))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.input_names = [i["name"] for i in config["input"]]
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+            torch.cuda.set_device(device)
+        self.model = create_model(params["role"], params, device, call=self._call)
+
+    def _call(self, model_name, inputs, output_names):
+        request = pb_utils.InferenceRequest(
+            model_name=model_name,
+            inputs=[_to_triton(k, v) for k, v in inputs.items() if v is not None],
+            requested_output_names=list(output_names),
+        )
+        response = request.exec()
+        if response.has_error():
+            err = response.error()
+            invalid = err.code() == pb_utils.TritonError.INVALID_ARG
+            raise ModelCallError(model_name, err.message(), invalid)
+        return {name: _to_python(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                inputs = {n: _to_python(pb_utils.get_input_tensor_by_name(request, n)) for n in self.input_names}
+                outputs = self.model.execute({k: v for k, v in inputs.items() if v is not None})
+                tensors = [_to_triton(name, value) for name, value in outputs.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            except Exception as exc:  # every failure becomes this request's error, never the server's
+                if is_user_error(exc):
+                    error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+                else:
+                    pb_utils.Logger.log_error(f"{self.model_name}: {traceback.format_exc()}")
+                    error = pb_utils.TritonError(f"{self.model_name}: {type(exc).__name__}: {exc}")
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+        return responses

@@ -1,0 +1,1 @@
+"""Katz: serving text-to-image diffusion workflows on NVIDIA Triton Inference Server."""

@@ -1,0 +1,257 @@
+"""The ``katz`` command: ``serve``, ``render`` and ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}
+
+
+# ------------------------------------------------------------------ deployment
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
+    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
+    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
+                   help="register a diffusers-format ControlNet (repeatable)")
+    p.add_argument("--lora-dir", type=Path, help="folder of .safetensors LoRAs (default: <model>/loras)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--gpus", default="0", help="GPU ids for the network models, comma-separated (cuda only)")
+    p.add_argument("--pipeline-instances", type=int, default=2, help="concurrent denoising loops")
+    p.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--default-steps", type=int, default=30)
+    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per model process (0: torch's default)")
+
+
+def build_deployment(args):
+    """Resolve the model folder, ControlNets, LoRA store and limits; fail before any server starts."""
+    import torch
+
+    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.presets import DEFAULT_PRESET, ensure_preset
+    from katz.request import Limits
+    from katz.triton_models.deployment import Deployment
+
+    model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
+    controlnets = discover_controlnets(Path(model_dir) / "controlnets")
+    for spec in args.controlnet:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"katz: --controlnet expects NAME=DIR, got {spec!r}")
+        controlnets[name] = Path(path).resolve()
+    folder = ModelFolder(Path(model_dir).resolve(), controlnets)  # raises ModelFolderError naming what is missing
+    lora_dir = args.lora_dir or (Path(model_dir) / "loras")
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise SystemExit(f"katz: --lora-dir {args.lora_dir} is not a folder")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    size = folder.default_size
+    limits = Limits(
+        max_steps=args.max_steps,
+        max_width=args.max_size,
+        max_height=args.max_size,
+        default_steps=min(args.default_steps, args.max_steps),
+        default_guidance=DEFAULT_GUIDANCE[folder.family],
+        default_width=min(size, args.max_size),
+        default_height=min(size, args.max_size),
+    )
+    return Deployment(
+        model_dir=folder.path,
+        controlnets=folder.controlnets,
+        lora_dir=Path(lora_dir).resolve() if Path(lora_dir).is_dir() else None,
+        limits=limits,
+        device=device,
+        dtype=dtype,
+        torch_threads=args.torch_threads,
+    )
+
+
+def _placement(args, deployment):
+    from katz.repository import Placement
+
+    gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if deployment.device == "cuda" else []
+    return Placement(
+        device=deployment.device,
+        counts={"katz_pipeline": args.pipeline_instances},
+        gpus={m: gpus for m in ("text_encoder", "katz_pipeline", "unet", "controlnet", "vae_decoder")},
+    )
+
+
+def cmd_render(args) -> int:
+    from katz.repository import render_repository
+
+    deployment = build_deployment(args)
+    out = render_repository(deployment, args.out, _placement(args, deployment))
+    print(out)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from katz import server
+    from katz.model_folder import ModelFolderError
+    from katz.repository import render_repository
+
+    try:
+        deployment = build_deployment(args)
+    except ModelFolderError as exc:
+        print(f"katz: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="katz-serve-"))
+    placement = _placement(args, deployment)
+    repo = render_repository(deployment, workdir / "model_repository", placement)
+    install = server.TritonInstall.find()
+    backends = server.prepare_backends(install, workdir / "backends")
+    opts = server.ServerOptions(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        gpus=tuple(sorted({g for gs in placement.gpus.values() for g in gs})),
+    )
+    cmd = server.command(install, repo, backends, opts)
+    print(
+        f"katz: serving {deployment.model_dir} ({deployment.folder.family}, {deployment.device}, {deployment.dtype}); "
+        f"HTTP {args.host}:{args.http_port}, gRPC {args.host}:{args.grpc_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return server.run_foreground(cmd, server.server_env(install))
+
+
+# -------------------------------------------------------------------- generate
+def _parse_lora(spec: str) -> tuple[str, float | None]:
+    name, sep, scale = spec.rpartition(":")
+    if not sep:
+        return spec, None
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise SystemExit(f"katz: --lora expects NAME[:SCALE], got {spec!r}") from None
+
+
+def build_generation(args):
+    from katz.client import Generation
+
+    if len(args.control_image) != len(args.controlnet):
+        raise SystemExit("katz: give one --control-image per --controlnet")
+    if args.controlnet_scale and len(args.controlnet_scale) != len(args.controlnet):
+        raise SystemExit("katz: give one --controlnet-scale per --controlnet, or none")
+    loras = [_parse_lora(s) for s in args.lora]
+    lora_scales = None
+    if any(s is not None for _, s in loras):
+        lora_scales = [1.0 if s is None else s for _, s in loras]
+    return Generation(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        controlnets=list(args.controlnet),
+        control_images=[Path(p).read_bytes() for p in args.control_image],
+        controlnet_scales=args.controlnet_scale or None,
+        loras=[n for n, _ in loras],
+        lora_scales=lora_scales,
+    )
+
+
+class _Progress:
+    """A one-line elapsed-time indicator on stderr while a request runs."""
+
+    def __init__(self, label: str):
+        self.label, self.done = label, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        start, frames, i = time.monotonic(), "|/-\\", 0
+        while not self.done.wait(0.2):
+            print(f"\r{frames[i % 4]} {self.label} {time.monotonic() - start:5.1f}s", end="", file=sys.stderr, flush=True)
+            i += 1
+        print(f"\r  {self.label} {time.monotonic() - start:5.1f}s", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+def cmd_generate(args) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from katz.client import infer, make_client
+
+    request = build_generation(args)
+    client = make_client(args.url, args.protocol, args.timeout)
+    try:
+        with _Progress(f"generating on {args.url} ({args.protocol})"):
+            result = infer(client, request, args.protocol, args.timeout)
+    except InferenceServerException as exc:
+        print(f"katz: request failed: {exc.message() if hasattr(exc, 'message') else exc}", file=sys.stderr)
+        return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(result.png)
+    h, w = result.image.shape[:2]
+    print(f"wrote {args.out} ({w}x{h}, seed {result.seed})")
+    return 0
+
+
+# ------------------------------------------------------------------------ main
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="katz", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="render the model repository and run tritonserver in the foreground")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--workdir", type=Path, help="where the repository is rendered (default: a temp folder)")
+    serve.set_defaults(func=cmd_serve)
+
+    render = sub.add_parser("render", help="only render the Triton model repository")
+    _add_model_args(render)
+    render.add_argument("--out", type=Path, required=True)
+    render.set_defaults(func=cmd_render)
+
+    gen = sub.add_parser("generate", help="request one image from a running server")
+    gen.add_argument("--url", default="localhost:8000", help="HOST:PORT of the server")
+    gen.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler")
+    gen.add_argument("--controlnet", action="append", default=[], help="ControlNet name (repeatable)")
+    gen.add_argument("--control-image", action="append", default=[], type=Path, help="image for each --controlnet")
+    gen.add_argument("--controlnet-scale", action="append", default=[], type=float)
+    gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
+    gen.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gen.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

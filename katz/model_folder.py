@@ -1,0 +1,185 @@
+"""A diffusers-format model folder: what it holds, whether it is complete, how to load it.
+
+Real weights and the built-in presets go through this one class. A folder holds
+``unet/``, ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/`` and, for
+SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. ControlNets are separate
+diffusers-format folders (``config.json`` + weights), registered by name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "model.safetensors",
+    "model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+)
+
+
+class ModelFolderError(ValueError):
+    """A model or ControlNet folder is missing parts or is not diffusers format."""
+
+
+def _check_component(folder: Path, part: str, needs_weights: bool, missing: list[str]) -> None:
+    sub = folder / part
+    if not sub.is_dir():
+        missing.append(f"{part}/")
+        return
+    config = "scheduler_config.json" if part == "scheduler" else "config.json"
+    if part.startswith("tokenizer"):
+        if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not (
+            sub / "tokenizer.json"
+        ).exists():
+            missing.append(f"{part}/vocab.json+merges.txt")
+        return
+    if not (sub / config).exists():
+        missing.append(f"{part}/{config}")
+    if needs_weights and not any((sub / w).exists() for w in _WEIGHT_FILES):
+        missing.append(f"{part}/<weights>.safetensors")
+
+
+def check_controlnet_folder(path: Path) -> None:
+    """Raise :class:`ModelFolderError` unless ``path`` is a diffusers ControlNet folder."""
+    missing: list[str] = []
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"ControlNet folder {path} does not exist")
+    if not (path / "config.json").exists():
+        missing.append("config.json")
+    if not any((path / w).exists() for w in _WEIGHT_FILES):
+        missing.append("<weights>.safetensors")
+    if missing:
+        raise ModelFolderError(f"ControlNet folder {path} is missing: {', '.join(missing)}")
+
+
+@dataclass
+class ModelFolder:
+    """A validated diffusers-format SD 1.5 or SDXL folder.
+
+    ``family`` is ``"sdxl"`` when the folder has a second text encoder (and the
+    UNet takes ``text_time`` added conditioning), else ``"sd15"``.
+    """
+
+    path: Path
+    controlnets: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.path.is_dir():
+            raise ModelFolderError(f"model folder {self.path} does not exist")
+        missing: list[str] = []
+        parts = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
+        if self.family == "sdxl":
+            parts += ["text_encoder_2", "tokenizer_2"]
+        for part in parts:
+            _check_component(self.path, part, part not in ("scheduler",), missing)
+        if missing:
+            raise ModelFolderError(f"model folder {self.path} is missing: {', '.join(missing)}")
+        for name, cn in self.controlnets.items():
+            check_controlnet_folder(cn)
+
+    # ------------------------------------------------------------------ facts
+    @cached_property
+    def family(self) -> str:
+        unet_cfg = self.path / "unet" / "config.json"
+        if unet_cfg.exists():
+            cfg = json.loads(unet_cfg.read_text())
+            return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd15"
+        return "sdxl" if (self.path / "text_encoder_2").exists() else "sd15"
+
+    @cached_property
+    def unet_config(self) -> dict:
+        return json.loads((self.path / "unet" / "config.json").read_text())
+
+    @cached_property
+    def vae_config(self) -> dict:
+        return json.loads((self.path / "vae" / "config.json").read_text())
+
+    @cached_property
+    def scheduler_config(self) -> dict:
+        return json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
+
+    @cached_property
+    def model_index(self) -> dict:
+        index = self.path / "model_index.json"
+        return json.loads(index.read_text()) if index.exists() else {}
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """Default image side in pixels (diffusers: ``unet.sample_size * vae_scale_factor``)."""
+        return int(self.unet_config["sample_size"]) * self.vae_scale_factor
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL: an absent negative prompt means zero embeddings (diffusers' default True)."""
+        return self.family == "sdxl" and bool(self.model_index.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def text_encoder_parts(self) -> tuple[str, ...]:
+        return ("text_encoder", "text_encoder_2") if self.family == "sdxl" else ("text_encoder",)
+
+    @property
+    def tokenizer_parts(self) -> tuple[str, ...]:
+        return ("tokenizer", "tokenizer_2") if self.family == "sdxl" else ("tokenizer",)
+
+    @property
+    def num_down_residuals(self) -> int:
+        """How many ControlNet down-block residuals the UNet takes (conv_in + each resnet + each downsampler)."""
+        blocks = self.unet_config["down_block_types"]
+        layers = self.unet_config.get("layers_per_block", 2)
+        per_block = layers if isinstance(layers, list) else [layers] * len(blocks)
+        return 1 + sum(per_block) + (len(blocks) - 1)
+
+    # ---------------------------------------------------------------- loading
+    def load_unet(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(self.path / "unet", torch_dtype=dtype).to(device).eval()
+
+    def load_vae(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype).to(device).eval()
+
+    def load_text_encoders(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        out = {"text_encoder": CLIPTextModel.from_pretrained(self.path / "text_encoder", torch_dtype=dtype)}
+        if self.family == "sdxl":
+            out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                self.path / "text_encoder_2", torch_dtype=dtype
+            )
+        return {k: v.to(device).eval() for k, v in out.items()}
+
+    def load_tokenizers(self) -> dict:
+        from transformers import CLIPTokenizer
+
+        return {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts}
+
+    def load_controlnet(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import ControlNetModel
+
+        if name not in self.controlnets:
+            raise KeyError(name)
+        return ControlNetModel.from_pretrained(self.controlnets[name], torch_dtype=dtype).to(device).eval()
+
+
+def discover_controlnets(folder: Path) -> dict[str, Path]:
+    """Each sub-folder of ``folder`` holding a ``config.json`` is a ControlNet named after it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").exists()}

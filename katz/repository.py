@@ -1,0 +1,123 @@
+"""Render the Triton model repository from ``model_repository/`` templates.
+
+The templates hold each model's config with ``${name}`` placeholders; this
+module fills in what depends on the deployment: the model family's extra
+tensors (SDXL's second tokenizer and pooled embeddings, the UNet's residual
+count), the dtype, instance groups and the deployment parameters.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from katz.triton_models.deployment import Deployment
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = PROJECT_ROOT / "model_repository"
+BACKEND_SOURCE = PROJECT_ROOT / "backends" / "python_katz"
+
+MODELS = (
+    "katz",
+    "preprocessing",
+    "text_encoder",
+    "katz_pipeline",
+    "unet",
+    "controlnet",
+    "vae_decoder",
+    "postprocessing",
+)
+# models that run networks and take an instance group on GPU hosts
+GPU_MODELS = ("text_encoder", "katz_pipeline", "unet", "controlnet", "vae_decoder")
+
+
+@dataclass
+class Placement:
+    """Where each model runs: device kind, instance count and GPU list per model."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    counts: dict[str, int] = field(default_factory=dict)
+    gpus: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, model: str) -> int:
+        default = 2 if model == "katz_pipeline" else 1
+        return self.counts.get(model, default)
+
+    def instance_group(self, model: str) -> str:
+        if self.device == "cpu" or model not in GPU_MODELS:
+            return f"{{ kind: KIND_CPU count: {self.count(model)} }}"
+        gpus = ", ".join(str(g) for g in self.gpus.get(model, [0]))
+        return f"{{ kind: KIND_GPU count: {self.count(model)} gpus: [ {gpus} ] }}"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _parameters(params: dict[str, str]) -> str:
+    return "\n".join(f"parameters {{ key: {_quote(k)} value {{ string_value: {_quote(v)} }} }}" for k, v in params.items())
+
+
+def _tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f"  {{ name: {_quote(name)} data_type: {dtype} dims: [ {dims} ]{opt} }}"
+
+
+def template_values(deployment: Deployment) -> dict[str, str]:
+    """Placeholder values shared by all templates."""
+    folder = deployment.folder
+    dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[deployment.dtype]
+    sdxl = folder.family == "sdxl"
+    n = folder.num_down_residuals
+    residuals = [f"down_residual_{i}" for i in range(n)] + ["mid_residual"]
+    return {
+        "dtype": dtype,
+        "extra_outputs_preprocessing": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if sdxl else "",
+        "extra_inputs_text_encoder": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if sdxl else "",
+        "extra_outputs_text_encoder": ",\n" + _tensor("pooled_prompt_embeds", dtype, "-1, -1") if sdxl else "",
+        "extra_inputs_katz_pipeline": _tensor("pooled_prompt_embeds", dtype, "-1, -1") + "," if sdxl else "",
+        "added_cond_inputs": (
+            _tensor("text_embeds", dtype, "-1, -1") + ",\n" + _tensor("time_ids", dtype, "-1, 6") + ","
+            if sdxl
+            else ""
+        ),
+        "residual_inputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1", optional=True) for r in residuals) + ",",
+        "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
+        "preprocessing_extra_outputs": (
+            '      output_map { key: "input_ids_2" value: "_input_ids_2" }' if sdxl else ""
+        ),
+        "text_encoder_extra_inputs": '      input_map { key: "input_ids_2" value: "_input_ids_2" }' if sdxl else "",
+        "text_encoder_extra_outputs": (
+            '      output_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if sdxl else ""
+        ),
+        "pipeline_extra_inputs": (
+            '      input_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if sdxl else ""
+        ),
+    }
+
+
+def render_repository(deployment: Deployment, out: Path, placement: Placement | None = None) -> Path:
+    """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for every model."""
+    placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    common = template_values(deployment)
+    params = _parameters(deployment.to_parameters())
+    for model in MODELS:
+        text = (TEMPLATES / model / "config.pbtxt").read_text()
+        values = dict(common)
+        values.update(
+            parameters=params,
+            instance_group=placement.instance_group(model),
+            cpu_count=str(placement.count(model)),
+            extra_inputs=common.get(f"extra_inputs_{model}", ""),
+            extra_outputs=common.get(f"extra_outputs_{model}", ""),
+        )
+        rendered = Template(text).substitute(values)
+        rendered = "\n".join(line for line in rendered.splitlines() if line.strip()) + "\n"
+        (out / model / "1").mkdir(parents=True)
+        (out / model / "config.pbtxt").write_text(rendered)
+    return out

@@ -1,0 +1,276 @@
+"""The request schema of the ``katz`` ensemble and its validation.
+
+Every field is checked here, before any compute; a bad field raises
+:class:`InvalidArgument` whose message starts with the field's name. The Triton
+glue turns that into an ``INVALID_ARG`` error.
+
+=====================  =========  ========  ==============================================
+tensor                 type       shape     meaning
+=====================  =========  ========  ==============================================
+prompt                 BYTES      [1]       required, UTF-8
+negative_prompt        BYTES      [1]       optional; SDXL: absent -> zero embeddings
+seed                   INT64      [1]       optional, 0 <= seed < 2**63; absent -> random
+steps                  INT32      [1]       optional, 1..max_steps
+guidance_scale         FP32       [1]       optional, 0..max_guidance; <= 1 turns CFG off
+width, height          INT32      [1]       optional, multiples of 8, 8..max
+scheduler              BYTES      [1]       optional, see :mod:`katz.schedulers`
+controlnets            BYTES      [n]       ControlNet names
+control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
+controlnet_scales      FP32       [n]       optional, default 1.0 each
+loras                  BYTES      [m]       LoRA names (file stems in the LoRA store)
+lora_scales            FP32       [m]       optional, default 1.0 each
+=====================  =========  ========  ==============================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from katz.schedulers import scheduler_names
+
+INPUT_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "scheduler",
+    "controlnets",
+    "control_images",
+    "controlnet_scales",
+    "loras",
+    "lora_scales",
+)
+
+_LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class InvalidArgument(ValueError):
+    """A request field is missing or out of range; ``field`` names it."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds and defaults for requests (set per deployment)."""
+
+    max_steps: int = 150
+    max_width: int = 2048
+    max_height: int = 2048
+    max_prompt_bytes: int = 4096
+    max_guidance: float = 50.0
+    max_controlnet_scale: float = 10.0
+    max_lora_scale: float = 10.0
+    max_controlnets: int = 4
+    max_loras: int = 8
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    default_steps: int = 30
+    default_guidance: float = 5.0
+    default_width: int = 1024
+    default_height: int = 1024
+    default_scheduler: str = "default"
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request; control images are still encoded bytes."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    controlnets: list[str] = field(default_factory=list)
+    control_images: list[bytes] = field(default_factory=list)
+    controlnet_scales: list[float] = field(default_factory=list)
+    loras: list[str] = field(default_factory=list)
+    lora_scales: list[float] = field(default_factory=list)
+
+    @property
+    def do_cfg(self) -> bool:
+        """Classifier-free guidance runs when ``guidance_scale > 1`` (diffusers' rule)."""
+        return self.guidance_scale > 1.0
+
+
+# ----------------------------------------------------------------- helpers
+def _scalar(inputs: dict, name: str, kind: type):
+    value = inputs.get(name)
+    if value is None:
+        return None
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise InvalidArgument(name, f"expected one value, got shape {list(arr.shape)}")
+    item = arr.reshape(-1)[0]
+    if kind is str:
+        return _text(name, item)
+    if kind is int:
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InvalidArgument(name, f"expected an integer, got {arr.dtype}")
+        return int(item)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidArgument(name, f"expected a number, got {arr.dtype}")
+    return float(item)
+
+
+def _text(name: str, item) -> str:
+    if isinstance(item, (bytes, np.bytes_)):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(name, "is not valid UTF-8") from None
+    if isinstance(item, str):
+        return item
+    raise InvalidArgument(name, f"expected BYTES, got {type(item).__name__}")
+
+
+def _list(inputs: dict, name: str) -> list | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    return np.asarray(value).reshape(-1).tolist()
+
+
+def _floats(inputs: dict, name: str, count: int, limit: float, low: float) -> list[float]:
+    values = _list(inputs, name)
+    if values is None:
+        return [1.0] * count
+    if len(values) != count:
+        raise InvalidArgument(name, f"has {len(values)} values but {count} were expected (one per name)")
+    out = []
+    for v in values:
+        f = float(v)
+        if not math.isfinite(f):
+            raise InvalidArgument(name, f"value {f} is not finite")
+        if not low <= f <= limit:
+            raise InvalidArgument(name, f"value {f} is outside [{low}, {limit}]")
+        out.append(f)
+    return out
+
+
+def check_lora_name(name: str) -> None:
+    """LoRA names are plain file stems: no path separators, no ``..``."""
+    if not _LORA_NAME.match(name) or ".." in name:
+        raise InvalidArgument("loras", f"invalid LoRA name {name!r} (letters, digits, '_', '-', '.'; no paths)")
+
+
+# ------------------------------------------------------------------- parse
+def parse_request(
+    inputs: dict,
+    limits: Limits,
+    controlnet_names: set[str] | frozenset[str],
+    lora_exists,
+) -> GenerationRequest:
+    """Validate raw request tensors (name -> numpy array, absent fields missing or None).
+
+    ``lora_exists(name) -> bool`` asks the LoRA store whether a name is known.
+    """
+    unknown = set(k for k, v in inputs.items() if v is not None) - set(INPUT_FIELDS)
+    if unknown:
+        raise InvalidArgument(sorted(unknown)[0], "is not a known input")
+
+    prompt = _scalar(inputs, "prompt", str)
+    if prompt is None:
+        raise InvalidArgument("prompt", "is required")
+    if len(prompt.encode()) > limits.max_prompt_bytes:
+        raise InvalidArgument("prompt", f"is longer than {limits.max_prompt_bytes} bytes")
+    negative = _scalar(inputs, "negative_prompt", str)
+    if negative is not None and len(negative.encode()) > limits.max_prompt_bytes:
+        raise InvalidArgument("negative_prompt", f"is longer than {limits.max_prompt_bytes} bytes")
+
+    seed = _scalar(inputs, "seed", int)
+    if seed is None:
+        seed = secrets.randbelow(2**63)
+    elif not 0 <= seed < 2**63:
+        raise InvalidArgument("seed", f"{seed} is outside [0, 2**63)")
+
+    steps = _scalar(inputs, "steps", int)
+    steps = limits.default_steps if steps is None else steps
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument("steps", f"{steps} is outside [1, {limits.max_steps}]")
+
+    guidance = _scalar(inputs, "guidance_scale", float)
+    guidance = limits.default_guidance if guidance is None else guidance
+    if not math.isfinite(guidance) or not 0.0 <= guidance <= limits.max_guidance:
+        raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, {limits.max_guidance}]")
+
+    sizes = {}
+    for name, default, top in (
+        ("width", limits.default_width, limits.max_width),
+        ("height", limits.default_height, limits.max_height),
+    ):
+        v = _scalar(inputs, name, int)
+        v = default if v is None else v
+        if v < 8 or v % 8:
+            raise InvalidArgument(name, f"{v} is not a positive multiple of 8")
+        if v > top:
+            raise InvalidArgument(name, f"{v} is above the maximum {top}")
+        sizes[name] = v
+
+    scheduler = _scalar(inputs, "scheduler", str)
+    scheduler = limits.default_scheduler if scheduler is None else scheduler
+    if scheduler not in scheduler_names():
+        raise InvalidArgument("scheduler", f"unknown scheduler {scheduler!r}; known: {', '.join(scheduler_names())}")
+
+    # ControlNets ------------------------------------------------------------
+    cn_names = [_text("controlnets", v) for v in (_list(inputs, "controlnets") or [])]
+    images = _list(inputs, "control_images") or []
+    if len(cn_names) > limits.max_controlnets:
+        raise InvalidArgument("controlnets", f"at most {limits.max_controlnets} per request")
+    for n in cn_names:
+        if n not in controlnet_names:
+            known = ", ".join(sorted(controlnet_names)) or "none"
+            raise InvalidArgument("controlnets", f"unknown ControlNet {n!r}; known: {known}")
+    if len(images) != len(cn_names):
+        raise InvalidArgument(
+            "control_images", f"has {len(images)} images but {len(cn_names)} ControlNets were named"
+        )
+    image_bytes = []
+    for img in images:
+        if not isinstance(img, (bytes, np.bytes_)):
+            raise InvalidArgument("control_images", "expected BYTES (PNG/JPEG file contents)")
+        if len(img) > limits.max_image_bytes:
+            raise InvalidArgument("control_images", f"image is larger than {limits.max_image_bytes} bytes")
+        image_bytes.append(bytes(img))
+    cn_scales = _floats(inputs, "controlnet_scales", len(cn_names), limits.max_controlnet_scale, 0.0)
+
+    # LoRAs ------------------------------------------------------------------
+    loras = [_text("loras", v) for v in (_list(inputs, "loras") or [])]
+    if len(loras) > limits.max_loras:
+        raise InvalidArgument("loras", f"at most {limits.max_loras} per request")
+    if len(set(loras)) != len(loras):
+        raise InvalidArgument("loras", "names a LoRA twice")
+    for n in loras:
+        check_lora_name(n)
+        if not lora_exists(n):
+            raise InvalidArgument("loras", f"unknown LoRA {n!r}")
+    lora_scales = _floats(inputs, "lora_scales", len(loras), limits.max_lora_scale, -limits.max_lora_scale)
+
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance,
+        width=sizes["width"],
+        height=sizes["height"],
+        scheduler=scheduler,
+        controlnets=cn_names,
+        control_images=image_bytes,
+        controlnet_scales=cn_scales,
+        loras=loras,
+        lora_scales=lora_scales,
+    )

@@ -1,0 +1,45 @@
+"""Run the ``katz`` ensemble in one process, with the same model classes Triton runs.
+
+For tests, benchmarks of the engines without a server, and debugging: the
+step order and tensor names are those of ``model_repository/katz``, and BLS
+calls become direct calls.
+"""
+
+from __future__ import annotations
+
+from katz.triton_models import create_model
+from katz.triton_models.deployment import Deployment
+
+ROLES = {
+    "preprocessing": "preprocessing",
+    "text_encoder": "text_encoder",
+    "katz_pipeline": "pipeline",
+    "unet": "unet",
+    "controlnet": "controlnet",
+    "vae_decoder": "vae_decoder",
+    "postprocessing": "postprocessing",
+}
+
+
+class LocalEnsemble:
+    def __init__(self, deployment: Deployment):
+        params = deployment.to_parameters()
+        self.models = {
+            name: create_model(role, params, deployment.device, call=self._call) for name, role in ROLES.items()
+        }
+
+    def _call(self, model: str, inputs: dict, output_names: list[str]) -> dict:
+        out = self.models[model].execute(inputs)
+        return {k: out[k] for k in output_names}
+
+    def generate(self, request: dict) -> dict:
+        """Request tensors (see :mod:`katz.request`) -> ``{"image", "png", "seed"}``."""
+        pre = self.models["preprocessing"].execute(request)
+        shared = {"params": pre["params"], "control_images": pre["control_images"]}
+        text = self.models["text_encoder"].execute(
+            {k: v for k, v in pre.items() if k.startswith("input_ids") or k == "params"}
+        )
+        latents = self.models["katz_pipeline"].execute({**text, **shared})["latents"]
+        image = self.models["vae_decoder"].execute({"latents": latents})["image"]
+        post = self.models["postprocessing"].execute({"image": image})
+        return {**post, "seed": pre["seed"]}

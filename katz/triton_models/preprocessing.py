@@ -1,0 +1,60 @@
+"""``preprocessing``: validate every field, tokenize the prompts, decode control images.
+
+Outputs ``input_ids`` (and ``input_ids_2`` for SDXL) int64 ``[B, 77]``,
+``control_images`` float32 ``[n, 3, H, W]`` in ``[0, 1]`` (``n`` may be 0),
+``params`` (the normalized request as one JSON BYTES element, read by the
+later models) and ``seed`` int64 ``[1]`` (returned to the client).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from katz.images import decode_control_image
+from katz.request import parse_request
+from katz.text_encoding import tokenize
+
+
+class Preprocessing:
+    def __init__(self, deployment):
+        self.deployment = deployment
+        self.tokenizers = deployment.folder.load_tokenizers()
+
+    def execute(self, inputs: dict) -> dict:
+        dep = self.deployment
+        req = parse_request(inputs, dep.limits, frozenset(dep.folder.controlnets), dep.loras.exists)
+        images = [
+            decode_control_image(data, req.width, req.height, dep.limits.max_image_pixels)
+            for data in req.control_images
+        ]
+        control = torch.cat(images) if images else torch.zeros((0, 3, req.height, req.width))
+        params = {
+            "seed": req.seed,
+            "steps": req.steps,
+            "guidance_scale": req.guidance_scale,
+            "width": req.width,
+            "height": req.height,
+            "scheduler": req.scheduler,
+            "controlnets": req.controlnets,
+            "controlnet_scales": req.controlnet_scales,
+            "loras": req.loras,
+            "lora_scales": req.lora_scales,
+            "zero_negative": bool(
+                req.do_cfg and req.negative_prompt is None and dep.folder.force_zeros_for_empty_prompt
+            ),
+        }
+        ids = tokenize(self.tokenizers, req.prompt, req.negative_prompt, req.do_cfg)
+        return {
+            **{k: torch.from_numpy(v) for k, v in ids.items()},
+            "control_images": control,
+            "params": np.array([json.dumps(params).encode()], dtype=object),
+            "seed": np.array([req.seed], dtype=np.int64),
+        }
+
+
+def read_params(inputs: dict) -> dict:
+    """The ``params`` JSON written by :class:`Preprocessing`."""
+    return json.loads(bytes(inputs["params"].reshape(-1)[0]).decode())

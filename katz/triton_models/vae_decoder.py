@@ -1,0 +1,13 @@
+"""``vae_decoder``: ``latents [1, 4, h, w]`` -> ``image [1, 3, H, W]`` in ``[-1, 1]``."""
+
+from __future__ import annotations
+
+from katz.engines.torch_engines import VaeDecoderEngine
+
+
+class VaeDecoder:
+    def __init__(self, deployment):
+        self.engine = VaeDecoderEngine(deployment.folder, deployment.device, deployment.torch_dtype)
+
+    def execute(self, inputs: dict) -> dict:
+        return {"image": self.engine(inputs["latents"])}

@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny presets built once per session, and a real tritonserver."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """Presets go to $KATZ_CACHE when set (reuse between runs), else a session temp folder."""
+    if os.environ.get("KATZ_CACHE"):
+        return Path(os.environ["KATZ_CACHE"]) / "presets"
+    return tmp_path_factory.mktemp("katz-cache") / "presets"
+
+
+@pytest.fixture(scope="session")
+def preset_dir(cache_root):
+    from katz.presets import ensure_preset
+
+    def get(name: str) -> Path:
+        return ensure_preset(name, cache_root)
+
+    return get
+
+
+def control_png(seed: int = 0, size: int = 64) -> bytes:
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, preset: str, workdir: Path, cache: Path, extra: list[str] = ()):
+        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.log_path = workdir / "server.log"
+        env = dict(os.environ, KATZ_CACHE=str(cache.parent))
+        cmd = [
+            sys.executable, "-m", "katz.cli", "serve", "--preset", preset,
+            "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+            "--metrics-port", str(self.metrics_port), "--workdir", str(workdir), "--torch-threads", "1",
+            *extra,
+        ]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(self.http_url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"katz serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory, cache_root, preset_dir):
+    servers: list[RunningServer] = []
+
+    def start(preset: str, extra: list[str] = ()) -> RunningServer:
+        preset_dir(preset)  # build the preset here, not inside the server start-up
+        server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset}"), cache_root, list(extra))
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()

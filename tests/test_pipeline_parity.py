@@ -1,0 +1,151 @@
+"""Seed parity with diffusers: the Katz models, wired in-process, give diffusers' image.
+
+Same weights, prompt, scheduler, steps, guidance and seed; float32 on the CPU;
+max difference on uint8 output <= 2/255.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import control_png
+
+PROMPT = "a photo of a red house"
+STEPS = 4
+TOLERANCE = 2
+
+
+def _deployment(folder_path):
+    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.request import Limits
+    from katz.triton_models.deployment import Deployment
+
+    folder = ModelFolder(folder_path, discover_controlnets(folder_path / "controlnets"))
+    guidance = 5.0 if folder.family == "sdxl" else 7.5
+    limits = Limits(default_width=64, default_height=64, default_guidance=guidance)
+    return Deployment(folder.path, folder.controlnets, folder_path / "loras", limits)
+
+
+@pytest.fixture(scope="module")
+def ensembles(preset_dir):
+    from katz.triton_models.local import LocalEnsemble
+
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            cache[preset] = LocalEnsemble(_deployment(preset_dir(preset)))
+        return cache[preset]
+
+    return get
+
+
+def _request(scheduler="default", controlnet=False, loras=(), seed=42, negative=None, guidance=None):
+    req = {
+        "prompt": np.array([PROMPT.encode()], object),
+        "seed": np.array([seed], np.int64),
+        "steps": np.array([STEPS], np.int32),
+        "scheduler": np.array([scheduler.encode()], object),
+    }
+    if negative is not None:
+        req["negative_prompt"] = np.array([negative.encode()], object)
+    if guidance is not None:
+        req["guidance_scale"] = np.array([guidance], np.float32)
+    if controlnet:
+        req["controlnets"] = np.array([b"canny"], object)
+        req["control_images"] = np.array([control_png()], object)
+        req["controlnet_scales"] = np.array([0.9], np.float32)
+    if loras:
+        req["loras"] = np.array([n.encode() for n, _ in loras], object)
+        req["lora_scales"] = np.array([s for _, s in loras], np.float32)
+    return req
+
+
+def _diffusers_image(folder_path, scheduler, controlnet=False, loras=(), seed=42, negative=None, guidance=None):
+    import diffusers
+
+    from katz.model_folder import ModelFolder
+    from katz.schedulers import make_scheduler
+
+    folder = ModelFolder(folder_path)
+    kwargs = {}
+    if folder.family == "sdxl":
+        cls = diffusers.StableDiffusionXLControlNetPipeline if controlnet else diffusers.StableDiffusionXLPipeline
+        kwargs["add_watermarker"] = False
+    else:
+        cls = diffusers.StableDiffusionControlNetPipeline if controlnet else diffusers.StableDiffusionPipeline
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    call = {}
+    if controlnet:
+        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(folder_path / "controlnets" / "canny")
+        call["image"] = Image.open(io.BytesIO(control_png()))
+        call["controlnet_conditioning_scale"] = 0.9
+    pipe = cls.from_pretrained(folder_path, **kwargs)
+    pipe.scheduler = make_scheduler(scheduler, folder.scheduler_config)
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in loras:
+        pipe.load_lora_weights(folder_path / "loras", weight_name=f"{name}.safetensors", adapter_name=name)
+    if loras:
+        pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
+        pipe.fuse_lora(adapter_names=[n for n, _ in loras], lora_scale=1.0)
+    out = pipe(
+        PROMPT,
+        negative_prompt=negative,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance if guidance is not None else (5.0 if folder.family == "sdxl" else 7.5),
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        **call,
+    ).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def _max_diff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+CASES = [
+    ("tiny-sdxl", dict(scheduler="default")),
+    ("tiny-sdxl", dict(scheduler="euler_a", controlnet=True)),
+    ("tiny-sdxl", dict(scheduler="dpmpp_2m", negative="blurry")),
+    ("tiny-sdxl", dict(scheduler="ddim", guidance=1.0)),
+    ("tiny-sdxl", dict(scheduler="euler", loras=(("style", 0.8), ("detail", 0.5)))),
+    ("tiny-sdxl", dict(scheduler="euler", controlnet=True, loras=(("detail", 1.0),))),
+    ("tiny-sd15", dict(scheduler="default")),
+    ("tiny-sd15", dict(scheduler="ddim", controlnet=True)),
+    ("tiny-sd15", dict(scheduler="euler_a", loras=(("style", 1.0), ("detail", 0.7)))),
+]
+
+
+@pytest.mark.parametrize("preset, case", CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(CASES)])
+def test_matches_diffusers(preset, case, ensembles, preset_dir):
+    ours = ensembles(preset).generate(_request(**case))
+    ref = _diffusers_image(preset_dir(preset), **case)
+    assert ours["image"].shape == (64, 64, 3)
+    assert ours["image"].std() > 5, "image is flat: the test would not see a difference"
+    assert _max_diff(ours["image"], ref) <= TOLERANCE
+    assert int(ours["seed"][0]) == 42
+
+
+def test_controlnet_and_lora_change_the_image_and_do_not_leak(ensembles):
+    ens = ensembles("tiny-sdxl")
+    plain = ens.generate(_request())["image"]
+    with_cn = ens.generate(_request(controlnet=True))["image"]
+    with_lora = ens.generate(_request(loras=(("style", 1.0),)))["image"]
+    assert _max_diff(plain, with_cn) > 10
+    assert _max_diff(plain, with_lora) > 10
+    again = ens.generate(_request())["image"]
+    assert np.array_equal(plain, again), "a LoRA or ControlNet request changed the next request's image"
+
+
+def test_png_decodes_to_the_image(ensembles):
+    out = ensembles("tiny-sd15").generate(_request(seed=3))
+    decoded = np.asarray(Image.open(io.BytesIO(bytes(out["png"][0]))))
+    assert np.array_equal(decoded, out["image"])
