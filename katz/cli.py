@@ -114,6 +114,7 @@ def cmd_serve(args) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
+        exit_timeout=args.exit_timeout,
         gpus=tuple(sorted({g for gs in placement.gpus.values() for g in gs})),
     )
     cmd = server.command(install, repo, backends, opts)
@@ -219,6 +220,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--exit-timeout", type=int, default=30,
+                       help="seconds to let in-flight requests finish on shutdown")
     serve.add_argument("--workdir", type=Path, help="where the repository is rendered (default: a temp folder)")
     serve.set_defaults(func=cmd_serve)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -84,6 +85,10 @@ def infer(client, request: Generation, protocol: str = "http", timeout: float = 
         import tritonclient.http as mod
     else:
         import tritonclient.grpc as mod
+    if request.seed is None:
+        # The ensemble's `seed` output echoes the `seed` input (Triton ensembles share one
+        # tensor namespace), so the client picks the random seed and gets it back.
+        request = replace(request, seed=secrets.randbelow(2**63))
     inputs = []
     for name, arr in request.tensors().items():
         inp = mod.InferInput(name, list(arr.shape), _datatype(arr))

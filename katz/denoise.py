@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -97,8 +97,13 @@ def denoise(
     vae_scale_factor: int,
     controlnet: ControlNetFn | None = None,
     controls: Sequence[ControlInput] = (),
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Run the whole denoising loop and return the final latents ``[1, C, h, w]``."""
+    """Run the whole denoising loop and return the final latents ``[1, C, h, w]``.
+
+    ``on_step(i, n)`` is called after step ``i`` of ``n`` (progress streaming,
+    cancellation: an exception raised there stops the loop).
+    """
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     do_cfg = guidance_scale > 1.0
     batch = 2 if do_cfg else 1
@@ -152,4 +157,6 @@ def denoise(
             noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
         latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i, n)
     return latents

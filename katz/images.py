@@ -56,8 +56,13 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """``uint8 [H, W, 3]`` -> PNG file bytes."""
+def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """``uint8 [H, W, 3]`` -> PNG file bytes, with ``text`` as tEXt chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

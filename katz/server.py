@@ -109,6 +109,7 @@ class ServerOptions:
     cuda_pool_bytes: int = 1 << 30
     gpus: tuple[int, ...] = ()
     log_verbose: int = 0
+    exit_timeout: int = 30
 
 
 def command(install: TritonInstall, repository: Path, backends: Path, opts: ServerOptions) -> list[str]:
@@ -125,6 +126,7 @@ def command(install: TritonInstall, repository: Path, backends: Path, opts: Serv
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--log-verbose={opts.log_verbose}",
+        f"--exit-timeout-secs={opts.exit_timeout}",
     ]
     for g in opts.gpus:
         cmd.append(f"--cuda-memory-pool-byte-size={g}:{opts.cuda_pool_bytes}")

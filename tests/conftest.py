@@ -59,6 +59,7 @@ class RunningServer:
             sys.executable, "-m", "katz.cli", "serve", "--preset", preset,
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--workdir", str(workdir), "--torch-threads", "1",
+            "--exit-timeout", "20",
             *extra,
         ]
         self.log = open(self.log_path, "w")
@@ -75,16 +76,18 @@ class RunningServer:
     def wait_ready(self, timeout: float = 300.0) -> None:
         import tritonclient.http as http
 
-        client = http.InferenceServerClient(self.http_url)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"katz serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            client = http.InferenceServerClient(self.http_url)
             try:
                 if client.is_server_ready():
                     return
             except Exception:
                 pass
+            finally:
+                client.close()  # an open keep-alive connection delays the server's shutdown
             time.sleep(0.5)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 

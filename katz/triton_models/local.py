@@ -41,5 +41,5 @@ class LocalEnsemble:
         )
         latents = self.models["katz_pipeline"].execute({**text, **shared})["latents"]
         image = self.models["vae_decoder"].execute({"latents": latents})["image"]
-        post = self.models["postprocessing"].execute({"image": image})
+        post = self.models["postprocessing"].execute({"image": image, "params": pre["params"]})
         return {**post, "seed": pre["seed"]}

@@ -1,0 +1,68 @@
+"""Rendering the Triton model repository: valid config.pbtxt for both families, CPU and GPU."""
+
+from __future__ import annotations
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from katz.repository import MODELS, Placement, render_repository
+from katz.request import Limits
+from katz.triton_models.deployment import Deployment
+
+
+def _deployment(path, dtype="float32"):
+    from katz.model_folder import ModelFolder, discover_controlnets
+
+    folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+    return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype)
+
+
+def _configs(repo):
+    out = {}
+    for model in MODELS:
+        cfg = model_config_pb2.ModelConfig()
+        text_format.Parse((repo / model / "config.pbtxt").read_text(), cfg)
+        assert (repo / model / "1").is_dir()
+        out[model] = cfg
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
+def test_renders_valid_configs(preset, preset_dir, tmp_path):
+    dep = _deployment(preset_dir(preset))
+    cfgs = _configs(render_repository(dep, tmp_path / "repo"))
+    assert cfgs["katz"].platform == "ensemble"
+    assert [s.model_name for s in cfgs["katz"].ensemble_scheduling.step] == [
+        "preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing"]
+    unet_inputs = {i.name for i in cfgs["unet"].input}
+    n = dep.folder.num_down_residuals
+    assert {f"down_residual_{i}" for i in range(n)} | {"mid_residual"} <= unet_inputs
+    assert {o.name for o in cfgs["controlnet"].output} == {f"down_residual_{i}" for i in range(n)} | {"mid_residual"}
+    assert ("text_embeds" in unet_inputs) == (preset == "tiny-sdxl")
+    for model in MODELS[1:]:
+        assert cfgs[model].backend == "python_katz"
+        assert cfgs[model].parameters["model_dir"].string_value == str(dep.model_dir)
+        assert cfgs[model].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    # every tensor an ensemble step reads is written by an earlier step or is an ensemble input
+    available = {i.name for i in cfgs["katz"].input}
+    for step in cfgs["katz"].ensemble_scheduling.step:
+        model_inputs = {i.name: i for i in cfgs[step.model_name].input}
+        for key, value in step.input_map.items():
+            assert key in model_inputs and value in available, (step.model_name, key)
+        required = {k for k, i in model_inputs.items() if not i.optional}
+        assert required <= set(step.input_map), step.model_name
+        available |= set(step.output_map.values())
+    assert {o.name for o in cfgs["katz"].output} <= available
+
+
+def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
+    dep = _deployment(preset_dir("tiny-sdxl"), dtype="float16")
+    placement = Placement(device="cuda", counts={"unet": 2}, gpus={"unet": [0, 1], "controlnet": [1]})
+    cfgs = _configs(render_repository(dep, tmp_path / "repo", placement))
+    group = cfgs["unet"].instance_group[0]
+    assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert list(group.gpus) == [0, 1] and group.count == 2
+    assert list(cfgs["controlnet"].instance_group[0].gpus) == [1]
+    assert cfgs["preprocessing"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert cfgs["unet"].input[0].data_type == model_config_pb2.TYPE_FP16

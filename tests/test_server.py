@@ -1,0 +1,228 @@
+"""Integration: a real tritonserver serving the katz ensemble, driven with tritonclient."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from katz.client import Generation, infer, make_client
+
+from conftest import control_png
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sdxl(start_server):
+    return start_server("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd15(start_server, preset_dir, tmp_path_factory):
+    """SD 1.5 with its own LoRA folder: the preset's LoRAs plus a corrupt file."""
+    loras = tmp_path_factory.mktemp("loras")
+    for f in (preset_dir("tiny-sd15") / "loras").iterdir():
+        shutil.copy(f, loras / f.name)
+    good = (loras / "style.safetensors").read_bytes()
+    (loras / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    return start_server("tiny-sd15", ["--lora-dir", str(loras)])
+
+
+def _gen(**kw) -> Generation:
+    kw.setdefault("prompt", "a photo of a cat")
+    kw.setdefault("seed", 11)
+    kw.setdefault("steps", 3)
+    return Generation(**kw)
+
+
+def _png_pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_text_to_image_returns_png(sdxl, protocol):
+    url = sdxl.http_url if protocol == "http" else sdxl.grpc_url
+    result = infer(make_client(url, protocol), _gen(), protocol)
+    assert result.image.shape == (64, 64, 3) and result.image.dtype == np.uint8
+    assert result.png.startswith(b"\x89PNG")
+    assert np.array_equal(_png_pixels(result.png), result.image)
+    assert result.seed == 11
+
+
+def test_http_and_grpc_agree_and_seed_is_returned(sdxl):
+    a = infer(make_client(sdxl.http_url), _gen(seed=5))
+    b = infer(make_client(sdxl.grpc_url, "grpc"), _gen(seed=5), "grpc")
+    assert np.array_equal(a.image, b.image)
+    r = infer(make_client(sdxl.http_url), Generation(prompt="a cat", steps=2))
+    assert 0 <= r.seed < 2**63
+    again = infer(make_client(sdxl.http_url), Generation(prompt="a cat", steps=2, seed=r.seed))
+    assert np.array_equal(r.image, again.image)
+
+
+def test_raw_request_without_seed_gets_a_random_seed_in_the_png(sdxl):
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(sdxl.http_url)
+    prompt = http.InferInput("prompt", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"a cat"], dtype=object))
+    steps = http.InferInput("steps", [1], "INT32")
+    steps.set_data_from_numpy(np.array([2], np.int32))
+    res = client.infer("katz", [prompt, steps])
+    png = Image.open(io.BytesIO(bytes(res.as_numpy("png")[0])))
+    seed = int(png.text["katz:seed"])
+    assert 0 <= seed < 2**63 and png.text["katz:steps"] == "2"
+    again = infer(make_client(sdxl.http_url), Generation(prompt="a cat", steps=2, seed=seed))
+    assert np.array_equal(res.as_numpy("image"), again.image)
+
+
+def test_server_image_matches_diffusers(sdxl, preset_dir):
+    from test_pipeline_parity import _diffusers_image, _max_diff
+
+    ours = infer(make_client(sdxl.http_url), _gen(prompt="a photo of a red house", seed=42, steps=4,
+                                                   controlnets=["canny"], control_images=[control_png()],
+                                                   controlnet_scales=[0.9], loras=["detail"]))
+    ref = _diffusers_image(preset_dir("tiny-sdxl"), "default", controlnet=True, loras=(("detail", 1.0),))
+    assert _max_diff(ours.image, ref) <= 2
+
+
+def test_controlnet_and_lora_requests(sdxl):
+    client = make_client(sdxl.http_url)
+    plain = infer(client, _gen()).image
+    cn = infer(client, _gen(controlnets=["canny"], control_images=[control_png()])).image
+    lora = infer(client, _gen(loras=["style", "detail"], lora_scales=[0.8, 0.5])).image
+    assert not np.array_equal(plain, cn) and not np.array_equal(plain, lora)
+    assert np.array_equal(infer(client, _gen()).image, plain), "state leaked into the next request"
+
+
+def test_sd15_preset(sd15):
+    client = make_client(sd15.grpc_url, "grpc")
+    r = infer(client, _gen(controlnets=["canny"], control_images=[control_png()], loras=["detail"]), "grpc")
+    assert r.image.shape == (64, 64, 3) and r.image.std() > 5
+
+
+BAD = [
+    (dict(prompt=None), "prompt"),
+    (dict(steps=0), "steps"),
+    (dict(steps=1000), "steps"),
+    (dict(width=100), "width"),
+    (dict(height=4096), "height"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(scheduler="nope"), "scheduler"),
+    (dict(controlnets=["nope"], control_images=[control_png()]), "controlnets"),
+    (dict(controlnets=["canny"], control_images=[]), "control_images"),
+    (dict(controlnets=["canny"], control_images=[b"\x89PNG garbage"]), "control_images"),
+    (dict(controlnets=["canny"], control_images=[control_png()], controlnet_scales=[float("inf")]),
+     "controlnet_scales"),
+    (dict(controlnets=["canny"], control_images=[control_png()], controlnet_scales=[1.0, 1.0]),
+     "controlnet_scales"),
+    (dict(loras=["nope"]), "loras"),
+    (dict(loras=["../loras/style"]), "loras"),
+    (dict(loras=["style"], lora_scales=[float("nan")]), "lora_scales"),
+    (dict(loras=["style"], lora_scales=[1.0, 2.0]), "lora_scales"),
+]
+
+
+def _send_raw(client, protocol, gen: Generation, drop_prompt: bool):
+    if not drop_prompt:
+        return infer(client, gen, protocol)
+    import tritonclient.http as http
+
+    arr = np.array([3], np.int32)
+    inp = http.InferInput("steps", [1], "INT32")
+    inp.set_data_from_numpy(arr)
+    return client.infer("katz", [inp])
+
+
+@pytest.mark.parametrize("fields, field", BAD, ids=[f for _, f in BAD])
+def test_bad_input_is_invalid_arg_naming_the_field(sdxl, fields, field):
+    client = make_client(sdxl.http_url)
+    drop = "prompt" in fields
+    gen = _gen(**{k: v for k, v in fields.items() if k != "prompt"})
+    with pytest.raises(InferenceServerException) as info:
+        _send_raw(client, "http", gen, drop)
+    assert info.value.status() == "400"
+    assert field in info.value.message()
+    assert client.is_server_ready()
+
+
+def test_bad_input_over_grpc_is_invalid_argument(sdxl):
+    client = make_client(sdxl.grpc_url, "grpc")
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, _gen(steps=-3), "grpc")
+    assert "INVALID_ARGUMENT" in str(info.value.status()) and "steps" in info.value.message()
+
+
+def test_corrupt_lora_file_is_reported_and_weights_restored(sd15):
+    client = make_client(sd15.http_url)
+    before = infer(client, _gen()).image
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, _gen(loras=["style", "truncated"]))
+    assert info.value.status() == "400" and "truncated" in info.value.message()
+    assert np.array_equal(infer(client, _gen()).image, before)
+
+
+def test_concurrent_requests_match_sequential(sdxl):
+    requests = [
+        _gen(seed=100 + i, loras=["style"] if i % 3 == 0 else [],
+             controlnets=["canny"] if i % 2 else [], control_images=[control_png(i)] if i % 2 else [])
+        for i in range(8)
+    ]
+    sequential = [infer(make_client(sdxl.http_url), r).image for r in requests]
+
+    def run(i):
+        protocol = "grpc" if i % 2 else "http"
+        client = make_client(sdxl.grpc_url if protocol == "grpc" else sdxl.http_url, protocol)
+        return infer(client, requests[i], protocol).image
+
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(run, range(8)))
+    for i, (a, b) in enumerate(zip(sequential, concurrent)):
+        assert np.array_equal(a, b), f"request {i} differs when run concurrently"
+
+
+def test_generate_cli_writes_png(sdxl, tmp_path):
+    ctrl = tmp_path / "c.png"
+    ctrl.write_bytes(control_png())
+    out = tmp_path / "x.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "katz.cli", "generate", "--url", sdxl.grpc_url, "--protocol", "grpc",
+         "--prompt", "a cat", "--seed", "3", "--steps", "2", "--controlnet", "canny", "--control-image", str(ctrl),
+         "--lora", "style:0.5", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "seed 3" in proc.stdout and _png_pixels(out.read_bytes()).shape == (64, 64, 3)
+    bad = subprocess.run(
+        [sys.executable, "-m", "katz.cli", "generate", "--url", sdxl.http_url, "--prompt", "a cat",
+         "--steps", "0", "--out", str(tmp_path / "y.png")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 1 and "steps" in bad.stderr
+
+
+def test_serve_rejects_incomplete_model_folder(tmp_path, preset_dir):
+    broken = tmp_path / "model"
+    shutil.copytree(preset_dir("tiny-sdxl"), broken)
+    shutil.rmtree(broken / "vae")
+    (broken / "text_encoder_2" / "model.safetensors").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "katz.cli", "serve", "--model-dir", str(broken), "--http-port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "vae/" in proc.stderr and "text_encoder_2/<weights>" in proc.stderr
+    assert "tritonserver" not in proc.stderr.lower()
+
+
+def test_sigterm_stops_the_server_cleanly(start_server):
+    server = start_server("tiny-sd15")
+    assert server.stop() == 0
