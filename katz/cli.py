@@ -29,6 +29,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--default-steps", type=int, default=30)
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per model process (0: torch's default)")
+    p.add_argument("--lora-k", type=int, default=2,
+                   help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
+    p.add_argument("--lora-host-cache-mb", type=int, default=2048, help="parsed LoRAs kept in host memory")
+    p.add_argument("--lora-device-cache-mb", type=int, default=1024, help="LoRAs kept on the device")
 
 
 def build_deployment(args):
@@ -62,6 +66,7 @@ def build_deployment(args):
         default_guidance=DEFAULT_GUIDANCE[folder.family],
         default_width=min(size, args.max_size),
         default_height=min(size, args.max_size),
+        default_lora_k=args.lora_k,
     )
     return Deployment(
         model_dir=folder.path,
@@ -71,6 +76,8 @@ def build_deployment(args):
         device=device,
         dtype=dtype,
         torch_threads=args.torch_threads,
+        lora_host_cache_bytes=args.lora_host_cache_mb << 20,
+        lora_device_cache_bytes=args.lora_device_cache_mb << 20,
     )
 
 
@@ -163,6 +170,7 @@ def build_generation(args):
         controlnet_scales=args.controlnet_scale or None,
         loras=[n for n, _ in loras],
         lora_scales=lora_scales,
+        lora_k=args.lora_k,
     )
 
 
@@ -205,7 +213,8 @@ def cmd_generate(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(result.png)
     h, w = result.image.shape[:2]
-    print(f"wrote {args.out} ({w}x{h}, seed {result.seed})")
+    lora = f", LoRAs in from step {result.lora_applied_step}" if result.lora_applied_step >= 0 else ""
+    print(f"wrote {args.out} ({w}x{h}, seed {result.seed}{lora})")
     return 0
 
 
@@ -245,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--control-image", action="append", default=[], type=Path, help="image for each --controlnet")
     gen.add_argument("--controlnet-scale", action="append", default=[], type=float)
     gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
+    gen.add_argument("--lora-k", type=int, help="patch LoRAs in by this step at the latest (0: synchronous)")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds")
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)

@@ -25,6 +25,7 @@ class Generation:
     controlnet_scales: list[float] | None = None
     loras: list[str] = field(default_factory=list)
     lora_scales: list[float] | None = None
+    lora_k: int | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
         """The request as named numpy arrays, only the fields that are set."""
@@ -37,6 +38,7 @@ class Generation:
             ("guidance_scale", self.guidance_scale, np.float32),
             ("width", self.width, np.int32),
             ("height", self.height, np.int32),
+            ("lora_k", self.lora_k, np.int32),
         ):
             if value is not None:
                 t[name] = np.array([value], dtype=dtype)
@@ -59,6 +61,7 @@ class Result:
     image: np.ndarray  # uint8 [H, W, 3]
     png: bytes
     seed: int
+    lora_applied_step: int = -1  # BAL: the step from which the LoRAs were patched in
 
 
 def _datatype(arr: np.ndarray) -> str:
@@ -94,11 +97,12 @@ def infer(client, request: Generation, protocol: str = "http", timeout: float = 
         inp = mod.InferInput(name, list(arr.shape), _datatype(arr))
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
-    outputs = [mod.InferRequestedOutput(n) for n in ("image", "png", "seed")]
+    outputs = [mod.InferRequestedOutput(n) for n in ("image", "png", "seed", "lora_applied_step")]
     kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
     res = client.infer(MODEL, inputs, outputs=outputs, **kwargs)
     return Result(
         image=res.as_numpy("image"),
         png=bytes(res.as_numpy("png").reshape(-1)[0]),
         seed=int(res.as_numpy("seed").reshape(-1)[0]),
+        lora_applied_step=int(res.as_numpy("lora_applied_step").reshape(-1)[0]),
     )

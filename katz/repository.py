@@ -83,7 +83,10 @@ def template_values(deployment: Deployment) -> dict[str, str]:
             if sdxl
             else ""
         ),
-        "residual_inputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1", optional=True) for r in residuals) + ",",
+        "unet_added_cond_inputs": (
+            _tensor("text_embeds", dtype, "-1") + ",\n" + _tensor("time_ids", dtype, "6") + "," if sdxl else ""
+        ),
+        "unet_residual_inputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1", optional=True) for r in residuals) + ",",
         "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
         "preprocessing_extra_outputs": (
             '      output_map { key: "input_ids_2" value: "_input_ids_2" }' if sdxl else ""

@@ -19,6 +19,8 @@ control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
 controlnet_scales      FP32       [n]       optional, default 1.0 each
 loras                  BYTES      [m]       LoRA names (file stems in the LoRA store)
 lora_scales            FP32       [m]       optional, default 1.0 each
+lora_k                 INT32      [1]       optional; LoRAs are patched in by this step at the latest
+                                            (0 = before the first step); default per deployment
 =====================  =========  ========  ==============================================
 """
 
@@ -47,6 +49,7 @@ INPUT_FIELDS = (
     "controlnet_scales",
     "loras",
     "lora_scales",
+    "lora_k",
 )
 
 _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -80,6 +83,7 @@ class Limits:
     default_width: int = 1024
     default_height: int = 1024
     default_scheduler: str = "default"
+    default_lora_k: int = 2
 
 
 @dataclass
@@ -99,6 +103,7 @@ class GenerationRequest:
     controlnet_scales: list[float] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
     lora_scales: list[float] = field(default_factory=list)
+    lora_k: int = 0
 
     @property
     def do_cfg(self) -> bool:
@@ -258,6 +263,10 @@ def parse_request(
         if not lora_exists(n):
             raise InvalidArgument("loras", f"unknown LoRA {n!r}")
     lora_scales = _floats(inputs, "lora_scales", len(loras), limits.max_lora_scale, -limits.max_lora_scale)
+    lora_k = _scalar(inputs, "lora_k", int)
+    lora_k = min(limits.default_lora_k, steps - 1) if lora_k is None else lora_k
+    if not 0 <= lora_k < steps:
+        raise InvalidArgument("lora_k", f"{lora_k} is outside [0, steps - 1 = {steps - 1}]")
 
     return GenerationRequest(
         prompt=prompt,
@@ -273,4 +282,5 @@ def parse_request(
         controlnet_scales=cn_scales,
         loras=loras,
         lora_scales=lora_scales,
+        lora_k=lora_k,
     )

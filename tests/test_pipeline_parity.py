@@ -63,6 +63,7 @@ def _request(scheduler="default", controlnet=False, loras=(), seed=42, negative=
     if loras:
         req["loras"] = np.array([n.encode() for n, _ in loras], object)
         req["lora_scales"] = np.array([s for _, s in loras], np.float32)
+        req["lora_k"] = np.array([0], np.int32)  # synchronous: patched before the first step, as diffusers fuses
     return req
 
 

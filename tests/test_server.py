@@ -89,7 +89,7 @@ def test_server_image_matches_diffusers(sdxl, preset_dir):
 
     ours = infer(make_client(sdxl.http_url), _gen(prompt="a photo of a red house", seed=42, steps=4,
                                                    controlnets=["canny"], control_images=[control_png()],
-                                                   controlnet_scales=[0.9], loras=["detail"]))
+                                                   controlnet_scales=[0.9], loras=["detail"], lora_k=0))
     ref = _diffusers_image(preset_dir("tiny-sdxl"), "default", controlnet=True, loras=(("detail", 1.0),))
     assert _max_diff(ours.image, ref) <= 2
 
@@ -172,8 +172,8 @@ def test_corrupt_lora_file_is_reported_and_weights_restored(sd15):
 
 def test_concurrent_requests_match_sequential(sdxl):
     requests = [
-        _gen(seed=100 + i, loras=["style"] if i % 3 == 0 else [],
-             controlnets=["canny"] if i % 2 else [], control_images=[control_png(i)] if i % 2 else [])
+        _gen(seed=100 + i, loras=[[], ["style"], ["detail"], ["style", "detail"]][i % 4], lora_k=0,
+             controlnets=["canny"] if i % 3 == 0 else [], control_images=[control_png(i)] if i % 3 == 0 else [])
         for i in range(8)
     ]
     sequential = [infer(make_client(sdxl.http_url), r).image for r in requests]
@@ -226,3 +226,19 @@ def test_serve_rejects_incomplete_model_folder(tmp_path, preset_dir):
 def test_sigterm_stops_the_server_cleanly(start_server):
     server = start_server("tiny-sd15")
     assert server.stop() == 0
+
+
+def test_lora_metrics_are_exported(sdxl):
+    import urllib.request
+
+    infer(make_client(sdxl.http_url), _gen(loras=["style"], lora_k=0))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sdxl.metrics_port}/metrics", timeout=10).read().decode()
+    loads = [l for l in text.splitlines() if l.startswith("katz_lora_loads_total")]
+    assert loads and float(loads[0].split()[-1]) >= 1
+    assert 'katz_lora_cache_hits_total{model="unet",tier="device"}' in text
+
+
+def test_bal_reports_the_patch_step(sdxl):
+    r = infer(make_client(sdxl.http_url), _gen(steps=4, loras=["detail"], lora_k=2))
+    assert 0 <= r.lora_applied_step <= 2
+    assert infer(make_client(sdxl.http_url), _gen()).lora_applied_step == -1

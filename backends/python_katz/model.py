@@ -46,6 +46,7 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
             torch.cuda.set_device(device)
         self.model = create_model(params["role"], params, device, call=self._call)
+        self._families, self._metrics = {}, {}
 
     def _call(self, model_name, inputs, output_names):
         request = pb_utils.InferenceRequest(
@@ -60,19 +61,66 @@ class TritonPythonModel:
             raise ModelCallError(model_name, err.message(), invalid)
         return {name: _to_python(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
 
+    def _inputs(self, request):
+        inputs = {n: _to_python(pb_utils.get_input_tensor_by_name(request, n)) for n in self.input_names}
+        return {k: v for k, v in inputs.items() if v is not None}
+
+    def _response(self, result):
+        if not isinstance(result, BaseException):
+            try:
+                tensors = [_to_triton(name, value) for name, value in result.items()]
+                return pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:
+                result = exc
+        # every failure becomes this request's error, never the server's
+        if is_user_error(result):
+            error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+        else:
+            trace = "".join(traceback.format_exception(type(result), result, result.__traceback__))
+            pb_utils.Logger.log_error(f"{self.model_name}: {trace}")
+            error = pb_utils.TritonError(f"{self.model_name}: {type(result).__name__}: {result}")
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
     def execute(self, requests):
-        responses = []
+        parsed = []
         for request in requests:
             try:
-                inputs = {n: _to_python(pb_utils.get_input_tensor_by_name(request, n)) for n in self.input_names}
-                outputs = self.model.execute({k: v for k, v in inputs.items() if v is not None})
-                tensors = [_to_triton(name, value) for name, value in outputs.items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            except Exception as exc:  # every failure becomes this request's error, never the server's
-                if is_user_error(exc):
-                    error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-                else:
-                    pb_utils.Logger.log_error(f"{self.model_name}: {traceback.format_exc()}")
-                    error = pb_utils.TritonError(f"{self.model_name}: {type(exc).__name__}: {exc}")
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                parsed.append(self._inputs(request))
+            except Exception as exc:
+                parsed.append(exc)
+        if hasattr(self.model, "execute_batch"):
+            todo = [i for i, p in enumerate(parsed) if not isinstance(p, BaseException)]
+            results = list(parsed)
+            for i, r in zip(todo, self.model.execute_batch([parsed[i] for i in todo])):
+                results[i] = r
+        else:
+            results = []
+            for p in parsed:
+                if isinstance(p, BaseException):
+                    results.append(p)
+                    continue
+                try:
+                    results.append(self.model.execute(p))
+                except Exception as exc:
+                    results.append(exc)
+        responses = [self._response(r) for r in results]
+        self._publish_metrics()
         return responses
+
+    def _publish_metrics(self):
+        """Counters from the model's ``metrics()`` as Triton custom metrics (labelled by model)."""
+        if not hasattr(self.model, "metrics"):
+            return
+        for name, description, labels, total in self.model.metrics():
+            key = (name, tuple(sorted(labels.items())))
+            if key not in self._metrics:
+                if name not in self._families:
+                    self._families[name] = pb_utils.MetricFamily(
+                        name=name, description=description, kind=pb_utils.MetricFamily.COUNTER
+                    )
+                metric = self._families[name].Metric(labels={"model": self.model_name, **labels})
+                self._metrics[key] = [metric, 0.0]
+            metric, last = self._metrics[key]
+            if total > last:
+                metric.increment(float(total - last))
+                self._metrics[key][1] = total

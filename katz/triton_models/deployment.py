@@ -27,6 +27,9 @@ class Deployment:
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int = 0
+    lora_host_cache_bytes: int = 2 << 30
+    lora_device_cache_bytes: int = 1 << 30
+    lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
@@ -37,6 +40,9 @@ class Deployment:
             "limits": json.dumps(asdict(self.limits)),
             "dtype": self.dtype,
             "torch_threads": str(self.torch_threads),
+            "lora_host_cache_bytes": str(self.lora_host_cache_bytes),
+            "lora_device_cache_bytes": str(self.lora_device_cache_bytes),
+            "lora_load_delay_s": str(self.lora_load_delay_s),
         }
 
     @classmethod
@@ -49,6 +55,9 @@ class Deployment:
             device=device,
             dtype=params.get("dtype", "float32"),
             torch_threads=int(params.get("torch_threads", "0")),
+            lora_host_cache_bytes=int(params.get("lora_host_cache_bytes", 2 << 30)),
+            lora_device_cache_bytes=int(params.get("lora_device_cache_bytes", 1 << 30)),
+            lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
         )
         if dep.torch_threads > 0:
             torch.set_num_threads(dep.torch_threads)

@@ -39,7 +39,8 @@ class LocalEnsemble:
         text = self.models["text_encoder"].execute(
             {k: v for k, v in pre.items() if k.startswith("input_ids") or k == "params"}
         )
-        latents = self.models["katz_pipeline"].execute({**text, **shared})["latents"]
+        denoised = self.models["katz_pipeline"].execute({**text, **shared})
+        latents = denoised["latents"]
         image = self.models["vae_decoder"].execute({"latents": latents})["image"]
         post = self.models["postprocessing"].execute({"image": image, "params": pre["params"]})
-        return {**post, "seed": pre["seed"]}
+        return {**post, "seed": pre["seed"], "lora_applied_step": denoised["lora_applied_step"]}

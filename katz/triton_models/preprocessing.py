@@ -42,6 +42,7 @@ class Preprocessing:
             "controlnet_scales": req.controlnet_scales,
             "loras": req.loras,
             "lora_scales": req.lora_scales,
+            "lora_k": req.lora_k,
             "zero_negative": bool(
                 req.do_cfg and req.negative_prompt is None and dep.folder.force_zeros_for_empty_prompt
             ),

@@ -1,29 +1,48 @@
-"""``unet``: one UNet evaluation, LoRAs named in the request merged in first.
+"""``unet``: UNet evaluations with bounded asynchronous LoRA loading (BAL).
 
-Inputs: ``sample [B, C, h, w]``, ``timestep [1]``, ``encoder_hidden_states [B, 77, D]``,
+Inputs (batch dimension ``B`` first; 2 with classifier-free guidance):
+``sample [B, C, h, w]``, ``timestep [B, 1]``, ``encoder_hidden_states [B, 77, D]``,
 SDXL ``text_embeds [B, P]`` and ``time_ids [B, 6]``, optional ControlNet
-``down_residual_0..N-1`` and ``mid_residual``, optional ``loras`` / ``lora_scales``.
-Output: ``noise_pred [B, C, h, w]``.
+``down_residual_0..N-1`` and ``mid_residual``; optional ``loras [B, m]``,
+``lora_scales [B, m]`` (rows repeat; row 0 is read) and ``lora_wait [B, 1]``.
+Outputs: ``noise_pred [B, C, h, w]`` and ``lora_applied [B, 1]``.
+
+BAL: a call that names LoRAs runs *with* them when they are on the device
+already or when ``lora_wait`` is set (the caller's step has reached *k*, or
+the LoRA was applied at an earlier step); otherwise it starts their load and
+runs on the base weights. Triton hands one ``execute`` every queued call; they
+are run grouped by weight set, the set in place first, so the instance
+switches weights as rarely as the queue allows.
 """
 
 from __future__ import annotations
 
+import time
+
+import torch
+
 from katz.engines.torch_engines import UNetEngine
+from katz.lora_manager import LoraManager
 
 
 def added_cond(inputs: dict) -> dict | None:
-    if "text_embeds" in inputs and inputs["text_embeds"] is not None:
+    if inputs.get("text_embeds") is not None:
         return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
     return None
 
 
-def lora_names(inputs: dict) -> list[tuple[str, float]]:
+def lora_request(inputs: dict) -> tuple[tuple[str, float], ...]:
+    """The ``(name, scale)`` list a call asks for (row 0 of ``loras`` / ``lora_scales``)."""
     names = inputs.get("loras")
-    if names is None:
-        return []
+    if names is None or names.size == 0:
+        return ()
+    names = names.reshape(names.shape[0], -1)[0] if names.ndim > 1 else names.reshape(-1)
     scales = inputs.get("lora_scales")
-    scales = [1.0] * len(names) if scales is None else scales.reshape(-1).tolist()
-    return [(bytes(n).decode(), float(s)) for n, s in zip(names.reshape(-1), scales)]
+    if scales is None:
+        values = [1.0] * len(names)
+    else:
+        values = (scales.reshape(scales.shape[0], -1)[0] if scales.ndim > 1 else scales.reshape(-1)).tolist()
+    return tuple((bytes(n).decode(), float(s)) for n, s in zip(names, values))
 
 
 class UNet:
@@ -31,19 +50,106 @@ class UNet:
         self.deployment = deployment
         self.engine = UNetEngine(deployment.folder, deployment.device, deployment.torch_dtype)
         self.num_residuals = deployment.folder.num_down_residuals
+        self.loras = LoraManager(
+            deployment.loras,
+            [self.engine.lora],
+            deployment.device,
+            host_budget_bytes=deployment.lora_host_cache_bytes,
+            device_budget_bytes=deployment.lora_device_cache_bytes,
+            load_delay_s=deployment.lora_load_delay_s,
+        )
+        self.applied: tuple[tuple[str, float], ...] = ()
 
-    def execute(self, inputs: dict) -> dict:
-        store = self.deployment.loras
-        self.engine.set_loras([(store.get(n), s) for n, s in lora_names(inputs)])
+    # ---------------------------------------------------------------- BAL
+    def _weight_set(self, inputs: dict) -> tuple[tuple[str, float], ...]:
+        """Which LoRAs this call runs with: its own if ready or it must wait, else none (base)."""
+        want = lora_request(inputs)
+        if not want:
+            return ()
+        names = [n for n, _ in want]
+        wait = inputs.get("lora_wait")
+        if want == self.applied or (wait is not None and bool(wait.reshape(-1)[0])) or self.loras.ready(names):
+            return want
+        self.loras.prefetch(names)
+        self.loras.stats.steps_before_patch += 1
+        return ()
+
+    def _switch_to(self, weight_set: tuple[tuple[str, float], ...]) -> None:
+        if weight_set == self.applied:
+            return
+        start = time.perf_counter()
+        weights = self.loras.get([n for n, _ in weight_set]) if weight_set else []
+        try:
+            self.engine.set_loras([(w, s) for w, (_, s) in zip(weights, weight_set)])
+        except BaseException:
+            self.applied = ()
+            raise
+        self.applied = weight_set
+        if weight_set:
+            self.loras.stats.patches += 1
+        self.loras.stats.extra["switch_seconds"] = self.loras.stats.extra.get("switch_seconds", 0.0) + (
+            time.perf_counter() - start
+        )
+
+    # ---------------------------------------------------------------- run
+    def _run(self, inputs: dict, applied: bool) -> dict:
         down = None
         if inputs.get("mid_residual") is not None:
             down = [inputs[f"down_residual_{i}"] for i in range(self.num_residuals)]
         noise = self.engine(
             inputs["sample"],
-            inputs["timestep"],
+            inputs["timestep"].reshape(-1),
             inputs["encoder_hidden_states"],
             added_cond(inputs),
             down,
             inputs.get("mid_residual"),
         )
-        return {"noise_pred": noise}
+        flag = torch.full((noise.shape[0], 1), applied, dtype=torch.bool)
+        return {"noise_pred": noise, "lora_applied": flag}
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
+        s = self.loras.stats
+        return [
+            ("katz_lora_loads_total", "LoRAs loaded to the device", {}, s.loads),
+            ("katz_lora_load_seconds_total", "time spent loading LoRAs (s)", {}, s.load_seconds),
+            ("katz_lora_load_failures_total", "LoRA loads that failed", {}, s.load_failures),
+            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "host"}, s.host_hits),
+            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "host"}, s.host_misses),
+            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "device"}, s.device_hits),
+            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "device"}, s.device_misses),
+            ("katz_lora_steps_before_patch_total", "UNet steps run on base weights while a LoRA loaded", {},
+             s.steps_before_patch),
+            ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
+            ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+        ]
+
+    def execute(self, inputs: dict) -> dict:
+        result = self.execute_batch([inputs])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def execute_batch(self, batch: list[dict]) -> list:
+        """Run every call of ``batch``, grouped by weight set; an error fails only its own calls."""
+        results: list = [None] * len(batch)
+        groups: dict[tuple, list[int]] = {}
+        for i, inputs in enumerate(batch):
+            try:
+                groups.setdefault(self._weight_set(inputs), []).append(i)
+            except Exception as exc:
+                results[i] = exc
+        order = sorted(groups, key=lambda s: s != self.applied)  # the set in place first; stable otherwise
+        for weight_set in order:
+            try:
+                self._switch_to(weight_set)
+            except Exception as exc:
+                for i in groups[weight_set]:
+                    results[i] = exc
+                continue
+            for i in groups[weight_set]:
+                try:
+                    results[i] = self._run(batch[i], bool(weight_set))
+                except Exception as exc:
+                    results[i] = exc
+        return results
