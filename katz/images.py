@@ -64,5 +64,6 @@ def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     for key, value in (text or {}).items():
         info.add_text(key, value)
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", pnginfo=info)
+    # level 1: a fraction of the default's time on 1024² images, files ~10% larger
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", pnginfo=info, compress_level=1)
     return buf.getvalue()

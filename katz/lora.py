@@ -475,8 +475,10 @@ class LoraPatcher:
                     f"tensor {key!r}: shape mismatch, up {list(up.shape)} @ down {list(down.shape)} does not give "
                     f"the weight shape {list(w.shape)} of {comp} module {path!r} ({type(mod).__name__})",
                 )
+            # Device tensors were checked on the host when loaded; checking them again
+            # here would cost a GPU sync per layer.
             for what, t in (("down", down), ("up", up)):
-                if not bool(torch.isfinite(t).all()):
+                if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
                     raise _err(name, f"tensor {key!r} ({what}) contains NaN or infinite values")
             if layer.alpha is not None and not math.isfinite(layer.alpha):
                 raise _err(name, f"tensor {key!r} has a non-finite alpha")
@@ -524,6 +526,7 @@ class LoraPatcher:
         for path, base in self._pristine.items():
             if path not in by_module:
                 self._index.modules[path].weight.copy_(base)
+        all_finite = None
         for path, items in by_module.items():
             weight = modules[path].weight
             base = self._pristine.get(path)
@@ -536,14 +539,20 @@ class LoraPatcher:
                 down = layer.down.to(device=weight.device, dtype=cdt).reshape(layer.rank, -1)
                 delta += (up @ down) * (scale * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank)
             merged = (base.to(cdt) + delta.view(weight.shape)).to(weight.dtype)
-            if not bool(torch.isfinite(merged).all()):
-                names = ", ".join(sorted({w.name for w, _s, p in plans if any(q[0] == path for q in p)}))
-                raise _err(
-                    names,
-                    f"merged weight of {self.component} module {path!r} is not finite in {weight.dtype} "
-                    "(scale too large?)",
-                )
+            finite = torch.isfinite(merged).all()
+            all_finite = finite if all_finite is None else all_finite & finite
             weight.copy_(merged)
+        # one host sync for the whole merge; find the culprit only on failure
+        if all_finite is not None and not bool(all_finite):
+            for path in by_module:
+                weight = modules[path].weight
+                if not bool(torch.isfinite(weight).all()):
+                    names = ", ".join(sorted({w.name for w, _s, p in plans if any(q[0] == path for q in p)}))
+                    raise _err(
+                        names,
+                        f"merged weight of {self.component} module {path!r} is not finite in {weight.dtype} "
+                        "(scale too large?)",
+                    )
 
     def restore(self) -> None:
         """Copy every touched weight back from its pristine copy (bit-identical base)."""

@@ -174,18 +174,30 @@ class LoraManager:
         if self.device.type == "cpu":
             return weights
 
-        def move(t: torch.Tensor) -> torch.Tensor:
-            return t.pin_memory().to(self.device, non_blocking=True)
-
+        # One pinned buffer and one copy per dtype: pinning each of a LoRA's ~1,000
+        # tensors separately costs a page-locking call each.
+        entries = [(comp, path, l) for comp, group in weights.layers.items() for path, l in group.items()]
+        tensors = [t for _, _, l in entries for t in (l.down, l.up)]
+        moved: list[torch.Tensor | None] = [None] * len(tensors)
         with torch.cuda.stream(self._stream):
-            layers = {
-                comp: {
-                    path: LoraLayer(down=move(l.down), up=move(l.up), alpha=l.alpha, key=l.key)
-                    for path, l in group.items()
-                }
-                for comp, group in weights.layers.items()
-            }
+            for dtype in {t.dtype for t in tensors}:
+                idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+                flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, pin_memory=True)
+                offset = 0
+                for i in idx:
+                    n = tensors[i].numel()
+                    flat[offset : offset + n].copy_(tensors[i].reshape(-1))
+                    offset += n
+                on_device = flat.to(self.device, non_blocking=True)
+                offset = 0
+                for i in idx:
+                    n = tensors[i].numel()
+                    moved[i] = on_device[offset : offset + n].view(tensors[i].shape)
+                    offset += n
         self._stream.synchronize()
+        layers: dict = {}
+        for j, (comp, path, l) in enumerate(entries):
+            layers.setdefault(comp, {})[path] = LoraLayer(down=moved[2 * j], up=moved[2 * j + 1], alpha=l.alpha, key=l.key)
         return LoraWeights(name=weights.name, layers=layers)
 
     def get(self, names: list[str], timeout: float | None = None) -> list[LoraWeights]:
