@@ -1,5 +1,24 @@
 """Engines: the networks behind one interface, whatever runs them.
 
 Each engine owns one component (UNet, ControlNets, VAE decoder, text encoders)
-on one device. :mod:`katz.engines.torch_engines` runs them with PyTorch.
+on one device. :mod:`katz.engines.torch_engines` runs them with PyTorch,
+:mod:`katz.engines.tensorrt_engines` the UNet, ControlNets and VAE decoder with
+TensorRT (``engine: tensorrt`` in the deployment; see :func:`engine_class`).
 """
+
+
+def engine_class(deployment, torch_class):
+    """The engine class a deployment uses for ``torch_class``'s component.
+
+    ``engine: torch`` (the default): ``torch_class`` itself. ``engine: tensorrt``: the class of
+    the same name in :mod:`katz.engines.tensorrt_engines`, bound to the deployment's engine
+    folder and limits (same constructor arguments and call signature otherwise).
+    """
+    if getattr(deployment, "engine", "torch") != "tensorrt":
+        return torch_class
+    import functools
+
+    from katz.engines import tensorrt_engines
+
+    cls = getattr(tensorrt_engines, torch_class.__name__)
+    return functools.partial(cls, engine_dir=deployment.engine_dir, limits=deployment.limits)

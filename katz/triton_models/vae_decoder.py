@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from katz.engines import engine_class
 from katz.engines.torch_engines import VaeDecoderEngine
 
 
 class VaeDecoder:
     def __init__(self, deployment):
-        self.engine = VaeDecoderEngine(deployment.folder, deployment.device, deployment.torch_dtype)
+        self.engine = engine_class(deployment, VaeDecoderEngine)(
+            deployment.folder, deployment.device, deployment.torch_dtype
+        )
 
     def execute(self, inputs: dict) -> dict:
         return {"image": self.engine(inputs["latents"])}
