@@ -25,14 +25,45 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--gpus", default="0", help="GPU ids for the network models, comma-separated (cuda only)")
     p.add_argument("--pipeline-instances", type=int, default=2, help="concurrent denoising loops")
+    p.add_argument("--stream-instances", type=int, default=1,
+                   help="concurrent denoising loops of katz_stream (gRPC streaming with progress)")
     p.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--default-steps", type=int, default=30)
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per model process (0: torch's default)")
+    p.add_argument("--unet-gpus", default=None,
+                   help="latent parallelism: one UNet shard per listed GPU, each CFG half on its own "
+                        "(e.g. 0,1); default: one UNet on --gpus")
+    p.add_argument("--unet-shards", type=int, default=None,
+                   help="number of UNet shards (CPU hosts, tests); on GPUs use --unet-gpus")
+    p.add_argument("--controlnet-mode", choices=("inline", "service", "remote"), default="service",
+                   help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
+                        "beside the UNet's down path; remote: on another server (--controlnet-url)")
+    p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
+    p.add_argument("--controlnet-timeout", type=float, default=30.0, help="remote mode: seconds per call")
+    p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
+    p.add_argument("--controlnet-instances", type=int, default=1)
+    p.add_argument("--resident-controlnets", default=None,
+                   help="comma-separated ControlNets kept loaded (default: all); others load on demand into an LRU")
+    p.add_argument("--controlnet-cache-mb", type=int, default=8192)
+    p.add_argument("--feature-cache-mb", type=int, default=1024, help="control-image feature cache")
     p.add_argument("--lora-k", type=int, default=2,
                    help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
     p.add_argument("--lora-host-cache-mb", type=int, default=2048, help="parsed LoRAs kept in host memory")
     p.add_argument("--lora-device-cache-mb", type=int, default=1024, help="LoRAs kept on the device")
+    p.add_argument("--max-queue-size", type=int, default=32,
+                   help="requests that may wait at each step of the ensemble; more fail at once with UNAVAILABLE "
+                        "(HTTP 503 'Exceeds maximum queue size'); 0: unbounded")
+    p.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="seconds a request may wait in a step's queue before it fails with UNAVAILABLE "
+                        "('Request timeout expired'); 0: no limit")
+    p.add_argument("--max-prompt-bytes", type=int, default=4096, help="longest prompt / negative prompt (UTF-8 bytes)")
+    p.add_argument("--max-image-bytes", type=int, default=32 << 20, help="largest control image file (bytes)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest control image (width x height)")
+    p.add_argument("--lora-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # simulated slow storage
+    p.add_argument("--engine", choices=("torch", "tensorrt"), default="torch",
+                   help="run the UNet, ControlNets and VAE decoder with PyTorch (default) or TensorRT engines")
+    p.add_argument("--engine-dir", type=Path, help="--engine tensorrt: the folder `katz build-engines --out` wrote")
 
 
 def build_deployment(args):
@@ -53,9 +84,22 @@ def build_deployment(args):
         controlnets[name] = Path(path).resolve()
     folder = ModelFolder(Path(model_dir).resolve(), controlnets)  # raises ModelFolderError naming what is missing
     lora_dir = args.lora_dir or (Path(model_dir) / "loras")
+    if args.controlnet_mode == "remote" and not args.controlnet_url:
+        raise SystemExit("katz: --controlnet-mode remote needs --controlnet-url HOST:PORT")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise SystemExit(f"katz: --lora-dir {args.lora_dir} is not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    unet_shards = args.unet_shards or 1
+    if args.unet_gpus:
+        wanted = [int(g) for g in args.unet_gpus.split(",") if g.strip()]
+        unet_shards = len(wanted)
+        if device == "cuda":
+            for g in wanted + [int(g) for g in args.gpus.split(",") if g.strip()]:
+                if g >= torch.cuda.device_count():
+                    raise SystemExit(f"katz: GPU {g} is not on this host ({torch.cuda.device_count()} visible); "
+                                     "fix --unet-gpus / --gpus")
+    if unet_shards not in (1, 2):
+        raise SystemExit("katz: latent parallelism shards the two CFG halves: 1 or 2 UNet shards")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     size = folder.default_size
     limits = Limits(
@@ -67,7 +111,12 @@ def build_deployment(args):
         default_width=min(size, args.max_size),
         default_height=min(size, args.max_size),
         default_lora_k=args.lora_k,
+        max_prompt_bytes=args.max_prompt_bytes,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
     )
+    if args.engine == "tensorrt" and args.engine_dir is None:
+        raise SystemExit("katz: --engine tensorrt needs --engine-dir (the folder `katz build-engines --out` wrote)")
     return Deployment(
         model_dir=folder.path,
         controlnets=folder.controlnets,
@@ -78,17 +127,43 @@ def build_deployment(args):
         torch_threads=args.torch_threads,
         lora_host_cache_bytes=args.lora_host_cache_mb << 20,
         lora_device_cache_bytes=args.lora_device_cache_mb << 20,
+        lora_load_delay_s=args.lora_load_delay,
+        unet_shards=unet_shards,
+        controlnet_mode=args.controlnet_mode,
+        controlnet_url=args.controlnet_url,
+        controlnet_timeout_s=args.controlnet_timeout,
+        controlnet_resident=(
+            None if args.resident_controlnets is None
+            else [n for n in args.resident_controlnets.split(",") if n]
+        ),
+        controlnet_cache_bytes=args.controlnet_cache_mb << 20,
+        feature_cache_bytes=args.feature_cache_mb << 20,
+        engine=args.engine,
+        engine_dir=args.engine_dir.resolve() if args.engine_dir else None,
     )
 
 
 def _placement(args, deployment):
     from katz.repository import Placement
 
-    gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if deployment.device == "cuda" else []
+    def ids(spec):
+        return [int(g) for g in spec.split(",") if g.strip()] if deployment.device == "cuda" else []
+
+    gpus = ids(args.gpus)
+    placement_gpus = {m: gpus for m in ("text_encoder", "katz_pipeline", "katz_stream", "unet", "vae_decoder")}
+    placement_gpus["controlnet"] = ids(args.controlnet_gpus) if args.controlnet_gpus else gpus
+    if args.unet_gpus:  # one shard per GPU: unet on the first, unet_1 on the second, ...
+        from katz.triton_models.pipeline import unet_model_names
+
+        for name, gpu in zip(unet_model_names(deployment.unet_shards), ids(args.unet_gpus)):
+            placement_gpus[name] = [gpu]
     return Placement(
         device=deployment.device,
-        counts={"katz_pipeline": args.pipeline_instances},
-        gpus={m: gpus for m in ("text_encoder", "katz_pipeline", "unet", "controlnet", "vae_decoder")},
+        counts={"katz_pipeline": args.pipeline_instances, "controlnet": args.controlnet_instances,
+                "katz_stream": args.stream_instances},
+        gpus=placement_gpus,
+        max_queue_size=args.max_queue_size,
+        queue_timeout_s=args.queue_timeout,
     )
 
 
@@ -104,16 +179,18 @@ def cmd_render(args) -> int:
 def cmd_serve(args) -> int:
     from katz import server
     from katz.model_folder import ModelFolderError
-    from katz.repository import render_repository
+    from katz.presets import PresetCacheError
+    from katz.repository import MODELS, render_repository
 
     try:
         deployment = build_deployment(args)
-    except ModelFolderError as exc:
+    except (ModelFolderError, PresetCacheError) as exc:
         print(f"katz: {exc}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="katz-serve-"))
     placement = _placement(args, deployment)
-    repo = render_repository(deployment, workdir / "model_repository", placement)
+    models = ("controlnet",) if args.only == "controlnet" else MODELS
+    repo = render_repository(deployment, workdir / "model_repository", placement, models)
     install = server.TritonInstall.find()
     backends = server.prepare_backends(install, workdir / "backends")
     opts = server.ServerOptions(
@@ -123,6 +200,7 @@ def cmd_serve(args) -> int:
         metrics_port=args.metrics_port,
         exit_timeout=args.exit_timeout,
         gpus=tuple(sorted({g for gs in placement.gpus.values() for g in gs})),
+        watchdog=not args.no_watchdog,
     )
     cmd = server.command(install, repo, backends, opts)
     print(
@@ -131,7 +209,7 @@ def cmd_serve(args) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return server.run_foreground(cmd, server.server_env(install))
+    return server.run_foreground(cmd, server.server_env(install), opts)
 
 
 # -------------------------------------------------------------------- generate
@@ -205,8 +283,20 @@ def cmd_generate(args) -> int:
     request = build_generation(args)
     client = make_client(args.url, args.protocol, args.timeout)
     try:
-        with _Progress(f"generating on {args.url} ({args.protocol})"):
-            result = infer(client, request, args.protocol, args.timeout)
+        if args.protocol == "grpc" and args.stream:  # per-step progress bar from katz_stream
+            from katz.streaming import ProgressBar, stream_generate
+
+            bar = ProgressBar(f"generating on {args.url} ")
+            try:
+                result = stream_generate(args.url, request, bar, args.timeout, client=client)
+            finally:
+                bar.close()
+        else:
+            with _Progress(f"generating on {args.url} ({args.protocol})"):
+                result = infer(client, request, args.protocol, args.timeout)
+    except KeyboardInterrupt:
+        print("\nkatz: cancelled", file=sys.stderr)
+        return 130
     except InferenceServerException as exc:
         print(f"katz: request failed: {exc.message() if hasattr(exc, 'message') else exc}", file=sys.stderr)
         return 1
@@ -229,6 +319,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--only", choices=("controlnet",),
+                       help="serve only the ControlNet model: a ControlNet server for --controlnet-mode remote")
+    serve.add_argument("--no-watchdog", action="store_true",
+                       help="do not reload models whose instance process died (katz.watchdog)")
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds to let in-flight requests finish on shutdown")
     serve.add_argument("--workdir", type=Path, help="where the repository is rendered (default: a temp folder)")
@@ -256,8 +350,18 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
     gen.add_argument("--lora-k", type=int, help="patch LoRAs in by this step at the latest (0: synchronous)")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    gen.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                     help="with --protocol grpc: stream per-step progress from katz_stream (default); "
+                          "--no-stream sends one request to the katz ensemble")
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
+    from katz import perf, traces  # `katz perf`, `katz trace`
+
+    perf.add_parsers(sub)
+    traces.add_parsers(sub)
+    from katz.export.cli import add_parsers as add_export_parsers  # `katz export`, `katz build-engines`
+
+    add_export_parsers(sub)
     return p
 
 

@@ -23,6 +23,8 @@ class Generation:
     controlnets: list[str] = field(default_factory=list)
     control_images: list[bytes] = field(default_factory=list)
     controlnet_scales: list[float] | None = None
+    control_guidance_start: list[float] | None = None
+    control_guidance_end: list[float] | None = None
     loras: list[str] = field(default_factory=list)
     lora_scales: list[float] | None = None
     lora_k: int | None = None
@@ -49,6 +51,9 @@ class Generation:
             t["control_images"] = np.array(list(self.control_images), dtype=object)
         if self.controlnet_scales is not None:
             t["controlnet_scales"] = np.array(self.controlnet_scales, dtype=np.float32)
+        for name in ("control_guidance_start", "control_guidance_end"):
+            if getattr(self, name) is not None:
+                t[name] = np.array(getattr(self, name), dtype=np.float32)
         if self.loras:
             t["loras"] = np.array([n.encode() for n in self.loras], dtype=object)
         if self.lora_scales is not None:

@@ -46,6 +46,7 @@ class ControlNetFn(Protocol):
         added_cond: dict[str, torch.Tensor] | None,
         cond_image: torch.Tensor,
         scale: float,
+        cond_key: str | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]: ...
 
 
@@ -58,6 +59,7 @@ class ControlInput:
     scale: float = 1.0
     start: float = 0.0  # fraction of the steps where it starts applying
     end: float = 1.0  # fraction where it stops
+    key: str = ""  # content hash of the image (feature-cache key)
 
     def keep(self, i: int, n: int) -> float:
         """diffusers' ``controlnet_keep``: 1.0 inside the window, 0.0 outside."""
@@ -97,12 +99,18 @@ def denoise(
     vae_scale_factor: int,
     controlnet: ControlNetFn | None = None,
     controls: Sequence[ControlInput] = (),
+    controlnet_in_unet: bool = False,
     on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Run the whole denoising loop and return the final latents ``[1, C, h, w]``.
 
     ``on_step(i, n)`` is called after step ``i`` of ``n`` (progress streaming,
     cancellation: an exception raised there stops the loop).
+
+    ControlNets run one after the other through ``controlnet`` (the *inline*
+    baseline), or, with ``controlnet_in_unet``, are handed to ``unet`` as
+    ``controls=[(ControlInput, image, scale at this step), ...]`` so it can run
+    them beside its own down path (ControlNet-as-a-Service).
     """
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     do_cfg = guidance_scale > 1.0
@@ -138,19 +146,24 @@ def denoise(
         model_input = torch.cat([latents] * batch)
         model_input = scheduler.scale_model_input(model_input, t)
 
-        down_residuals, mid_residual = None, None
-        for control, image in zip(controls, control_images):
-            scale = control.scale * control.keep(i, n)
-            if scale == 0.0 or controlnet is None:
-                continue  # outside its window: costs nothing
-            down, mid = controlnet(control.name, model_input, t, prompt_embeds, added_cond, image, scale)
-            if down_residuals is None:
-                down_residuals, mid_residual = list(down), mid
-            else:
-                down_residuals = [a + b for a, b in zip(down_residuals, down)]
-                mid_residual = mid_residual + mid
+        # ControlNets inside their step window (outside it they cost nothing)
+        active = [(c, image, c.scale * c.keep(i, n)) for c, image in zip(controls, control_images)]
+        active = [a for a in active if a[2] != 0.0]
 
-        noise_pred = unet(model_input, t, prompt_embeds, added_cond, down_residuals, mid_residual)
+        if controlnet_in_unet:
+            noise_pred = unet(model_input, t, prompt_embeds, added_cond, None, None, controls=active)
+        else:
+            down_residuals, mid_residual = None, None
+            for control, image, scale in active:
+                down, mid = controlnet(
+                    control.name, model_input, t, prompt_embeds, added_cond, image, scale, control.key or None
+                )
+                if down_residuals is None:
+                    down_residuals, mid_residual = list(down), mid
+                else:
+                    down_residuals = [a + b for a, b in zip(down_residuals, down)]
+                    mid_residual = mid_residual + mid
+            noise_pred = unet(model_input, t, prompt_embeds, added_cond, down_residuals, mid_residual)
 
         if do_cfg:
             noise_uncond, noise_text = noise_pred.chunk(2)

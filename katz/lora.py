@@ -98,8 +98,23 @@ class LoraWeights:
 # --------------------------------------------------------------------------- #
 # Reading
 # --------------------------------------------------------------------------- #
-def read_lora_file(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+# file-key prefixes of each component, in the formats parse_lora reads
+COMPONENT_PREFIXES = {
+    "unet": ("unet.", "lora_unet_"),
+    "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_"),
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_"),
+}
+
+
+def read_lora_file(
+    path: str | Path, name: str, components: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` LoRA into CPU tensors (never unpickles anything).
+
+    ``components`` (e.g. ``["text_encoder", "text_encoder_2"]``) reads only
+    those components' tensors: a text-encoder model then skips the (large) UNet
+    part of the file. Keys of no known component are always read, so that
+    :func:`parse_lora` still reports them.
 
     diffusers writes the alpha of peft-format LoRAs into the safetensors header
     (``lora_adapter_metadata``: a peft ``LoraConfig`` per component); it is folded into the
@@ -116,15 +131,26 @@ def read_lora_file(path: str | Path, name: str) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            keys = [k for k in f.keys() if _in_components(k, components)]
+            tensors = {k: f.get_tensor(k) for k in keys}
     except Exception as e:  # SafetensorError, OSError, ...: bad header, truncated data, not safetensors
         raise _err(name, f"file {path.name} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    if not tensors:
+    if not tensors and components is None:
         raise _err(name, f"file {path.name} contains no tensors")
     raw = header.get(_DIFFUSERS_METADATA_KEY)
-    if raw:
+    if raw and tensors:
         _fold_diffusers_metadata(tensors, raw, name)
+        tensors = {k: v for k, v in tensors.items() if _in_components(k, components)}
     return tensors
+
+
+def _in_components(key: str, components: Sequence[str] | None) -> bool:
+    """Whether a file key belongs to ``components`` (None: all); keys of no known component always do."""
+    if components is None:
+        return True
+    wanted = tuple(p for c in components for p in COMPONENT_PREFIXES[c])
+    known = tuple(p for ps in COMPONENT_PREFIXES.values() for p in ps)
+    return key.startswith(wanted) or not key.startswith(known)
 
 
 def _peft_pattern_match(patterns: Mapping[str, object], module_path: str):

@@ -21,7 +21,7 @@ class LoraStore:
         self.directory = Path(directory) if directory else None
         self.family = family
         self.cache_entries = cache_entries
-        self._cache: dict[str, tuple[tuple, LoraWeights]] = {}
+        self._cache: dict[tuple, tuple[tuple, LoraWeights]] = {}
         self._lock = threading.Lock()
 
     def path(self, name: str) -> Path:
@@ -38,21 +38,27 @@ class LoraStore:
             return []
         return sorted(p.stem for p in self.directory.glob(f"*{SUFFIX}"))
 
-    def get(self, name: str) -> LoraWeights:
-        """Read, parse and validate-by-format the LoRA ``name`` (cached while the file is unchanged)."""
+    def get(self, name: str, components: tuple[str, ...] | None = None) -> LoraWeights:
+        """Read, parse and validate-by-format the LoRA ``name`` (cached while the file is unchanged).
+
+        ``components`` reads only those components' tensors (see :func:`katz.lora.read_lora_file`).
+        """
         path = self.path(name)
         try:
             st = path.stat()
         except FileNotFoundError:
             raise LoraError(f"lora {name!r}: file {path.name} is not in the LoRA store") from None
         key = (st.st_size, st.st_mtime_ns)
+        entry = (name, components)
         with self._lock:
-            hit = self._cache.get(name)
+            hit = self._cache.get(entry)
             if hit is not None and hit[0] == key:
                 return hit[1]
-        weights = parse_lora(read_lora_file(path, name), name, self.family)
+        tensors = read_lora_file(path, name, components)
+        # a file with nothing for these components (a UNet-only LoRA, asked for its text-encoder part)
+        weights = parse_lora(tensors, name, self.family) if tensors else LoraWeights(name=name, layers={})
         with self._lock:
-            self._cache[name] = (key, weights)
+            self._cache[entry] = (key, weights)
             while len(self._cache) > self.cache_entries:
                 self._cache.pop(next(iter(self._cache)))
         return weights

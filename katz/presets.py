@@ -28,7 +28,7 @@ import torch
 PRESETS = ("tiny-sdxl", "tiny-sd15")
 DEFAULT_PRESET = "tiny-sdxl"
 # Bump when the generated files change, so stale caches are rebuilt.
-PRESET_VERSION = 1
+PRESET_VERSION = 2
 
 _TEXT_HIDDEN = 32
 _VOCAB_SIZE = 1000
@@ -40,16 +40,30 @@ def cache_dir() -> Path:
     return Path(root) / "presets"
 
 
+class PresetCacheError(RuntimeError):
+    """The preset cache folder cannot be written (and the preset is not there yet)."""
+
+
 def ensure_preset(name: str, root: Path | None = None) -> Path:
-    """Return the folder of preset ``name``, generating it on first use."""
+    """Return the folder of preset ``name``, generating it on first use.
+
+    A complete preset is only read, so a read-only cache works once filled; a
+    missing preset in a folder that cannot be written raises :class:`PresetCacheError`.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     root = Path(root) if root is not None else cache_dir()
     target = root / f"{name}-v{PRESET_VERSION}"
     if (target / ".complete").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    except OSError as exc:
+        raise PresetCacheError(
+            f"cannot write the model cache {root} to build preset {name!r} ({exc.strerror or exc}); "
+            "make it writable or point $KATZ_CACHE at a writable folder"
+        ) from None
     try:
         _build_preset(name, tmp)
         (tmp / ".complete").write_text("ok\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 
 from katz.triton_models.deployment import Deployment
+from katz.triton_models.pipeline import unet_model_names
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = PROJECT_ROOT / "model_repository"
@@ -28,9 +29,12 @@ MODELS = (
     "controlnet",
     "vae_decoder",
     "postprocessing",
+    "katz_stream",
 )
+# the ensemble's steps: each gets a bounded queue (Placement.queue_policy)
+QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing")
 # models that run networks and take an instance group on GPU hosts
-GPU_MODELS = ("text_encoder", "katz_pipeline", "unet", "controlnet", "vae_decoder")
+GPU_MODELS = ("text_encoder", "katz_pipeline", "katz_stream", "unet", "controlnet", "vae_decoder")
 
 
 @dataclass
@@ -40,16 +44,33 @@ class Placement:
     device: str = "cpu"  # "cpu" or "cuda"
     counts: dict[str, int] = field(default_factory=dict)
     gpus: dict[str, list[int]] = field(default_factory=dict)
+    # admission: requests waiting at each ensemble step (0: unbounded) and how long they may wait (0: no limit)
+    max_queue_size: int = 0
+    queue_timeout_s: float = 0.0
 
     def count(self, model: str) -> int:
         default = 2 if model == "katz_pipeline" else 1
         return self.counts.get(model, default)
 
     def instance_group(self, model: str) -> str:
-        if self.device == "cpu" or model not in GPU_MODELS:
+        on_gpu = model in GPU_MODELS or model.startswith("unet_")  # unet_1, ...: latent-parallel shards
+        if self.device == "cpu" or not on_gpu:
             return f"{{ kind: KIND_CPU count: {self.count(model)} }}"
         gpus = ", ".join(str(g) for g in self.gpus.get(model, [0]))
         return f"{{ kind: KIND_GPU count: {self.count(model)} gpus: [ {gpus} ] }}"
+
+    def queue_policy(self, model: str) -> str:
+        """A bounded queue (Triton queue policy) for the ensemble's steps; requests beyond
+        ``max_queue_size`` waiting, or waiting longer than ``queue_timeout_s``, fail at once
+        with UNAVAILABLE. ``unet``/``controlnet`` are only called by the pipeline instances,
+        so their queues are bounded by those; they keep their own settings."""
+        if model not in QUEUED_MODELS or (self.max_queue_size <= 0 and self.queue_timeout_s <= 0):
+            return ""
+        return (
+            "dynamic_batching { default_queue_policy { timeout_action: REJECT "
+            f"default_timeout_microseconds: {int(self.queue_timeout_s * 1e6)} allow_timeout_override: true "
+            f"max_queue_size: {max(self.max_queue_size, 0)} }} }}\n"
+        )
 
 
 def _quote(value: str) -> str:
@@ -63,6 +84,13 @@ def _parameters(params: dict[str, str]) -> str:
 def _tensor(name: str, dtype: str, dims: str, optional: bool = False) -> str:
     opt = " optional: true" if optional else ""
     return f"  {{ name: {_quote(name)} data_type: {dtype} dims: [ {dims} ]{opt} }}"
+
+
+def _ensemble_inputs() -> str:
+    """The ``katz`` ensemble's input list (``katz_stream`` takes the same request tensors)."""
+    text = (TEMPLATES / "katz" / "config.pbtxt").read_text()
+    block = text[text.index("input [") + len("input [") :]
+    return block[: block.index("\n]")].strip("\n")
 
 
 def template_values(deployment: Deployment) -> dict[str, str]:
@@ -98,21 +126,30 @@ def template_values(deployment: Deployment) -> dict[str, str]:
         "pipeline_extra_inputs": (
             '      input_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if sdxl else ""
         ),
+        "ensemble_inputs": _ensemble_inputs(),
     }
 
 
-def render_repository(deployment: Deployment, out: Path, placement: Placement | None = None) -> Path:
-    """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for every model."""
+def render_repository(
+    deployment: Deployment, out: Path, placement: Placement | None = None, models: tuple[str, ...] = MODELS
+) -> Path:
+    """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for each of ``models``
+    (all by default; ``("controlnet",)`` makes a stand-alone ControlNet server)."""
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     common = template_values(deployment)
     params = _parameters(deployment.to_parameters())
-    for model in MODELS:
-        text = (TEMPLATES / model / "config.pbtxt").read_text()
+    targets = []  # (template, model name): the UNet template renders one model per latent-parallel shard
+    for model in models:
+        names = unet_model_names(deployment.unet_shards) if model == "unet" else [model]
+        targets += [(model, name) for name in names]
+    for template, model in targets:
+        text = (TEMPLATES / template / "config.pbtxt").read_text()
         values = dict(common)
         values.update(
+            unet_name=model,
             parameters=params,
             instance_group=placement.instance_group(model),
             cpu_count=str(placement.count(model)),
@@ -121,6 +158,12 @@ def render_repository(deployment: Deployment, out: Path, placement: Placement | 
         )
         rendered = Template(text).substitute(values)
         rendered = "\n".join(line for line in rendered.splitlines() if line.strip()) + "\n"
+        if "dynamic_batching" not in rendered:  # a template with its own batcher keeps its settings
+            rendered += placement.queue_policy(model)
         (out / model / "1").mkdir(parents=True)
         (out / model / "config.pbtxt").write_text(rendered)
+    if getattr(deployment, "engine", "torch") == "tensorrt":  # the VAE decoder as a tensorrt_plan model
+        from katz.export.triton_config import render_tensorrt_plans
+
+        render_tensorrt_plans(deployment, out, placement, models)
     return out

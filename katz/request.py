@@ -17,6 +17,8 @@ scheduler              BYTES      [1]       optional, see :mod:`katz.schedulers`
 controlnets            BYTES      [n]       ControlNet names
 control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
 controlnet_scales      FP32       [n]       optional, default 1.0 each
+control_guidance_start FP32       [n]       optional, fraction of the steps where each starts (default 0)
+control_guidance_end   FP32       [n]       optional, fraction where each stops (default 1)
 loras                  BYTES      [m]       LoRA names (file stems in the LoRA store)
 lora_scales            FP32       [m]       optional, default 1.0 each
 lora_k                 INT32      [1]       optional; LoRAs are patched in by this step at the latest
@@ -47,6 +49,8 @@ INPUT_FIELDS = (
     "controlnets",
     "control_images",
     "controlnet_scales",
+    "control_guidance_start",
+    "control_guidance_end",
     "loras",
     "lora_scales",
     "lora_k",
@@ -101,6 +105,8 @@ class GenerationRequest:
     controlnets: list[str] = field(default_factory=list)
     control_images: list[bytes] = field(default_factory=list)
     controlnet_scales: list[float] = field(default_factory=list)
+    control_guidance_start: list[float] = field(default_factory=list)
+    control_guidance_end: list[float] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
     lora_scales: list[float] = field(default_factory=list)
     lora_k: int = 0
@@ -128,7 +134,15 @@ def _scalar(inputs: dict, name: str, kind: type):
         return int(item)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InvalidArgument(name, f"expected a number, got {arr.dtype}")
-    return float(item)
+    return _decimal(item)
+
+
+def _decimal(value) -> float:
+    """An FP32 wire value as the decimal the client wrote (0.6f -> 0.6, not 0.6000000238),
+    so step windows and scales compare as they do in diffusers with Python floats."""
+    if isinstance(value, np.float32):
+        return float(repr(value).removeprefix("np.float32(").removesuffix(")"))
+    return float(value)
 
 
 def _text(name: str, item) -> str:
@@ -149,15 +163,15 @@ def _list(inputs: dict, name: str) -> list | None:
     return np.asarray(value).reshape(-1).tolist()
 
 
-def _floats(inputs: dict, name: str, count: int, limit: float, low: float) -> list[float]:
-    values = _list(inputs, name)
-    if values is None:
-        return [1.0] * count
+def _floats(inputs: dict, name: str, count: int, limit: float, low: float, default: float = 1.0) -> list[float]:
+    if inputs.get(name) is None:
+        return [default] * count
+    values = list(np.asarray(inputs[name]).reshape(-1))  # numpy scalars: float32 stays float32
     if len(values) != count:
         raise InvalidArgument(name, f"has {len(values)} values but {count} were expected (one per name)")
     out = []
     for v in values:
-        f = float(v)
+        f = _decimal(v)
         if not math.isfinite(f):
             raise InvalidArgument(name, f"value {f} is not finite")
         if not low <= f <= limit:
@@ -251,6 +265,11 @@ def parse_request(
             raise InvalidArgument("control_images", f"image is larger than {limits.max_image_bytes} bytes")
         image_bytes.append(bytes(img))
     cn_scales = _floats(inputs, "controlnet_scales", len(cn_names), limits.max_controlnet_scale, 0.0)
+    starts = _floats(inputs, "control_guidance_start", len(cn_names), 1.0, 0.0, default=0.0)
+    ends = _floats(inputs, "control_guidance_end", len(cn_names), 1.0, 0.0, default=1.0)
+    for s_, e_ in zip(starts, ends):
+        if s_ > e_:
+            raise InvalidArgument("control_guidance_start", f"start {s_} is after end {e_}")
 
     # LoRAs ------------------------------------------------------------------
     loras = [_text("loras", v) for v in (_list(inputs, "loras") or [])]
@@ -280,6 +299,8 @@ def parse_request(
         controlnets=cn_names,
         control_images=image_bytes,
         controlnet_scales=cn_scales,
+        control_guidance_start=starts,
+        control_guidance_end=ends,
         loras=loras,
         lora_scales=lora_scales,
         lora_k=lora_k,

@@ -51,8 +51,9 @@ def _free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, preset: str, workdir: Path, cache: Path, extra: list[str] = ()):
-        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+    def __init__(self, preset: str, workdir: Path, cache: Path, extra: list[str] = (), ports=None):
+        self.http_port, self.grpc_port, self.metrics_port = ports or (_free_port(), _free_port(), _free_port())
+        self.workdir = workdir
         self.log_path = workdir / "server.log"
         env = dict(os.environ, KATZ_CACHE=str(cache.parent))
         cmd = [
@@ -91,6 +92,13 @@ class RunningServer:
             time.sleep(0.5)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
 
+    def kill(self) -> None:
+        """SIGKILL tritonserver and its model processes (no graceful shutdown), as a crash would."""
+        subprocess.run(["pkill", "-KILL", "-f", f"model-repository={self.workdir}"], check=False)
+        subprocess.run(["pkill", "-KILL", "-f", f"triton_python_backend_stub {self.workdir}"], check=False)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -107,9 +115,9 @@ class RunningServer:
 def start_server(tmp_path_factory, cache_root, preset_dir):
     servers: list[RunningServer] = []
 
-    def start(preset: str, extra: list[str] = ()) -> RunningServer:
+    def start(preset: str, extra: list[str] = (), ports=None) -> RunningServer:
         preset_dir(preset)  # build the preset here, not inside the server start-up
-        server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset}"), cache_root, list(extra))
+        server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset}"), cache_root, list(extra), ports)
         servers.append(server)
         server.wait_ready()
         return server
@@ -117,3 +125,19 @@ def start_server(tmp_path_factory, cache_root, preset_dir):
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def hardened_server(start_server, preset_dir, tmp_path_factory):
+    """tiny-sdxl with small admission and request limits (reliability_support.HARDENED_ARGS) and a
+    LoRA folder of its own; shared by test_fuzz, test_reliability and test_soak."""
+    import shutil
+
+    from reliability_support import HARDENED_ARGS
+
+    loras = tmp_path_factory.mktemp("hardened-loras")
+    for f in (preset_dir("tiny-sdxl") / "loras").iterdir():
+        shutil.copy(f, loras / f.name)
+    server = start_server("tiny-sdxl", [*HARDENED_ARGS, "--lora-dir", str(loras)])
+    server.lora_dir = loras
+    return server

@@ -51,8 +51,8 @@ def lora_dir(preset_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow(preset_dir, lora_dir):
-    """A loader that needs 1 s per LoRA: far longer than the tiny model's whole loop."""
-    return _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=1.0)
+    """A loader that needs 3 s per LoRA: far longer than the tiny model's whole loop, even on a busy CI machine."""
+    return _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=3.0)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])

@@ -570,3 +570,18 @@ def test_validate_and_failed_apply_leave_base(sd15, tmp_path):
     with pytest.raises(LoraError, match="not finite"):
         ph.apply([(good, 1e6)])
     assert _weights_hash(half) == half_hash
+
+
+def test_store_reads_only_the_requested_components(preset_dir):
+    """The text-encoder model reads just its part of a file; a UNet-only file gives it nothing."""
+    from katz.lora_store import LoraStore
+
+    store = LoraStore(preset_dir("tiny-sdxl") / "loras", "sdxl")
+    full = store.get("detail")
+    te = store.get("detail", ("text_encoder", "text_encoder_2"))
+    assert set(te.layers) == {"text_encoder", "text_encoder_2"} and "unet" in full.layers
+    for comp in te.layers:
+        for path, layer in te.layers[comp].items():
+            assert torch.equal(layer.down, full.layers[comp][path].down)
+            assert layer.alpha == full.layers[comp][path].alpha
+    assert store.get("style", ("text_encoder", "text_encoder_2")).layers == {}

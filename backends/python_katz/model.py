@@ -13,7 +13,15 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from katz.triton_models import ModelCallError, create_model, is_user_error
+from katz.triton_models import (
+    BLS_ONLY_ROLES,
+    INVALID_ARG_MARK,
+    UNAVAILABLE_MARK,
+    ModelCallError,
+    create_model,
+    error_kind,
+    is_out_of_memory,
+)
 
 
 def _to_python(tensor):
@@ -47,6 +55,7 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         self.model = create_model(params["role"], params, device, call=self._call)
         self._families, self._metrics = {}, {}
+        self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
 
     def _call(self, model_name, inputs, output_names):
         request = pb_utils.InferenceRequest(
@@ -57,8 +66,13 @@ class TritonPythonModel:
         response = request.exec()
         if response.has_error():
             err = response.error()
-            invalid = err.code() == pb_utils.TritonError.INVALID_ARG
-            raise ModelCallError(model_name, err.message(), invalid)
+            kind = {
+                pb_utils.TritonError.INVALID_ARG: "invalid_arg",
+                pb_utils.TritonError.UNAVAILABLE: "unavailable",
+            }.get(err.code(), "internal")
+            if "Stub process" in err.message() and "is not healthy" in err.message():
+                kind = "unavailable"  # the callee's instance process died; katz.watchdog brings it back
+            raise ModelCallError.from_error(model_name, err.message(), kind)
         return {name: _to_python(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
 
     def _inputs(self, request):
@@ -73,15 +87,47 @@ class TritonPythonModel:
             except Exception as exc:
                 result = exc
         # every failure becomes this request's error, never the server's
-        if is_user_error(result):
-            error = pb_utils.TritonError(str(result), pb_utils.TritonError.INVALID_ARG)
+        kind = error_kind(result)
+        if kind == "invalid_arg":
+            error = pb_utils.TritonError(self._invalid_mark + str(result), pb_utils.TritonError.INVALID_ARG)
+        elif kind == "unavailable":
+            message = str(result)
+            if is_out_of_memory(result):
+                message = f"{UNAVAILABLE_MARK}{self.model_name}: out of memory ({type(result).__name__}: {message})"
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            error = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
         else:
             trace = "".join(traceback.format_exception(type(result), result, result.__traceback__))
             pb_utils.Logger.log_error(f"{self.model_name}: {trace}")
             error = pb_utils.TritonError(f"{self.model_name}: {type(result).__name__}: {result}")
         return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
+    def _stream(self, request):
+        """Decoupled models (``execute_stream``): any number of responses, the last one final."""
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            self.model.execute_stream(
+                self._inputs(request),
+                lambda outputs, last: sender.send(self._response(outputs), flags=final if last else 0),
+                request.is_cancelled,
+            )
+        except Exception as exc:
+            try:  # a cancelled request just ends; anything else becomes its error
+                if request.is_cancelled():
+                    sender.send(flags=final)
+                else:
+                    sender.send(self._response(exc), flags=final)
+            except Exception as send_exc:
+                pb_utils.Logger.log_warn(f"{self.model_name}: could not end a stream: {send_exc}")
+
     def execute(self, requests):
+        if hasattr(self.model, "execute_stream"):
+            for request in requests:
+                self._stream(request)
+            self._publish_metrics()
+            return None
         parsed = []
         for request in requests:
             try:

@@ -7,6 +7,8 @@ documented on each ``__call__``. LoRAs are merged into the weights in place
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -55,12 +57,160 @@ class UNetEngine:
         )[0]
 
 
-class ControlNetEngine:
-    """The registered ControlNets of a deployment, by name, all resident."""
+    # ---- split forward: down + mid path, then the up path -------------------------
+    # The ControlNet residuals are only needed after the mid block, so the down and
+    # mid blocks can run while a ControlNet computes them elsewhere. Same ops as
+    # diffusers' UNet2DConditionModel.forward for SD 1.5 / SDXL configurations.
+    @torch.no_grad()
+    def down(self, sample, timestep, encoder_hidden_states, added_cond=None) -> dict:
+        """Time embedding, ``conv_in``, down blocks and mid block; returns the state :meth:`up` needs."""
+        unet = self.unet
+        upsample_factor = 2**unet.num_upsamplers
+        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
+        emb = unet.time_embedding(t_emb, None)
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        hidden = unet.process_encoder_hidden_states(
+            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond
+        )
+        forward_upsample_size = any(d % upsample_factor for d in sample.shape[-2:])
+        x = unet.conv_in(sample)
+        skips = (x,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                x, res = block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
+            else:
+                x, res = block(hidden_states=x, temb=emb)
+            skips += res
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                x = unet.mid_block(x, emb, encoder_hidden_states=hidden)
+            else:
+                x = unet.mid_block(x, emb)
+        return {"sample": x, "skips": skips, "emb": emb, "hidden": hidden, "upsample_size": forward_upsample_size}
 
-    def __init__(self, folder: ModelFolder, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = torch.device(device), dtype
-        self.nets = {name: folder.load_controlnet(name, device, dtype) for name in folder.controlnets}
+    @torch.no_grad()
+    def up(self, state: dict, down_residuals=None, mid_residual=None) -> torch.Tensor:
+        """Add the ControlNet residuals (if any), run the up blocks and the output head."""
+        unet = self.unet
+        skips, x, emb, hidden = state["skips"], state["sample"], state["emb"], state["hidden"]
+        if down_residuals is not None:
+            skips = tuple(s + r for s, r in zip(skips, down_residuals))
+            x = x + mid_residual
+        upsample_size = None
+        for i, block in enumerate(unet.up_blocks):
+            res = skips[-len(block.resnets):]
+            skips = skips[: -len(block.resnets)]
+            if i < len(unet.up_blocks) - 1 and state["upsample_size"]:
+                upsample_size = skips[-1].shape[2:]
+            if getattr(block, "has_cross_attention", False):
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=hidden,
+                          upsample_size=upsample_size)
+            else:
+                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        if unet.conv_norm_out:
+            x = unet.conv_act(unet.conv_norm_out(x))
+        return unet.conv_out(x)
+
+
+class _CachedCondEmbedding(torch.nn.Module):
+    """Wraps a ControlNet's ``controlnet_cond_embedding``: the features of a control image
+    are computed once (on one row of the CFG batch) and reused while the cache holds them."""
+
+    def __init__(self, inner: torch.nn.Module, cache: "FeatureCache", net_name: str):
+        super().__init__()
+        self.inner, self.cache, self.net_name = inner, cache, net_name
+        self.key: str | None = None  # set by ControlNetEngine before each forward
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.key is None:
+            return self.inner(cond)
+        key = (self.net_name, self.key, tuple(cond.shape[1:]), cond.dtype, cond.device)
+        feats = self.cache.get(key)
+        if feats is None:
+            feats = self.inner(cond[:1])
+            self.cache.put(key, feats)
+        return feats.expand(cond.shape[0], *feats.shape[1:])
+
+
+class FeatureCache:
+    """LRU of ControlNet conditioning features by (net, image content hash, shape), bytes-bounded."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self.items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        t = self.items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return t
+
+    def put(self, key, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if size > self.budget:
+            return
+        self.items[key] = t
+        self.used += size
+        while self.used > self.budget:
+            _, old = self.items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+
+
+class ControlNetEngine:
+    """The registered ControlNets of a deployment, by name.
+
+    ``resident`` nets are loaded at start and never evicted; the others are
+    loaded on first use into an LRU bounded by ``cache_bytes``. Control-image
+    features are cached across requests (:class:`FeatureCache`).
+    """
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        resident: Sequence[str] | None = None,
+        cache_bytes: int = 8 << 30,
+        feature_cache_bytes: int = 1 << 30,
+    ):
+        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self.names = set(folder.controlnets)
+        self.resident = set(folder.controlnets if resident is None else resident) & self.names
+        self.cache_bytes = cache_bytes
+        self.features = FeatureCache(feature_cache_bytes)
+        self.nets: "OrderedDict[str, torch.nn.Module]" = OrderedDict()
+        self.loads = 0
+        # one evaluation at a time, like one Triton instance (the feature-cache key lives on the net)
+        self._lock = threading.Lock()
+        for name in sorted(self.resident):
+            self._load(name)
+
+    def _size(self, net) -> int:
+        return sum(p.numel() * p.element_size() for p in net.parameters())
+
+    def _load(self, name: str):
+        net = self.folder.load_controlnet(name, self.device, self.dtype)
+        net.controlnet_cond_embedding = _CachedCondEmbedding(net.controlnet_cond_embedding, self.features, name)
+        self.nets[name] = net
+        self.loads += 1
+        evictable = [n for n in self.nets if n not in self.resident and n != name]
+        while evictable and sum(self._size(n_) for n_ in self.nets.values()) > self.cache_bytes:
+            self.nets.pop(evictable.pop(0))
+        return net
+
+    def get(self, name: str):
+        net = self.nets.get(name)
+        if net is None:
+            net = self._load(name)
+        self.nets.move_to_end(name)
+        return net
 
     @torch.no_grad()
     def __call__(
@@ -72,17 +222,31 @@ class ControlNetEngine:
         added_cond: dict[str, torch.Tensor] | None,
         cond_image: torch.Tensor,
         scale: float,
+        cond_key: str | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``cond_image [B, 3, H, W]`` in ``[0, 1]`` -> (down residuals, mid residual), already scaled."""
-        down, mid = self.nets[name](
-            sample,
-            timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=cond_image,
-            conditioning_scale=scale,
-            added_cond_kwargs=added_cond,
-            return_dict=False,
-        )
+        """``cond_image [B, 3, H, W]`` in ``[0, 1]`` -> (down residuals, mid residual), already scaled.
+
+        ``cond_key`` (a content hash of the control image) lets the image's
+        features come from the feature cache.
+        """
+        with self._lock:
+            return self._run(name, sample, timestep, encoder_hidden_states, added_cond, cond_image, scale, cond_key)
+
+    def _run(self, name, sample, timestep, encoder_hidden_states, added_cond, cond_image, scale, cond_key):
+        net = self.get(name)
+        net.controlnet_cond_embedding.key = cond_key
+        try:
+            down, mid = net(
+                sample,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=cond_image,
+                conditioning_scale=scale,
+                added_cond_kwargs=added_cond,
+                return_dict=False,
+            )
+        finally:
+            net.controlnet_cond_embedding.key = None
         return list(down), mid
 
 

@@ -11,6 +11,7 @@ model                     job
 ``preprocessing``         validate the request, tokenize, decode control images
 ``text_encoder``          token ids -> prompt embeddings (LoRAs on text encoders)
 ``katz_pipeline``         the denoising loop; calls ``unet``/``controlnet`` over BLS
+``katz_stream``           decoupled: the whole chain over BLS, one response per step
 ``unet``                  one UNet evaluation (LoRAs merged in)
 ``controlnet``            one ControlNet evaluation -> residuals
 ``vae_decoder``           latents -> image in [-1, 1]
@@ -25,19 +26,58 @@ from katz.request import InvalidArgument
 
 
 class ModelCallError(RuntimeError):
-    """A BLS call to another model failed; ``invalid_arg`` keeps the callee's error kind."""
+    """A call to another model (BLS, or a remote server) failed; ``kind`` keeps the error's kind:
+    ``"invalid_arg"`` (the request's fault), ``"unavailable"`` (try again later) or ``"internal"``."""
 
-    def __init__(self, model: str, message: str, invalid_arg: bool):
-        super().__init__(message if invalid_arg else f"{model}: {message}")
+    def __init__(self, model: str, message: str, kind: str = "internal"):
+        if INVALID_ARG_MARK in message:  # the request's fault, said by a BLS callee (see INVALID_ARG_MARK)
+            kind, message = "invalid_arg", message.replace(INVALID_ARG_MARK, "", 1)
+        if kind == "unavailable" and UNAVAILABLE_MARK not in message:
+            message = f"{UNAVAILABLE_MARK}{model}: {message}"
+        elif kind == "internal":
+            message = f"{model}: {message}"
+        super().__init__(message)
         self.model = model
-        self.invalid_arg = invalid_arg
+        self.kind = kind
+
+    @classmethod
+    def from_error(cls, model: str, message: str, kind: str) -> "ModelCallError":
+        """From a callee's error; Triton 2.51 does not keep UNAVAILABLE through BLS, the message mark does."""
+        if UNAVAILABLE_MARK in message:
+            kind = "unavailable"
+        return cls(model, message, kind)
+
+
+UNAVAILABLE_MARK = "UNAVAILABLE: "
+# Triton 2.51 turns every BLS error into INTERNAL, so the models only ever called over BLS
+# (unet, controlnet) mark their INVALID_ARG messages; the caller removes the mark again.
+INVALID_ARG_MARK = "INVALID_ARG: "
+BLS_ONLY_ROLES = ("unet", "controlnet")
+
+
+def error_kind(exc: BaseException) -> str:
+    """``"invalid_arg"`` for errors caused by the request, ``"unavailable"`` for a dependency
+    that is down or overloaded, else ``"internal"``."""
+    if isinstance(exc, ModelCallError):
+        return exc.kind
+    if isinstance(exc, (InvalidArgument, LoraError)):
+        return "invalid_arg"
+    if is_out_of_memory(exc):
+        return "unavailable"
+    return "internal"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failed (host ``MemoryError``, torch's CPU allocator, CUDA out of memory)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def is_user_error(exc: BaseException) -> bool:
     """Errors caused by the request (reported as INVALID_ARG), not by the server."""
-    if isinstance(exc, ModelCallError):
-        return exc.invalid_arg
-    return isinstance(exc, (InvalidArgument, LoraError))
+    return error_kind(exc) == "invalid_arg"
 
 
 def create_model(role: str, params: dict[str, str], device: str, call=None):
@@ -53,8 +93,14 @@ def create_model(role: str, params: dict[str, str], device: str, call=None):
         from katz.triton_models.pipeline import Pipeline
 
         return Pipeline(deployment, call)
+    elif role == "stream":
+        from katz.triton_models.stream import Stream
+
+        return Stream(deployment, call)
     elif role == "unet":
-        from katz.triton_models.unet import UNet as cls
+        from katz.triton_models.unet import UNet
+
+        return UNet(deployment, call)
     elif role == "controlnet":
         from katz.triton_models.controlnet import ControlNet as cls
     elif role == "vae_decoder":

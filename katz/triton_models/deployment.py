@@ -30,6 +30,15 @@ class Deployment:
     lora_host_cache_bytes: int = 2 << 30
     lora_device_cache_bytes: int = 1 << 30
     lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
+    unet_shards: int = 1  # latent parallelism: CFG halves on this many UNet models (unet, unet_1, ...)
+    controlnet_mode: str = "inline"  # inline | service | remote
+    controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
+    controlnet_timeout_s: float = 30.0
+    controlnet_resident: list[str] | None = None  # None: all registered ControlNets stay loaded
+    controlnet_cache_bytes: int = 8 << 30
+    feature_cache_bytes: int = 1 << 30
+    engine: str = "torch"  # torch | tensorrt (UNet, ControlNets, VAE decoder; see katz.engines)
+    engine_dir: Path | None = None  # tensorrt: the folder `katz build-engines --out` wrote
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
@@ -43,6 +52,15 @@ class Deployment:
             "lora_host_cache_bytes": str(self.lora_host_cache_bytes),
             "lora_device_cache_bytes": str(self.lora_device_cache_bytes),
             "lora_load_delay_s": str(self.lora_load_delay_s),
+            "unet_shards": str(self.unet_shards),
+            "controlnet_mode": self.controlnet_mode,
+            "controlnet_url": self.controlnet_url,
+            "controlnet_timeout_s": str(self.controlnet_timeout_s),
+            "controlnet_resident": json.dumps(self.controlnet_resident),
+            "controlnet_cache_bytes": str(self.controlnet_cache_bytes),
+            "feature_cache_bytes": str(self.feature_cache_bytes),
+            "engine": self.engine,
+            "engine_dir": str(self.engine_dir or ""),
         }
 
     @classmethod
@@ -58,7 +76,24 @@ class Deployment:
             lora_host_cache_bytes=int(params.get("lora_host_cache_bytes", 2 << 30)),
             lora_device_cache_bytes=int(params.get("lora_device_cache_bytes", 1 << 30)),
             lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
+            unet_shards=int(params.get("unet_shards", "1")),
+            controlnet_mode=params.get("controlnet_mode", "inline"),
+            controlnet_url=params.get("controlnet_url", ""),
+            controlnet_timeout_s=float(params.get("controlnet_timeout_s", 30.0)),
+            controlnet_resident=json.loads(params.get("controlnet_resident", "null")),
+            controlnet_cache_bytes=int(params.get("controlnet_cache_bytes", 8 << 30)),
+            feature_cache_bytes=int(params.get("feature_cache_bytes", 1 << 30)),
+            engine=params.get("engine", "torch"),
+            engine_dir=Path(params["engine_dir"]) if params.get("engine_dir") else None,
         )
+        if dep.controlnet_mode not in ("inline", "service", "remote"):
+            raise ValueError(f"controlnet_mode must be inline, service or remote, not {dep.controlnet_mode!r}")
+        if dep.controlnet_mode == "remote" and not dep.controlnet_url:
+            raise ValueError("controlnet_mode remote needs controlnet_url")
+        if dep.engine not in ("torch", "tensorrt"):
+            raise ValueError(f"engine must be torch or tensorrt, not {dep.engine!r}")
+        if dep.engine == "tensorrt" and dep.engine_dir is None:
+            raise ValueError("engine tensorrt needs engine_dir (the folder `katz build-engines --out` wrote)")
         if dep.torch_threads > 0:
             torch.set_num_threads(dep.torch_threads)
         return dep

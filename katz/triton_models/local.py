@@ -24,8 +24,10 @@ ROLES = {
 class LocalEnsemble:
     def __init__(self, deployment: Deployment):
         params = deployment.to_parameters()
+        roles = dict(ROLES)
+        roles.update({f"unet_{i}": "unet" for i in range(1, deployment.unet_shards)})
         self.models = {
-            name: create_model(role, params, deployment.device, call=self._call) for name, role in ROLES.items()
+            name: create_model(role, params, deployment.device, call=self._call) for name, role in roles.items()
         }
 
     def _call(self, model: str, inputs: dict, output_names: list[str]) -> dict:

@@ -8,6 +8,7 @@ later models) and ``seed`` int64 ``[1]`` (returned to the client).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -40,6 +41,13 @@ class Preprocessing:
             "scheduler": req.scheduler,
             "controlnets": req.controlnets,
             "controlnet_scales": req.controlnet_scales,
+            "control_guidance_start": req.control_guidance_start,
+            "control_guidance_end": req.control_guidance_end,
+            # content hashes of the control images at this size: keys of the feature cache
+            "control_image_keys": [
+                hashlib.sha256(data + f"@{req.width}x{req.height}".encode()).hexdigest()[:32]
+                for data in req.control_images
+            ],
             "loras": req.loras,
             "lora_scales": req.lora_scales,
             "lora_k": req.lora_k,

@@ -13,7 +13,9 @@ class TextEncoder:
 
     def execute(self, inputs: dict) -> dict:
         params = read_params(inputs)
-        loras = [(self.deployment.loras.get(n), s) for n, s in zip(params["loras"], params["lora_scales"])]
+        # only the text-encoder tensors of each file: the UNet part is the unet model's business
+        parts = self.deployment.folder.text_encoder_parts
+        loras = [(self.deployment.loras.get(n, parts), s) for n, s in zip(params["loras"], params["lora_scales"])]
         self.engine.set_loras(loras)
         ids = {k: v for k, v in inputs.items() if k.startswith("input_ids")}
         embeds, pooled = self.engine(ids, params["zero_negative"])

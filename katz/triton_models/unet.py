@@ -4,8 +4,10 @@ Inputs (batch dimension ``B`` first; 2 with classifier-free guidance):
 ``sample [B, C, h, w]``, ``timestep [B, 1]``, ``encoder_hidden_states [B, 77, D]``,
 SDXL ``text_embeds [B, P]`` and ``time_ids [B, 6]``, optional ControlNet
 ``down_residual_0..N-1`` and ``mid_residual``; optional ``loras [B, m]``,
-``lora_scales [B, m]`` (rows repeat; row 0 is read) and ``lora_wait [B, 1]``.
-Outputs: ``noise_pred [B, C, h, w]`` and ``lora_applied [B, 1]``.
+``lora_scales [B, m]`` (rows repeat; row 0 is read), ``lora_wait [B, 1]`` and
+``lora_skip [B, 1]`` (run on base weights this step, only start the load).
+Outputs: ``noise_pred [B, C, h, w]``, ``lora_applied [B, 1]`` and ``lora_ready [B, 1]``
+(the LoRAs are on this instance's device now).
 
 BAL: a call that names LoRAs runs *with* them when they are on the device
 already or when ``lora_wait`` is set (the caller's step has reached *k*, or
@@ -21,6 +23,8 @@ import time
 
 import torch
 
+from katz.controlnet_client import BlsControlNets, ControlJob, RemoteControlNets
+from katz.engines import engine_class
 from katz.engines.torch_engines import UNetEngine
 from katz.lora_manager import LoraManager
 
@@ -45,10 +49,33 @@ def lora_request(inputs: dict) -> tuple[tuple[str, float], ...]:
     return tuple((bytes(n).decode(), float(s)) for n, s in zip(names, values))
 
 
+def control_jobs(inputs: dict) -> list[ControlJob]:
+    """The ControlNet calls a step asks for (row 0 of ``controlnets`` etc.; images ``[B, 3n, H, W]``)."""
+    names = inputs["controlnets"].reshape(inputs["controlnets"].shape[0], -1)[0]
+    scales = inputs["controlnet_scales"].reshape(inputs["controlnet_scales"].shape[0], -1)[0].tolist()
+    keys = inputs["control_image_keys"].reshape(inputs["control_image_keys"].shape[0], -1)[0]
+    images = inputs["control_images"]
+    return [
+        ControlJob(bytes(n).decode(), images[:, 3 * j : 3 * j + 3], float(s), bytes(k).decode())
+        for j, (n, s, k) in enumerate(zip(names, scales, keys))
+    ]
+
+
 class UNet:
-    def __init__(self, deployment):
+    def __init__(self, deployment, call=None):
         self.deployment = deployment
-        self.engine = UNetEngine(deployment.folder, deployment.device, deployment.torch_dtype)
+        self.controlnets = None
+        n = deployment.folder.num_down_residuals
+        if deployment.controlnet_mode == "service":
+            self.controlnets = BlsControlNets(call, n)
+        elif deployment.controlnet_mode == "remote":
+            self.controlnets = RemoteControlNets(
+                deployment.controlnet_url, deployment.controlnet_timeout_s, n,
+                deployment.device, deployment.torch_dtype,
+            )
+        self.engine = engine_class(deployment, UNetEngine)(
+            deployment.folder, deployment.device, deployment.torch_dtype
+        )
         self.num_residuals = deployment.folder.num_down_residuals
         self.loras = LoraManager(
             deployment.loras,
@@ -67,7 +94,11 @@ class UNet:
         if not want:
             return ()
         names = [n for n, _ in want]
-        wait = inputs.get("lora_wait")
+        wait, skip = inputs.get("lora_wait"), inputs.get("lora_skip")
+        if skip is not None and bool(skip.reshape(-1)[0]):
+            self.loras.prefetch(names)  # the caller keeps base weights this step
+            self.loras.stats.steps_before_patch += 1
+            return ()
         if want == self.applied or (wait is not None and bool(wait.reshape(-1)[0])) or self.loras.ready(names):
             return want
         self.loras.prefetch(names)
@@ -93,19 +124,26 @@ class UNet:
 
     # ---------------------------------------------------------------- run
     def _run(self, inputs: dict, applied: bool) -> dict:
-        down = None
-        if inputs.get("mid_residual") is not None:
-            down = [inputs[f"down_residual_{i}"] for i in range(self.num_residuals)]
-        noise = self.engine(
-            inputs["sample"],
-            inputs["timestep"].reshape(-1),
-            inputs["encoder_hidden_states"],
-            added_cond(inputs),
-            down,
-            inputs.get("mid_residual"),
-        )
+        sample, timestep = inputs["sample"], inputs["timestep"].reshape(-1)
+        hidden, cond = inputs["encoder_hidden_states"], added_cond(inputs)
+        if inputs.get("controlnets") is not None and self.controlnets is not None:
+            # ControlNet-as-a-Service: the ControlNets run on their own instances while
+            # this instance runs the down and mid blocks; join, then the up path.
+            common = {"sample": sample, "timestep": inputs["timestep"][:1].reshape(1),
+                      "encoder_hidden_states": hidden, **(cond or {})}
+            pending = self.controlnets.submit(control_jobs(inputs), common)
+            state = self.engine.down(sample, timestep, hidden, cond)
+            down, mid = pending.result()
+            noise = self.engine.up(state, down, mid)
+        else:
+            down = None
+            if inputs.get("mid_residual") is not None:
+                down = [inputs[f"down_residual_{i}"] for i in range(self.num_residuals)]
+            noise = self.engine(sample, timestep, hidden, cond, down, inputs.get("mid_residual"))
         flag = torch.full((noise.shape[0], 1), applied, dtype=torch.bool)
-        return {"noise_pred": noise, "lora_applied": flag}
+        want = lora_request(inputs)
+        ready = bool(want) and (applied or self.loras.ready([n for n, _ in want]))
+        return {"noise_pred": noise, "lora_applied": flag, "lora_ready": torch.full_like(flag, ready)}
 
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
