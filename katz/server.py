@@ -12,16 +12,18 @@ so this interpreter's ``bin/`` is put first.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from katz.repository import BACKEND_SOURCE
+from katz.watchdog import ADMIN_HEADER
 
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -110,6 +112,16 @@ class ServerOptions:
     gpus: tuple[int, ...] = ()
     log_verbose: int = 0
     exit_timeout: int = 30
+    # restart model instances whose process died (katz.watchdog); needs explicit model control
+    watchdog: bool = True
+    # the model-repository and shared-memory APIs answer only requests carrying this token
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(16))
+
+    @property
+    def local_http_url(self) -> str:
+        """HOST:PORT at which this machine reaches the HTTP endpoint."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]:{self.http_port}" if ":" in host else f"{host}:{self.http_port}"
 
 
 def command(install: TritonInstall, repository: Path, backends: Path, opts: ServerOptions) -> list[str]:
@@ -128,17 +140,34 @@ def command(install: TritonInstall, repository: Path, backends: Path, opts: Serv
         f"--log-verbose={opts.log_verbose}",
         f"--exit-timeout-secs={opts.exit_timeout}",
     ]
+    # Loading models and registering shared memory over the network are admin operations
+    # (the load API writes into the model repository); only katz's watchdog holds the token.
+    restricted = f"model-repository,shared-memory:{ADMIN_HEADER}={opts.admin_token}"
+    cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+    if opts.watchdog:
+        cmd += ["--model-control-mode=explicit", "--load-model=*"]
     for g in opts.gpus:
         cmd.append(f"--cuda-memory-pool-byte-size={g}:{opts.cuda_pool_bytes}")
     return cmd
 
 
-def run_foreground(cmd: list[str], env: dict[str, str]) -> int:
-    """Run tritonserver until it exits; SIGINT/SIGTERM stop it cleanly (SIGTERM, then SIGKILL after 30 s)."""
+def run_foreground(cmd: list[str], env: dict[str, str], opts: ServerOptions | None = None) -> int:
+    """Run tritonserver until it exits; SIGINT/SIGTERM stop it cleanly (SIGTERM, then SIGKILL after 30 s).
+
+    With ``opts.watchdog``, a :class:`katz.watchdog.Watchdog` reloads models whose instance process died.
+    """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopping = {"at": None}
+    dog = None
+    if opts is not None and opts.watchdog:
+        from katz.watchdog import Watchdog
+
+        dog = Watchdog(proc.pid, opts.local_http_url, opts.admin_token)
+        dog.start()
 
     def stop(signum, frame):
+        if dog is not None:
+            dog.stop()
         if stopping["at"] is None:
             stopping["at"] = time.monotonic()
             print("\nkatz: stopping tritonserver ...", file=sys.stderr, flush=True)
@@ -153,5 +182,7 @@ def run_foreground(cmd: list[str], env: dict[str, str]) -> int:
                 if stopping["at"] is not None and time.monotonic() - stopping["at"] > 30:
                     os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if dog is not None:
+            dog.stop()
         for s, h in old.items():
             signal.signal(s, h)
