@@ -101,7 +101,16 @@ class RemoteControlNets(ControlNetClient):
         import tritonclient.grpc as grpcclient
 
         if self._client is None:
-            self._client = grpcclient.InferenceServerClient(self.url)
+            # A channel of its own (gRPC shares sub-channels, and their reconnect back-off,
+            # between channels to one address in a process), with a short back-off, so the
+            # first call after the remote server comes back connects.
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ])
         return grpcclient, self._client
 
     def _one(self, inputs: dict) -> dict:
