@@ -399,18 +399,18 @@ def parse_lora(
 # --------------------------------------------------------------------------- #
 # Merging
 # --------------------------------------------------------------------------- #
-class _ModuleIndex:
-    """Module lookup by dotted path, or by kohya-flattened path ('.' -> '_')."""
+class PathIndex:
+    """Module paths by dotted name, or by kohya-flattened name ('.' -> '_'), including CLIP's
+    optional 'text_model.' level."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.modules = dict(module.named_modules())
+    def __init__(self, paths: Iterable[str]):
+        self.paths = {p for p in paths if p}
         self.flat: dict[str, list[str]] = {}
-        for path in self.modules:
-            if path:
-                self.flat.setdefault(path.replace(".", "_"), []).append(path)
+        for path in self.paths:
+            self.flat.setdefault(path.replace(".", "_"), []).append(path)
 
     def _lookup(self, target: str) -> str | None:
-        if target and target in self.modules:
+        if target in self.paths:
             return target
         if "." not in target:
             hits = self.flat.get(target, [])
@@ -428,6 +428,43 @@ class _ModuleIndex:
                     return self._lookup(target[len("text_model") + 1 :])
             hit = self._lookup("text_model" + ("." if "." in target else "_") + target)
         return hit
+
+
+class _ModuleIndex(PathIndex):
+    """A :class:`PathIndex` over a module's submodules, keeping the modules."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.modules = dict(module.named_modules())
+        super().__init__(self.modules)
+
+
+def lora_delta(
+    items: Sequence[tuple[float, "LoraLayer"]], shape: Sequence[int], dtype: torch.dtype, device
+) -> torch.Tensor:
+    """``sum(scale * alpha / r * up @ down)`` over ``items`` = [(scale, layer)], as a tensor of ``shape``."""
+    delta = torch.zeros((shape[0], math.prod(shape[1:])), dtype=dtype, device=device)
+    for scale, layer in items:
+        up = layer.up.to(device=device, dtype=dtype).reshape(layer.up.shape[0], -1)
+        down = layer.down.to(device=device, dtype=dtype).reshape(layer.rank, -1)
+        delta += (up @ down) * (scale * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank)
+    return delta.view(tuple(shape))
+
+
+def lora_fits(down: torch.Tensor, up: torch.Tensor, weight_shape: Sequence[int]) -> bool:
+    """Whether ``up @ down`` ([out, r] @ [r, in], or 1x1-conv forms) gives a weight of ``weight_shape``."""
+    w = tuple(weight_shape)
+    rank = down.shape[0]
+    down_ok = down.ndim in (2, 4) and (
+        tuple(down.shape[1:]) == w[1:]
+        or (down.ndim == 2 and len(w) == 4 and w[2:] == (1, 1) and down.shape[1] == w[1])
+        or (down.ndim == 4 and len(w) == 2 and tuple(down.shape[2:]) == (1, 1) and down.shape[1] == w[1])
+    )
+    up_ok = (
+        (up.ndim == 2 or (up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)))
+        and up.shape[0] == w[0]
+        and up.shape[1] == rank
+    )
+    return bool(down_ok and up_ok)
 
 
 def _is_patchable(module: torch.nn.Module) -> bool:
@@ -484,18 +521,7 @@ class LoraPatcher:
                 raise _err(name, f"tensor {key!r} targets grouped conv {comp} module {path!r} (groups={mod.groups})")
             w = mod.weight
             down, up = layer.down, layer.up
-            rank = down.shape[0]
-            down_ok = down.ndim in (2, 4) and (
-                tuple(down.shape[1:]) == tuple(w.shape[1:])
-                or (down.ndim == 2 and w.ndim == 4 and tuple(w.shape[2:]) == (1, 1) and down.shape[1] == w.shape[1])
-                or (down.ndim == 4 and w.ndim == 2 and tuple(down.shape[2:]) == (1, 1) and down.shape[1] == w.shape[1])
-            )
-            up_ok = (
-                (up.ndim == 2 or (up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)))
-                and up.shape[0] == w.shape[0]
-                and up.shape[1] == rank
-            )
-            if not (down_ok and up_ok):
+            if not lora_fits(down, up, w.shape):
                 raise _err(
                     name,
                     f"tensor {key!r}: shape mismatch, up {list(up.shape)} @ down {list(down.shape)} does not give "
@@ -559,12 +585,8 @@ class LoraPatcher:
             if base is None:
                 base = self._pristine[path] = weight.detach().clone()
             cdt = _compute_dtype(weight.dtype)
-            delta = torch.zeros((weight.shape[0], weight[0].numel()), dtype=cdt, device=weight.device)
-            for scale, layer in items:
-                up = layer.up.to(device=weight.device, dtype=cdt).reshape(layer.up.shape[0], -1)
-                down = layer.down.to(device=weight.device, dtype=cdt).reshape(layer.rank, -1)
-                delta += (up @ down) * (scale * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank)
-            merged = (base.to(cdt) + delta.view(weight.shape)).to(weight.dtype)
+            delta = lora_delta(items, weight.shape, cdt, weight.device)
+            merged = (base.to(cdt) + delta).to(weight.dtype)
             finite = torch.isfinite(merged).all()
             all_finite = finite if all_finite is None else all_finite & finite
             weight.copy_(merged)

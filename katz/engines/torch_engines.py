@@ -15,6 +15,7 @@ import torch
 
 from katz.lora import LoraPatcher, LoraWeights
 from katz.model_folder import ModelFolder
+from katz.engines.unet_split import unet_down, unet_up
 from katz.text_encoding import PromptEncoder
 
 
@@ -57,62 +58,18 @@ class UNetEngine:
         )[0]
 
 
-    # ---- split forward: down + mid path, then the up path -------------------------
-    # The ControlNet residuals are only needed after the mid block, so the down and
-    # mid blocks can run while a ControlNet computes them elsewhere. Same ops as
-    # diffusers' UNet2DConditionModel.forward for SD 1.5 / SDXL configurations.
+    # ---- split forward (katz.engines.unet_split): down + mid, then the up path -----
     @torch.no_grad()
     def down(self, sample, timestep, encoder_hidden_states, added_cond=None) -> dict:
         """Time embedding, ``conv_in``, down blocks and mid block; returns the state :meth:`up` needs."""
-        unet = self.unet
-        upsample_factor = 2**unet.num_upsamplers
-        t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-        emb = unet.time_embedding(t_emb, None)
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond)
-        emb = emb + aug if aug is not None else emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        hidden = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond
-        )
-        forward_upsample_size = any(d % upsample_factor for d in sample.shape[-2:])
-        x = unet.conv_in(sample)
-        skips = (x,)
-        for block in unet.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                x, res = block(hidden_states=x, temb=emb, encoder_hidden_states=hidden)
-            else:
-                x, res = block(hidden_states=x, temb=emb)
-            skips += res
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                x = unet.mid_block(x, emb, encoder_hidden_states=hidden)
-            else:
-                x = unet.mid_block(x, emb)
-        return {"sample": x, "skips": skips, "emb": emb, "hidden": hidden, "upsample_size": forward_upsample_size}
+        skips, mid, emb = unet_down(self.unet, sample, timestep, encoder_hidden_states, added_cond)
+        return {"skips": skips, "sample": mid, "emb": emb, "hidden": encoder_hidden_states}
 
     @torch.no_grad()
     def up(self, state: dict, down_residuals=None, mid_residual=None) -> torch.Tensor:
         """Add the ControlNet residuals (if any), run the up blocks and the output head."""
-        unet = self.unet
-        skips, x, emb, hidden = state["skips"], state["sample"], state["emb"], state["hidden"]
-        if down_residuals is not None:
-            skips = tuple(s + r for s, r in zip(skips, down_residuals))
-            x = x + mid_residual
-        upsample_size = None
-        for i, block in enumerate(unet.up_blocks):
-            res = skips[-len(block.resnets):]
-            skips = skips[: -len(block.resnets)]
-            if i < len(unet.up_blocks) - 1 and state["upsample_size"]:
-                upsample_size = skips[-1].shape[2:]
-            if getattr(block, "has_cross_attention", False):
-                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=hidden,
-                          upsample_size=upsample_size)
-            else:
-                x = block(hidden_states=x, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
-        if unet.conv_norm_out:
-            x = unet.conv_act(unet.conv_norm_out(x))
-        return unet.conv_out(x)
+        return unet_up(self.unet, state["skips"], down_residuals, state["sample"], mid_residual, state["emb"],
+                       state["hidden"])
 
 
 class _CachedCondEmbedding(torch.nn.Module):

@@ -21,14 +21,13 @@ engine's layout with exactly the arithmetic of :class:`katz.lora.LoraPatcher`.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from katz.lora import LoraError, LoraLayer, LoraWeights
+from katz.lora import LoraError, LoraLayer, LoraWeights, PathIndex, lora_delta, lora_fits
 
 REFIT_MAP_VERSION = 1
 _PASS_THROUGH = ("Transpose", "Cast", "Identity")
@@ -98,7 +97,7 @@ class RefitMap:
         """(mapped, unused, missing) of ``targets`` (LoRA-style names are resolved): mapped to an
         engine weight; not used by this graph at all (a LoRA on them changes nothing here);
         neither (not refittable)."""
-        index, unused_index = _PathIndex(self.entries), _PathIndex(self.unused)
+        index, unused_index = PathIndex(self.entries), PathIndex(self.unused)
         mapped, unused, missing = [], [], []
         for t in targets:
             if index.resolve(t) is not None:
@@ -123,14 +122,7 @@ class RefitMap:
         """``base`` (engine layout) + the LoRAs ``items`` = [(scale, layer)], in the engine layout and
         ``base``'s dtype, computed exactly as :class:`katz.lora.LoraPatcher` merges them."""
         cdt = torch.float64 if base.dtype == torch.float64 else torch.float32
-        rows = entry.torch_shape[0]
-        cols = math.prod(entry.torch_shape[1:])
-        delta = torch.zeros((rows, cols), dtype=cdt, device=base.device)
-        for scale, layer in items:
-            up = layer.up.to(device=base.device, dtype=cdt).reshape(layer.up.shape[0], -1)
-            down = layer.down.to(device=base.device, dtype=cdt).reshape(layer.rank, -1)
-            delta += (up @ down) * (scale * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank)
-        delta = entry.to_engine_layout(delta.view(entry.torch_shape))
+        delta = entry.to_engine_layout(lora_delta(items, entry.torch_shape, cdt, base.device))
         return (base.to(cdt) + delta).to(base.dtype)
 
 
@@ -148,7 +140,7 @@ def plan_lora(
     usable = []
     for refit, names in maps:
         entries = {k: e for k, e in refit.entries.items() if names is None or e.onnx_name in names}
-        usable.append((_PathIndex(entries), _PathIndex(refit.unused), entries))
+        usable.append((PathIndex(entries), PathIndex(refit.unused), entries))
     plans: list[list[tuple[RefitEntry, LoraLayer]]] = [[] for _ in maps]
     missing, misfit, seen = [], [], {}
     for target, layer in lora.layers.get(component, {}).items():
@@ -190,48 +182,7 @@ def plan_lora(
 
 
 def _fits(entry: RefitEntry, layer: LoraLayer) -> bool:
-    w = entry.torch_shape
-    down, up, rank = layer.down, layer.up, layer.down.shape[0]
-    down_ok = down.ndim in (2, 4) and (
-        tuple(down.shape[1:]) == tuple(w[1:])
-        or (down.ndim == 2 and len(w) == 4 and tuple(w[2:]) == (1, 1) and down.shape[1] == w[1])
-        or (down.ndim == 4 and len(w) == 2 and tuple(down.shape[2:]) == (1, 1) and down.shape[1] == w[1])
-    )
-    up_ok = (
-        (up.ndim == 2 or (up.ndim == 4 and tuple(up.shape[2:]) == (1, 1)))
-        and up.shape[0] == w[0]
-        and up.shape[1] == rank
-    )
-    return bool(down_ok and up_ok)
-
-
-class _PathIndex:
-    """Module paths by dotted name or kohya-flattened name ('.' -> '_'), as katz.lora resolves them
-    (including CLIP's optional 'text_model.' level)."""
-
-    def __init__(self, paths: Iterable[str]):
-        self.paths = set(paths)
-        self.flat: dict[str, list[str]] = {}
-        for p in self.paths:
-            self.flat.setdefault(p.replace(".", "_"), []).append(p)
-
-    def _lookup(self, target: str) -> str | None:
-        if target in self.paths:
-            return target
-        if "." not in target:
-            hits = self.flat.get(target, [])
-            if len(hits) == 1:
-                return hits[0]
-        return None
-
-    def resolve(self, target: str) -> str | None:
-        hit = self._lookup(target)
-        if hit is None:
-            for sep in (".", "_"):
-                if target.startswith("text_model" + sep):
-                    return self._lookup(target[len("text_model") + 1 :])
-            hit = self._lookup("text_model" + ("." if "." in target else "_") + target)
-        return hit
+    return lora_fits(layer.down, layer.up, entry.torch_shape)
 
 
 # --------------------------------------------------------------------------- #

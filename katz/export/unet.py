@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from katz.engines.unet_split import unet_down, unet_up
 from katz.export.common import TEXT_LEN, ExportError, Graph, Shape, TensorSpec, down_sizes
 
 
@@ -207,58 +208,6 @@ def _check_splittable(unet) -> None:
         problems.append("GLIGEN")
     if problems:
         raise ExportError(f"the UNet down/up split does not support {', '.join(problems)}")
-
-
-def unet_down(unet, sample, timestep, encoder_hidden_states, added_cond=None):
-    """UNet2DConditionModel.forward up to and including the mid block (what ControlNets don't feed).
-
-    Returns ``(skips, mid_sample, temb)``; ``skips`` are the down-block outputs that the up blocks
-    take as skip connections, before the ControlNet residuals are added.
-    """
-    t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
-    emb = unet.time_embedding(t_emb, None)
-    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond or {})
-    if aug is not None:
-        emb = emb + aug
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    encoder_hidden_states = unet.process_encoder_hidden_states(encoder_hidden_states, added_cond or {})
-    sample = unet.conv_in(sample)
-    skips = (sample,)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            sample, res = block(hidden_states=sample, temb=emb)
-        skips += res
-    if unet.mid_block is not None:
-        if getattr(unet.mid_block, "has_cross_attention", False):
-            sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            sample = unet.mid_block(sample, emb)
-    return skips, sample, emb
-
-
-def unet_up(unet, skips, down_residuals, mid_sample, mid_residual, temb, encoder_hidden_states):
-    """The rest of the forward: add the residuals, run the up blocks and the output head.
-
-    Up-sampling sizes are always taken from the skips, so any latent size works."""
-    skips = tuple(s + r for s, r in zip(skips, down_residuals))
-    sample = mid_sample + mid_residual
-    for i, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
-        res, skips = skips[-n:], skips[:-n]
-        size = skips[-1].shape[2:] if i < len(unet.up_blocks) - 1 else None
-        if getattr(block, "has_cross_attention", False):
-            sample = block(
-                hidden_states=sample, temb=temb, res_hidden_states_tuple=res,
-                encoder_hidden_states=encoder_hidden_states, upsample_size=size,
-            )
-        else:
-            sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res, upsample_size=size)
-    if unet.conv_norm_out is not None:
-        sample = unet.conv_act(unet.conv_norm_out(sample))
-    return unet.conv_out(sample)
 
 
 class _DownWrapper(torch.nn.Module):
