@@ -207,7 +207,7 @@ def main() -> None:
             unet.loras.host.used = unet.loras.device_cache.used = 0
             for m in ens.models.values():
                 d = getattr(m, "deployment", None)
-                if d is not None and "loras" in vars(d):  # the parsed-file cache of each model's LoRA store
+                if d is not None and "loras" in vars(d):  # the text encoder's parsed-file cache
                     d.loras._cache.clear()
             drop_page_cache()
             out = ens.generate(req(loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))

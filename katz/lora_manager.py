@@ -154,7 +154,7 @@ class LoraManager:
                 self.stats.host_hits += host is not None
                 self.stats.host_misses += host is None
             if host is None:
-                host = self.store.get(name)
+                host = self.store.read(name)
                 for comp, patcher in self.patchers.items():
                     if comp in host.layers:
                         patcher.validate(host)

@@ -38,6 +38,16 @@ class LoraStore:
             return []
         return sorted(p.stem for p in self.directory.glob(f"*{SUFFIX}"))
 
+    def read(self, name: str, components: tuple[str, ...] | None = None) -> LoraWeights:
+        """Read and parse the LoRA ``name`` now, without caching it (the LoRA manager keeps its own
+        byte-bounded host cache)."""
+        path = self.path(name)
+        if not path.is_file():
+            raise LoraError(f"lora {name!r}: file {path.name} is not in the LoRA store")
+        tensors = read_lora_file(path, name, components)
+        # a file with nothing for these components (a UNet-only LoRA, asked for its text-encoder part)
+        return parse_lora(tensors, name, self.family) if tensors else LoraWeights(name=name, layers={})
+
     def get(self, name: str, components: tuple[str, ...] | None = None) -> LoraWeights:
         """Read, parse and validate-by-format the LoRA ``name`` (cached while the file is unchanged).
 
@@ -54,9 +64,7 @@ class LoraStore:
             hit = self._cache.get(entry)
             if hit is not None and hit[0] == key:
                 return hit[1]
-        tensors = read_lora_file(path, name, components)
-        # a file with nothing for these components (a UNet-only LoRA, asked for its text-encoder part)
-        weights = parse_lora(tensors, name, self.family) if tensors else LoraWeights(name=name, layers={})
+        weights = self.read(name, components)
         with self._lock:
             self._cache[entry] = (key, weights)
             while len(self._cache) > self.cache_entries:
