@@ -64,6 +64,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=("torch", "tensorrt"), default="torch",
                    help="run the UNet, ControlNets and VAE decoder with PyTorch (default) or TensorRT engines")
     p.add_argument("--engine-dir", type=Path, help="--engine tensorrt: the folder `katz build-engines --out` wrote")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="torch engines on GPUs: run every step eagerly (default: replay CUDA graphs captured at load)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch engines on GPUs: torch.compile the UNet and ControlNets at load, before graph capture "
+                        "(minutes on the first start; kernels cached in --compile-cache)")
+    p.add_argument("--compile-cache", type=Path, default=None,
+                   help="folder for compiled kernels kept between starts (default: torch's)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="torch engines on GPUs: UNet and ControlNet weights in channels-last layout")
+    p.add_argument("--graph-sizes", default=None,
+                   help="image sizes HxW captured as CUDA graphs at load, comma-separated (default: the model's "
+                        "default size); other sizes run eagerly")
 
 
 def build_deployment(args):
@@ -140,7 +152,25 @@ def build_deployment(args):
         feature_cache_bytes=args.feature_cache_mb << 20,
         engine=args.engine,
         engine_dir=args.engine_dir.resolve() if args.engine_dir else None,
+        cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
+        channels_last=args.channels_last,
+        compile_cache=args.compile_cache.resolve() if args.compile_cache else None,
+        graph_sizes=parse_sizes(args.graph_sizes, 8) if args.graph_sizes else None,
     )
+
+
+def parse_sizes(spec: str, multiple: int) -> list[tuple[int, int]]:
+    """``"1024x1024,768x1344"`` -> ``[(1024, 1024), (768, 1344)]`` (height x width, pixels)."""
+    sizes = []
+    for item in spec.split(","):
+        h, sep, w = item.strip().lower().partition("x")
+        if not sep or not h.isdigit() or not w.isdigit():
+            raise SystemExit(f"katz: --graph-sizes expects HxW[,HxW...], got {item!r}")
+        if int(h) % multiple or int(w) % multiple:
+            raise SystemExit(f"katz: --graph-sizes {item}: height and width must be multiples of {multiple}")
+        sizes.append((int(h), int(w)))
+    return sizes
 
 
 def _placement(args, deployment):

@@ -382,7 +382,8 @@ def test_deployment_selects_the_engine(preset_dir, tmp_path):
     with pytest.raises(ValueError, match="engine_dir"):
         Deployment.from_parameters({**params, "engine_dir": ""}, "cpu")
     torch_dep = Deployment(folder.path, folder.controlnets, None, Limits())
-    assert engine_class(torch_dep, UNetEngine) is UNetEngine
+    torch_unet = engine_class(torch_dep, UNetEngine)  # the torch class, given the deployment's CUDA-graph settings
+    assert torch_unet.func is UNetEngine and torch_unet.keywords["accel"] is torch_dep.accel
     cls = engine_class(back, VaeDecoderEngine)
     assert cls.func is trt_engines.VaeDecoderEngine and cls.keywords["engine_dir"] == tmp_path
     with pytest.raises(EngineMismatch, match="katz build-engines"):  # no engines.json there

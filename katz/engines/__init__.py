@@ -10,13 +10,18 @@ TensorRT (``engine: tensorrt`` in the deployment; see :func:`engine_class`).
 def engine_class(deployment, torch_class):
     """The engine class a deployment uses for ``torch_class``'s component.
 
-    ``engine: torch`` (the default): ``torch_class`` itself. ``engine: tensorrt``: the class of
+    ``engine: torch`` (the default): ``torch_class`` itself, given the deployment's
+    :class:`~katz.engines.cuda_graphs.Acceleration` where it takes one. ``engine: tensorrt``: the class of
     the same name in :mod:`katz.engines.tensorrt_engines`, bound to the deployment's engine
     folder and limits (same constructor arguments and call signature otherwise).
     """
-    if getattr(deployment, "engine", "torch") != "tensorrt":
-        return torch_class
     import functools
+    import inspect
+
+    if getattr(deployment, "engine", "torch") != "tensorrt":
+        if "accel" in inspect.signature(torch_class).parameters and hasattr(deployment, "accel"):
+            return functools.partial(torch_class, accel=deployment.accel)  # CUDA graphs / compile
+        return torch_class
 
     from katz.engines import tensorrt_engines
 

@@ -7,7 +7,9 @@ documented on each ``__call__``. LoRAs are merged into the weights in place
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections import OrderedDict
 from typing import Sequence
 
@@ -15,6 +17,7 @@ import torch
 
 from katz.lora import LoraPatcher, LoraWeights
 from katz.model_folder import ModelFolder
+from katz.engines.cuda_graphs import Acceleration, CudaGraphs
 from katz.engines.unet_split import unet_down, unet_up
 from katz.text_encoding import PromptEncoder
 
@@ -23,13 +26,92 @@ def _apply_loras(patcher: LoraPatcher, loras: Sequence[tuple[LoraWeights, float]
     patcher.apply([(w, s) for w, s in loras if patcher.component in w.layers])
 
 
-class UNetEngine:
-    """The denoising UNet, with LoRAs merged on demand."""
+def unet_example_inputs(folder: ModelFolder, batch: int, height: int, width: int, device, dtype) -> dict:
+    """Random inputs of one UNet step for an image of ``height x width`` pixels (for warm-up)."""
+    cfg = folder.unet_config
+    f = folder.vae_scale_factor
+    x = {
+        "sample": torch.randn(batch, cfg["in_channels"], height // f, width // f, device=device, dtype=dtype),
+        "timestep": torch.full((batch,), 500.0, device=device),
+        "encoder_hidden_states": torch.randn(batch, 77, cfg["cross_attention_dim"], device=device, dtype=dtype),
+        "added_cond": None,
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        x["added_cond"] = {
+            "text_embeds": torch.randn(batch, pooled, device=device, dtype=dtype),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * batch, device=device, dtype=dtype),
+        }
+    return x
 
-    def __init__(self, folder: ModelFolder, device: str = "cpu", dtype: torch.dtype = torch.float32):
+
+class UNetEngine:
+    """The denoising UNet, with LoRAs merged on demand.
+
+    With ``accel`` on a CUDA device, :meth:`warm_up` captures the step (whole, or split
+    into :meth:`down` / :meth:`up`) as CUDA graphs for the given sizes; calls of other
+    shapes run eagerly.
+    """
+
+    def __init__(
+        self,
+        folder: ModelFolder,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        accel: Acceleration | None = None,
+    ):
+        self.folder = folder
         self.device, self.dtype = torch.device(device), dtype
         self.unet = folder.load_unet(device, dtype)
         self.lora = LoraPatcher(self.unet, "unet")
+        self.accel = accel if accel is not None and accel.active(self.device) else None
+        self._graphs: dict[str, CudaGraphs] = {}
+        self.warmup_s = 0.0  # graph capture (and compilation) at load
+        if self.accel is not None and self.accel.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if self.accel is not None:
+            pool, lock = torch.cuda.graph_pool_handle(), threading.Lock()
+            for part, eager in (("step", self._step), ("down", self._down), ("up", self._up)):
+                fn = self.accel.compiled(eager)
+                if self.accel.cuda_graphs:
+                    self._graphs[part] = CudaGraphs(fn, f"unet.{part}", pool, lock, eager=eager)
+                else:
+                    self._graphs[part] = fn
+
+    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (2,), residuals: bool = False,
+                split: bool = False) -> float:
+        """Capture (and compile) the step for every ``(height, width)`` in pixels and batch size.
+
+        ``residuals``: also the step with ControlNet residuals (inline ControlNets); ``split``:
+        :meth:`down` and :meth:`up` (ControlNet-as-a-Service). Returns the seconds taken.
+        """
+        if self.accel is None:
+            return 0.0
+        start = time.perf_counter()
+        for height, width in sizes:
+            for batch in batches:
+                x = unet_example_inputs(self.folder, batch, height, width, self.device, self.dtype)
+                args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
+                self._warm("step", *args, None, None)
+                if residuals or split:
+                    state = self._down(*args)
+                    down = [torch.randn_like(s) for s in state["skips"]]
+                    mid = torch.randn_like(state["sample"])
+                    if residuals:
+                        self._warm("step", *args, down, mid)
+                    if split:
+                        self._warm("down", *args)
+                        self._warm("up", state, down, mid)
+                        self._warm("up", state, None, None)
+        self.warmup_s += time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def _warm(self, part, *args):
+        fn = self._graphs[part]
+        if isinstance(fn, CudaGraphs):
+            fn.capture(*args)
+        else:  # compiled, no graphs: compile now
+            fn(*args)
 
     def set_loras(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
         """Make the weights base + exactly these LoRAs (an empty list restores the base)."""
@@ -45,43 +127,67 @@ class UNetEngine:
         down_residuals: Sequence[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``sample [B, C, h, w]``, ``timestep`` scalar, ``encoder_hidden_states [B, 77, D]``,
+        """``sample [B, C, h, w]``, ``timestep [B]`` (or a scalar), ``encoder_hidden_states [B, 77, D]``,
         SDXL ``added_cond = {text_embeds [B, P], time_ids [B, 6]}`` -> noise prediction ``[B, C, h, w]``."""
+        down = list(down_residuals) if down_residuals is not None else None
+        if self._graphs:
+            out = self._graphs["step"](sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
+            return out.clone(memory_format=torch.contiguous_format)
+        return self._step(sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
+
+    def _step(self, sample, timestep, encoder_hidden_states, added_cond, down, mid):
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs=added_cond,
-            down_block_additional_residuals=list(down_residuals) if down_residuals is not None else None,
-            mid_block_additional_residual=mid_residual,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
             return_dict=False,
         )[0]
-
 
     # ---- split forward (katz.engines.unet_split): down + mid, then the up path -----
     @torch.no_grad()
     def down(self, sample, timestep, encoder_hidden_states, added_cond=None) -> dict:
-        """Time embedding, ``conv_in``, down blocks and mid block; returns the state :meth:`up` needs."""
+        """Time embedding, ``conv_in``, down blocks and mid block; returns the state :meth:`up` needs
+        (with CUDA graphs: the graph's buffers, valid until the next :meth:`down`)."""
+        if self._graphs:
+            return self._graphs["down"](sample, timestep, encoder_hidden_states, added_cond)
+        return self._down(sample, timestep, encoder_hidden_states, added_cond)
+
+    def _down(self, sample, timestep, encoder_hidden_states, added_cond=None) -> dict:
         skips, mid, emb = unet_down(self.unet, sample, timestep, encoder_hidden_states, added_cond)
         return {"skips": skips, "sample": mid, "emb": emb, "hidden": encoder_hidden_states}
 
     @torch.no_grad()
     def up(self, state: dict, down_residuals=None, mid_residual=None) -> torch.Tensor:
         """Add the ControlNet residuals (if any), run the up blocks and the output head."""
+        down = list(down_residuals) if down_residuals is not None else None
+        if self._graphs:
+            return self._graphs["up"](state, down, mid_residual).clone(memory_format=torch.contiguous_format)
+        return self._up(state, down, mid_residual)
+
+    def _up(self, state: dict, down_residuals=None, mid_residual=None) -> torch.Tensor:
         return unet_up(self.unet, state["skips"], down_residuals, state["sample"], mid_residual, state["emb"],
                        state["hidden"])
 
 
 class _CachedCondEmbedding(torch.nn.Module):
     """Wraps a ControlNet's ``controlnet_cond_embedding``: the features of a control image
-    are computed once (on one row of the CFG batch) and reused while the cache holds them."""
+    are computed once (on one row of the CFG batch) and reused while the cache holds them.
+
+    Under a CUDA graph the features come in as a graph input instead (``graph_input``): they
+    are computed (or taken from the cache) eagerly, outside the graph, by :meth:`features`.
+    """
 
     def __init__(self, inner: torch.nn.Module, cache: "FeatureCache", net_name: str):
         super().__init__()
         self.inner, self.cache, self.net_name = inner, cache, net_name
         self.key: str | None = None  # set by ControlNetEngine before each forward
+        self.graph_input: torch.Tensor | None = None  # set while a graph of the net is captured
 
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+    def features(self, cond: torch.Tensor) -> torch.Tensor:
+        """``cond [B, 3, H, W]`` -> features ``[B, C, h, w]`` (computed once per image while cached)."""
         if self.key is None:
             return self.inner(cond)
         key = (self.net_name, self.key, tuple(cond.shape[1:]), cond.dtype, cond.device)
@@ -90,6 +196,11 @@ class _CachedCondEmbedding(torch.nn.Module):
             feats = self.inner(cond[:1])
             self.cache.put(key, feats)
         return feats.expand(cond.shape[0], *feats.shape[1:])
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.graph_input is not None:
+            return self.graph_input
+        return self.features(cond)
 
 
 class FeatureCache:
@@ -136,8 +247,13 @@ class ControlNetEngine:
         resident: Sequence[str] | None = None,
         cache_bytes: int = 8 << 30,
         feature_cache_bytes: int = 1 << 30,
+        accel: Acceleration | None = None,
     ):
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
+        self.accel = accel if accel is not None and accel.active(self.device) else None
+        self._pool = torch.cuda.graph_pool_handle() if self.accel is not None else None
+        self._graphs: dict[str, CudaGraphs] = {}
+        self.warmup_s = 0.0  # graph capture (and compilation) at load
         self.names = set(folder.controlnets)
         self.resident = set(folder.controlnets if resident is None else resident) & self.names
         self.cache_bytes = cache_bytes
@@ -155,12 +271,55 @@ class ControlNetEngine:
     def _load(self, name: str):
         net = self.folder.load_controlnet(name, self.device, self.dtype)
         net.controlnet_cond_embedding = _CachedCondEmbedding(net.controlnet_cond_embedding, self.features, name)
+        if self.accel is not None and self.accel.channels_last:
+            net.to(memory_format=torch.channels_last)
         self.nets[name] = net
         self.loads += 1
+        if self.accel is not None and name in self.resident:  # nets loaded on demand run eagerly
+            eager = functools.partial(self._graph_body, net)
+            fn = self.accel.compiled(eager)
+            self._graphs[name] = CudaGraphs(fn, f"controlnet.{name}", self._pool, eager=eager) \
+                if self.accel.cuda_graphs else fn
         evictable = [n for n in self.nets if n not in self.resident and n != name]
         while evictable and sum(self._size(n_) for n_ in self.nets.values()) > self.cache_bytes:
             self.nets.pop(evictable.pop(0))
         return net
+
+    @staticmethod
+    def _graph_body(net, sample, timestep, encoder_hidden_states, added_cond, features):
+        """The net's forward at conditioning scale 1 with the image features as an input."""
+        net.controlnet_cond_embedding.graph_input = features
+        try:
+            down, mid = net(
+                sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=features,
+                conditioning_scale=1.0, added_cond_kwargs=added_cond, return_dict=False,
+            )
+        finally:
+            net.controlnet_cond_embedding.graph_input = None
+        return list(down), mid
+
+    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (2,)) -> float:
+        """Capture (and compile) every resident ControlNet for each ``(height, width)`` in pixels
+        and batch size; returns the seconds taken."""
+        if self.accel is None:
+            return 0.0
+        start = time.perf_counter()
+        for name, fn in self._graphs.items():
+            emb = self.nets[name].controlnet_cond_embedding
+            for height, width in sizes:
+                for batch in batches:
+                    x = unet_example_inputs(self.folder, batch, height, width, self.device, self.dtype)
+                    cond = torch.rand(batch, 3, height, width, device=self.device, dtype=self.dtype)
+                    with torch.no_grad():
+                        feats = emb.inner(cond)
+                    args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"], feats)
+                    if isinstance(fn, CudaGraphs):
+                        fn.capture(*args)
+                    else:
+                        with torch.no_grad():
+                            fn(*args)
+        self.warmup_s += time.perf_counter() - start
+        return time.perf_counter() - start
 
     def get(self, name: str):
         net = self.nets.get(name)
@@ -192,6 +351,17 @@ class ControlNetEngine:
     def _run(self, name, sample, timestep, encoder_hidden_states, added_cond, cond_image, scale, cond_key):
         net = self.get(name)
         net.controlnet_cond_embedding.key = cond_key
+        graph = self._graphs.get(name)
+        if graph is not None:
+            try:
+                feats = net.controlnet_cond_embedding.features(cond_image)
+            finally:
+                net.controlnet_cond_embedding.key = None
+            # the graph's outputs are its own buffers: scaling makes the caller's copies
+            # (diffusers multiplies by the scale too: x * 1.0 * s == x * s exactly)
+            down, mid = graph(sample, timestep.reshape(-1).to(sample.device, torch.float32).expand(sample.shape[0]),
+                              encoder_hidden_states, added_cond, feats.contiguous())
+            return ([(d * scale).contiguous() for d in down], (mid * scale).contiguous())
         try:
             down, mid = net(
                 sample,
@@ -208,7 +378,10 @@ class ControlNetEngine:
 
 
 class VaeDecoderEngine:
-    """VAE decoder: scaled latents ``[B, 4, h, w]`` -> image ``[B, 3, H, W]`` in ``[-1, 1]``."""
+    """VAE decoder: scaled latents ``[B, 4, h, w]`` -> image ``[B, 3, H, W]`` in ``[-1, 1]``.
+
+    (Channels-last convolutions made the SDXL decode slower on an H200, 129 vs 88 ms: it stays NCHW.)
+    """
 
     def __init__(self, folder: ModelFolder, device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.device, self.dtype = torch.device(device), dtype

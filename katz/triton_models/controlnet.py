@@ -12,7 +12,7 @@ from __future__ import annotations
 from katz.engines import engine_class
 from katz.engines.torch_engines import ControlNetEngine
 from katz.request import InvalidArgument
-from katz.triton_models.unet import added_cond
+from katz.triton_models.unet import added_cond, graph_metrics
 
 
 def _key(inputs: dict) -> str | None:
@@ -32,6 +32,8 @@ class ControlNet:
             cache_bytes=deployment.controlnet_cache_bytes,
             feature_cache_bytes=deployment.feature_cache_bytes,
         )
+        if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
+            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2))
 
     def execute(self, inputs: dict) -> dict:
         name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()
@@ -57,4 +59,5 @@ class ControlNet:
             ("katz_controlnet_feature_cache_hits_total", "control-image feature cache hits", {}, f.hits),
             ("katz_controlnet_feature_cache_misses_total", "control-image feature cache misses", {}, f.misses),
             ("katz_controlnet_loads_total", "ControlNets loaded into the model cache", {}, self.engine.loads),
+            *graph_metrics(self.engine),
         ]

@@ -39,6 +39,11 @@ class Deployment:
     feature_cache_bytes: int = 1 << 30
     engine: str = "torch"  # torch | tensorrt (UNet, ControlNets, VAE decoder; see katz.engines)
     engine_dir: Path | None = None  # tensorrt: the folder `katz build-engines --out` wrote
+    cuda_graphs: bool = True  # torch engines on GPUs: replay steps as CUDA graphs captured at load
+    compile: bool = False  # torch engines on GPUs: torch.compile before capture (slow first start)
+    compile_cache: Path | None = None  # where compiled kernels are kept between starts
+    graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
+    channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
@@ -61,6 +66,11 @@ class Deployment:
             "feature_cache_bytes": str(self.feature_cache_bytes),
             "engine": self.engine,
             "engine_dir": str(self.engine_dir or ""),
+            "cuda_graphs": "1" if self.cuda_graphs else "0",
+            "compile": "1" if self.compile else "0",
+            "compile_cache": str(self.compile_cache or ""),
+            "graph_sizes": json.dumps(self.graph_sizes),
+            "channels_last": "1" if self.channels_last else "0",
         }
 
     @classmethod
@@ -85,6 +95,12 @@ class Deployment:
             feature_cache_bytes=int(params.get("feature_cache_bytes", 1 << 30)),
             engine=params.get("engine", "torch"),
             engine_dir=Path(params["engine_dir"]) if params.get("engine_dir") else None,
+            cuda_graphs=params.get("cuda_graphs", "1") == "1",
+            compile=params.get("compile", "0") == "1",
+            compile_cache=Path(params["compile_cache"]) if params.get("compile_cache") else None,
+            graph_sizes=[tuple(x) for x in json.loads(params.get("graph_sizes", "null"))]
+            if json.loads(params.get("graph_sizes", "null")) else None,
+            channels_last=params.get("channels_last", "0") == "1",
         )
         if dep.controlnet_mode not in ("inline", "service", "remote"):
             raise ValueError(f"controlnet_mode must be inline, service or remote, not {dep.controlnet_mode!r}")
@@ -106,6 +122,17 @@ class Deployment:
     @cached_property
     def loras(self) -> LoraStore:
         return LoraStore(self.lora_dir, self.folder.family)
+
+    @cached_property
+    def accel(self):
+        """How the torch engines run on GPUs (:class:`katz.engines.cuda_graphs.Acceleration`)."""
+        from katz.engines.cuda_graphs import Acceleration
+
+        return Acceleration(
+            cuda_graphs=self.cuda_graphs, compile=self.compile, compile_cache=self.compile_cache,
+            sizes=self.graph_sizes or [(self.folder.default_size, self.folder.default_size)],
+            channels_last=self.channels_last,
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:

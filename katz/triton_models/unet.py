@@ -61,6 +61,18 @@ def control_jobs(inputs: dict) -> list[ControlJob]:
     ]
 
 
+def graph_metrics(engine) -> list[tuple[str, str, dict, float]]:
+    """CUDA-graph replays and eager fallbacks (calls of a shape not captured at load) per graph."""
+    out = []
+    for graph in getattr(engine, "_graphs", {}).values():
+        if hasattr(graph, "replays"):
+            out.append(("katz_cuda_graph_replays_total", "steps replayed as CUDA graphs", {"graph": graph.name},
+                        graph.replays))
+            out.append(("katz_cuda_graph_eager_calls_total", "calls of a shape with no captured graph (run eagerly)",
+                        {"graph": graph.name}, graph.eager_calls))
+    return out
+
+
 class UNet:
     def __init__(self, deployment, call=None):
         self.deployment = deployment
@@ -77,6 +89,12 @@ class UNet:
             deployment.folder, deployment.device, deployment.torch_dtype
         )
         self.num_residuals = deployment.folder.num_down_residuals
+        if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
+            self.engine.warm_up(
+                deployment.accel.sizes, batches=(1, 2),
+                residuals=deployment.controlnet_mode == "inline" and bool(deployment.folder.controlnets),
+                split=deployment.controlnet_mode != "inline",
+            )
         self.loras = LoraManager(
             deployment.loras,
             [self.engine.lora],
@@ -160,6 +178,7 @@ class UNet:
              s.steps_before_patch),
             ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
             ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+            *graph_metrics(self.engine),
         ]
 
     def execute(self, inputs: dict) -> dict:

@@ -1,0 +1,115 @@
+"""CUDA graphs of the PyTorch engines (GPU only: the CPU has no graphs to capture).
+
+The graph path must give the eager path's numbers, see LoRAs merged after capture,
+fall back to eager for shapes not captured at load, and whole requests through the
+in-process ensemble must not change.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from katz.engines.cuda_graphs import Acceleration
+from katz.model_folder import ModelFolder, discover_controlnets
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module", params=["tiny-sdxl", "tiny-sd15"])
+def folder(request, preset_dir):
+    path = preset_dir(request.param)
+    return ModelFolder(path, discover_controlnets(path / "controlnets"))
+
+
+def _engines(folder, accel):
+    from katz.engines.torch_engines import ControlNetEngine, UNetEngine
+
+    unet = UNetEngine(folder, "cuda", torch.float16, accel=accel)
+    unet.warm_up([(SIZE, SIZE)], batches=(1, 2), residuals=True, split=True)
+    cn = ControlNetEngine(folder, "cuda", torch.float16, accel=accel)
+    cn.warm_up([(SIZE, SIZE)], batches=(2,))
+    return unet, cn
+
+
+def test_graphs_match_eager_and_see_loras(folder, tmp_path):
+    from katz.engines.torch_engines import unet_example_inputs
+    from katz.lora import make_random_lora, read_lora_file, parse_lora
+
+    unet, cn = _engines(folder, Acceleration(cuda_graphs=True))
+    assert len(unet._graphs["step"]) == 4 and len(unet._graphs["down"]) == 2
+    torch.manual_seed(0)
+    x = unet_example_inputs(folder, 2, SIZE, SIZE, "cuda", torch.float16)
+    args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
+    eager = unet._step(*args, None, None)
+    graphed = unet(*args)
+    assert unet._graphs["step"].replays == 1
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=2e-3)
+
+    # ControlNet residuals: graph == eager, and split down/up == whole step
+    name = sorted(cn.names)[0]
+    # one control image for both CFG rows, as the pipeline sends it (the feature cache computes row 0)
+    image = torch.rand(1, 3, SIZE, SIZE, device="cuda", dtype=torch.float16).expand(2, -1, -1, -1)
+    down, mid = cn(name, *args, image, 0.7, "img-1")
+    replays = cn._graphs[name].replays
+    net = cn.nets[name]
+    with torch.no_grad():
+        e_down, e_mid = net(args[0], args[1], encoder_hidden_states=args[2], controlnet_cond=image,
+                            conditioning_scale=0.7, added_cond_kwargs=args[3], return_dict=False)
+    assert replays == 1
+    for a, b in zip(down + [mid], list(e_down) + [e_mid]):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+    whole = unet(*args, down, mid).clone()
+    split = unet.up(unet.down(*args), down, mid)
+    torch.testing.assert_close(split, whole, rtol=0, atol=2e-3)
+    torch.testing.assert_close(whole, unet._step(*args, down, mid), rtol=0, atol=2e-3)
+
+    # a LoRA merged after capture changes the graph's output, and restore brings the base back
+    lora_file = tmp_path / "l.safetensors"
+    make_random_lora(lora_file, unet.unet, {}, rank=4, seed=3, fmt="peft")
+    lora = parse_lora(read_lora_file(lora_file, "l"), "l", folder.family)
+    unet.set_loras([(lora, 1.0)])
+    with_lora = unet(*args)
+    torch.testing.assert_close(with_lora, unet._step(*args, None, None), rtol=0, atol=2e-3)
+    assert (with_lora - graphed).abs().max() > 1e-2
+    unet.set_loras([])
+    assert torch.equal(unet(*args), graphed)
+
+    # a shape not captured at load runs eagerly (never captured on a request)
+    y = unet_example_inputs(folder, 2, SIZE + 64, SIZE, "cuda", torch.float16)
+    unet(y["sample"], y["timestep"], y["encoder_hidden_states"], y["added_cond"])
+    assert unet._graphs["step"].eager_calls == 1 and len(unet._graphs["step"]) == 4
+
+
+def test_request_through_local_ensemble_unchanged(folder):
+    from PIL import Image
+
+    from katz.request import Limits
+    from katz.triton_models.deployment import Deployment
+    from katz.triton_models.local import LocalEnsemble
+
+    control = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (SIZE, SIZE, 3), np.uint8)).save(control, "PNG")
+    request = {
+        "prompt": np.array([b"a red house"], object), "seed": np.array([3], np.int64),
+        "steps": np.array([4], np.int32), "width": np.array([SIZE], np.int32), "height": np.array([SIZE], np.int32),
+        "controlnets": np.array([sorted(folder.controlnets)[0].encode()], object),
+        "control_images": np.array([control.getvalue()], object),
+    }
+    images = {}
+    for mode in ("inline", "service"):
+        for graphs in (False, True):
+            dep = Deployment(folder.path, folder.controlnets, None, Limits(), device="cuda", dtype="float16",
+                             controlnet_mode=mode, cuda_graphs=graphs, graph_sizes=[(SIZE, SIZE)])
+            ens = LocalEnsemble(dep)
+            images[mode, graphs] = np.asarray(ens.generate(dict(request))["image"], dtype=np.int16)
+            if graphs:
+                assert ens.models["unet"].engine._graphs["step" if mode == "inline" else "down"].replays > 0
+    ref = images["inline", False]
+    for key, img in images.items():
+        assert np.abs(img - ref).max() <= 2, key
