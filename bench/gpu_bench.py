@@ -57,6 +57,76 @@ def wall(fn, repeats) -> float:
     return statistics.median(times)
 
 
+def kernel_profile(fn, top: int = 12) -> dict:
+    """GPU kernel time of one call of ``fn``, by kind (matmul/conv, attention, norm, other) and top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    rows = []
+    for evt in prof.key_averages():
+        ms = getattr(evt, "self_device_time_total", 0) / 1e3
+        if ms <= 0:
+            continue
+        name = evt.key.lower()
+        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa", "cudnn_generated"))
+                else "matmul/conv" if any(k in name for k in ("gemm", "sm90", "cutlass", "conv", "xmma", "cublas",
+                                                               "implicit", "wgrad", "dgrad", "fprop"))
+                else "norm" if "norm" in name else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        rows.append((ms, kind, evt.key[:90], evt.count))
+    rows.sort(reverse=True)
+    return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds, "top": rows[:top]}
+
+
+def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
+    """Where the UNet step's GPU time goes (kernel profile), and two candidate speed-ups:
+    channels-last layout and torch.compile (each with a CUDA graph, as the engine runs)."""
+    out: dict = {}
+    with torch.no_grad():
+        out["unet_eager_kernels"] = kernel_profile(lambda: eng._step(*step_args, None, None))
+        # the UNet in channels-last layout (no NCHW<->NHWC conversions around cuDNN convolutions), on a copy:
+        # converting the engine's own weights would leave its captured graphs reading the old storage
+        import copy
+
+        from katz.engines.cuda_graphs import CudaGraphs
+
+        ref = eng._step(*step_args, None, None)
+        unet_cl = copy.deepcopy(eng.unet).to(memory_format=torch.channels_last)
+
+        def step_cl(sample, t, hidden, added):
+            return unet_cl(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+        graph = CudaGraphs(step_cl, "unet.step.channels_last")
+        graph.capture(*step_args)
+        out["unet_graph_channels_last_ms"] = cuda_ms(lambda: graph(*step_args))
+        out["unet_channels_last_max_abs_diff"] = float((graph(*step_args) - ref).abs().max())
+        del graph, unet_cl
+        torch.cuda.empty_cache()
+        if compile_variant:  # torch.compile (inductor default mode) + one CUDA graph, batch 2 only
+            t0 = time.perf_counter()
+            graph = CudaGraphs(torch.compile(eng._step, dynamic=False), "unet.step.compiled", eager=eng._step)
+            graph.capture(*step_args, None, None)
+            out["unet_compile_s"] = time.perf_counter() - t0
+            out["unet_graph_compiled_ms"] = cuda_ms(lambda: graph(*step_args, None, None))
+            out["unet_compiled_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
+            del graph
+            print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
+                  f"max |diff| {out['unet_compiled_max_abs_diff']:.2e})", flush=True)
+    k = out["unet_eager_kernels"]
+    print(f"UNet step GPU kernel time {k['total_ms']:.1f} ms by kind "
+          f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
+    for row in k["top"]:
+        print(f"   {row[0]:7.2f} ms  {row[1]:12} x{row[3]:<4} {row[2]}")
+    print(f"UNet graph, channels-last: {out['unet_graph_channels_last_ms']:.1f} ms "
+          f"(max |diff| to NCHW {out['unet_channels_last_max_abs_diff']:.2e})", flush=True)
+    return out
+
+
 def drop_page_cache() -> None:
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
@@ -64,15 +134,78 @@ def drop_page_cache() -> None:
         pass
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--lora-rank", type=int, default=64)
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
+def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str, res: dict,
+                       requests: bool = True) -> None:
+    """Stock diffusers on this GPU: UNet/ControlNet step and VAE decode alone, then (``requests``) whole
+    requests (plain, with the ControlNet, with the cold LoRA loaded and fused per request); into ``res``."""
+    import diffusers
+
+    cn = diffusers.ControlNetModel.from_pretrained(folder / "controlnets" / "canny", torch_dtype=torch.float16)
+    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
+        folder, controlnet=cn, torch_dtype=torch.float16, add_watermarker=False).to("cuda")
+    plain = diffusers.StableDiffusionXLPipeline.from_pipe(pipe, torch_dtype=torch.float16)
+    for q in (pipe, plain):
+        q.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np")
+
+    # UNet step alone (batch 2)
+    lat = torch.randn(2, 4, args.size // 8, args.size // 8, device="cuda", dtype=torch.float16)
+    ehs = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
+    cond = {"text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16),
+            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device="cuda", dtype=torch.float16)}
+    with torch.no_grad():
+        res["unet_step_ms"] = cuda_ms(lambda: plain.unet(lat, 500, ehs, added_cond_kwargs=cond))
+        img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
+        res["controlnet_step_ms"] = cuda_ms(lambda: cn(lat, 500, ehs, img, added_cond_kwargs=cond))
+        lat1 = lat[:1] / plain.vae.config.scaling_factor
+
+        def diffusers_decode():  # as the SDXL pipeline decodes: upcast to fp32 when the VAE asks for it
+            vae = plain.vae
+            if vae.config.force_upcast:
+                vae.to(torch.float32)
+                out = vae.decode(lat1.float(), return_dict=False)[0]
+                vae.to(torch.float16)
+                return out
+            return vae.decode(lat1, return_dict=False)[0]
+
+        res["vae_decode_ms"] = cuda_ms(diffusers_decode, warmup=1, repeats=3)
+    res["unet_tflops"] = UNET_STEP_TFLOP / res["unet_step_ms"] * 1e3
+    print(f"UNet step {res['unet_step_ms']:.1f} ms ({res['unet_tflops']:.0f} TFLOP/s), "
+          f"ControlNet step {res['controlnet_step_ms']:.1f} ms, matmul {res['matmul_tflops']:.0f} TFLOP/s", flush=True)
+
+    def gen(q, **extra):
+        return lambda: q(prompt, generator=torch.Generator().manual_seed(1), **kw, **extra)
+
+    if not requests:
+        del pipe, plain, cn
+        torch.cuda.empty_cache()
+        return
+
+    plain(prompt, **{**kw, "num_inference_steps": 2})  # warm-up
+    res["diffusers_plain_s"] = wall(gen(plain), args.repeats)
+    res["diffusers_controlnet_s"] = wall(gen(pipe, image=control), args.repeats)
+
+    def diffusers_cold_lora():
+        drop_page_cache()
+        plain.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
+        plain.fuse_lora(lora_scale=1.0)
+        gen(plain)()
+        plain.unfuse_lora()
+        plain.unload_lora_weights()
+
+    res["diffusers_cold_lora_s"] = wall(diffusers_cold_lora, args.repeats)
+    res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(f"diffusers: plain {res['diffusers_plain_s']:.2f}s, ControlNet {res['diffusers_controlnet_s']:.2f}s, "
+          f"cold LoRA {res['diffusers_cold_lora_s']:.2f}s", flush=True)
+    del pipe, plain, cn
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+
+def prepare(args) -> tuple[Path, Path, object, str, dict]:
+    """Build (or reuse) the random SDXL folder and its LoRA, measure the matmul ceiling; returns
+    ``(folder, lora_dir, control image, prompt, results)``."""
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
                  "size": args.size, "python": platform.python_version()}
     t0 = time.perf_counter()
@@ -105,53 +238,26 @@ def main() -> None:
     rng = np.random.RandomState(0)
     control = Image.fromarray(rng.randint(0, 255, (args.size, args.size, 3), dtype=np.uint8))
     prompt = "a photo of a red house on a mountain"
+    return folder, lora_dir, control, prompt, res
 
-    # ---------------------------------------------------------------- diffusers
-    import diffusers
 
-    cn = diffusers.ControlNetModel.from_pretrained(folder / "controlnets" / "canny", torch_dtype=torch.float16)
-    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
-        folder, controlnet=cn, torch_dtype=torch.float16, add_watermarker=False).to("cuda")
-    plain = diffusers.StableDiffusionXLPipeline.from_pipe(pipe, torch_dtype=torch.float16)
-    for q in (pipe, plain):
-        q.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np")
-
-    # UNet step alone (batch 2)
-    lat = torch.randn(2, 4, args.size // 8, args.size // 8, device="cuda", dtype=torch.float16)
-    ehs = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
-    cond = {"text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16),
-            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device="cuda", dtype=torch.float16)}
-    with torch.no_grad():
-        res["unet_step_ms"] = cuda_ms(lambda: plain.unet(lat, 500, ehs, added_cond_kwargs=cond))
-        img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
-        res["controlnet_step_ms"] = cuda_ms(lambda: cn(lat, 500, ehs, img, added_cond_kwargs=cond))
-    res["unet_tflops"] = UNET_STEP_TFLOP / res["unet_step_ms"] * 1e3
-    print(f"UNet step {res['unet_step_ms']:.1f} ms ({res['unet_tflops']:.0f} TFLOP/s), "
-          f"ControlNet step {res['controlnet_step_ms']:.1f} ms, matmul {res['matmul_tflops']:.0f} TFLOP/s", flush=True)
-
-    def gen(q, **extra):
-        return lambda: q(prompt, generator=torch.Generator().manual_seed(1), **kw, **extra)
-
-    plain(prompt, **{**kw, "num_inference_steps": 2})  # warm-up
-    res["diffusers_plain_s"] = wall(gen(plain), args.repeats)
-    res["diffusers_controlnet_s"] = wall(gen(pipe, image=control), args.repeats)
-
-    def diffusers_cold_lora():
-        drop_page_cache()
-        plain.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
-        plain.fuse_lora(lora_scale=1.0)
-        gen(plain)()
-        plain.unfuse_lora()
-        plain.unload_lora_weights()
-
-    res["diffusers_cold_lora_s"] = wall(diffusers_cold_lora, args.repeats)
-    res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print(f"diffusers: plain {res['diffusers_plain_s']:.2f}s, ControlNet {res['diffusers_controlnet_s']:.2f}s, "
-          f"cold LoRA {res['diffusers_cold_lora_s']:.2f}s", flush=True)
-    del pipe, plain, cn
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="Katz engines eager")
+    p.add_argument("--compile", action="store_true", help="Katz engines: torch.compile before graph capture")
+    p.add_argument("--compile-variant", action="store_true",
+                   help="also time the UNet step compiled (inductor) + CUDA graph (compiles for minutes)")
+    p.add_argument("--only-engines", action="store_true",
+                   help="stop after the per-component engine timings (no request-level runs)")
+    args = p.parse_args()
+    folder, lora_dir, control, prompt, res = prepare(args)
+    diffusers_baseline(folder, lora_dir, args, control, prompt, res, requests=not args.only_engines)
 
     # ---------------------------------------------------------------- Katz
     from katz.model_folder import ModelFolder, discover_controlnets
@@ -161,11 +267,47 @@ def main() -> None:
 
     mf = ModelFolder(folder, discover_controlnets(folder / "controlnets"))
     dep = Deployment(mf.path, mf.controlnets, lora_dir, Limits(default_width=args.size, default_height=args.size),
-                     device="cuda", dtype="float16")
+                     device="cuda", dtype="float16", cuda_graphs=args.cuda_graphs, compile=args.compile,
+                     compile_cache=Path("/tmp/katz-inductor"), graph_sizes=[(args.size, args.size)])
     t0 = time.perf_counter()
     ens = LocalEnsemble(dep)
     res["katz_load_s"] = time.perf_counter() - t0
+    print(f"Katz loaded in {res['katz_load_s']:.0f}s", flush=True)
     unet = ens.models["unet"]
+
+    # ---------------------------------------------------------------- Katz engines alone
+    from katz.engines.torch_engines import unet_example_inputs
+
+    eng = unet.engine
+    x = unet_example_inputs(mf, 2, args.size, args.size, "cuda", torch.float16)
+    step_args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
+    cne = ens.models["controlnet"].engine
+    img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        res["katz_unet_step_eager_ms"] = cuda_ms(lambda: eng._step(*step_args, None, None))
+        res["katz_unet_step_ms"] = cuda_ms(lambda: eng(*step_args))
+        res["katz_unet_graph_max_abs_diff"] = float((eng(*step_args) - eng._step(*step_args, None, None)).abs().max())
+        state = eng.down(*step_args)
+        res["katz_unet_down_ms"] = cuda_ms(lambda: eng.down(*step_args))
+        res["katz_unet_up_ms"] = cuda_ms(lambda: eng.up(state, None, None))
+        cn_args = ("canny", x["sample"], x["timestep"][:1], x["encoder_hidden_states"], x["added_cond"], img, 1.0)
+        res["katz_controlnet_step_ms"] = cuda_ms(lambda: cne(*cn_args, "bench-image"))
+        vae = ens.models["vae_decoder"].engine
+        res["katz_vae_decode_ms"] = cuda_ms(lambda: vae(x["sample"][:1]), warmup=1, repeats=3)
+    res["katz_unet_tflops"] = UNET_STEP_TFLOP / res["katz_unet_step_ms"] * 1e3
+    res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s}
+    res.update(engine_variants(eng, step_args, args.compile_variant))
+    print(f"Katz engines: UNet step {res['katz_unet_step_ms']:.1f} ms (eager {res['katz_unet_step_eager_ms']:.1f}, "
+          f"graph vs eager max |diff| {res['katz_unet_graph_max_abs_diff']:.2e}; down {res['katz_unet_down_ms']:.1f} "
+          f"+ up {res['katz_unet_up_ms']:.1f}), ControlNet step {res['katz_controlnet_step_ms']:.1f} ms, "
+          f"VAE decode {res['katz_vae_decode_ms']:.1f} ms (diffusers {res['vae_decode_ms']:.1f})", flush=True)
+    print(f"ratios to diffusers eager: UNet {res['katz_unet_step_ms'] / res['unet_step_ms']:.2f}, "
+          f"ControlNet {res['katz_controlnet_step_ms'] / res['controlnet_step_ms']:.2f}, "
+          f"VAE {res['katz_vae_decode_ms'] / res['vae_decode_ms']:.2f}", flush=True)
+    if args.only_engines:
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2))
+        return
     import io
 
     buf = io.BytesIO()

@@ -1,0 +1,184 @@
+"""Katz end to end through a live Triton server vs stock diffusers, on one GPU, in one run.
+
+    python bench/e2e_bench.py --out /tmp/e2e.json        # on the GPU host; bench/README.md says what to carry
+
+1. Stock diffusers in this process (:func:`bench.gpu_bench.diffusers_baseline`): plain request,
+   with the ControlNet, with a cold LoRA loaded and fused per request; GPU memory freed after.
+2. ``katz serve --model-dir ...`` in a subprocess: tritonserver with the Katz models on GPU 0.
+3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, with
+   the ControlNet, and with a cold LoRA (a fresh file name per request, page cache dropped) at the
+   server's default bound k and at k = 0. Latency p50/p90 per case, ratios to diffusers.
+4. Orchestration overhead per step from Triton's own counters: the denoising loop's execute time
+   (``katz_pipeline``) minus the ``unet`` model's, per step, against the UNet step itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gpu_bench import diffusers_baseline, drop_page_cache, prepare  # noqa: E402
+
+
+def metrics(port: int) -> dict[tuple[str, str], float]:
+    """Triton's Prometheus counters: ``(name, model label) -> value`` (summed over other labels)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        m = re.match(r'^(\w+)(\{[^}]*\})?\s+([-+0-9.eE]+|nan|NaN)$', line)
+        if not m:
+            continue
+        model = re.search(r'model="([^"]*)"', m.group(2) or "")
+        key = (m.group(1), model.group(1) if model else "")
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=5, help="requests per case")
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--controlnet-mode", default="service", choices=("inline", "service"))
+    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+
+    folder, lora_dir, control, prompt, res = prepare(args)
+    if not args.skip_diffusers:
+        diffusers_baseline(folder, lora_dir, args, control, prompt, res)
+    torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ the server
+    ports = {"http": 18000, "grpc": 18001, "metrics": 18002}
+    log = open("/tmp/katz-e2e-server.log", "w")
+    cmd = [sys.executable, "-m", "katz.cli", "serve", "--model-dir", str(folder), "--gpus", "0",
+           "--controlnet-mode", args.controlnet_mode, "--graph-sizes", f"{args.size}x{args.size}",
+           "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
+           "--metrics-port", str(ports["metrics"]), *args.serve_args.split()]
+    t0 = time.perf_counter()
+    from katz.client import Generation, infer, make_client
+
+    client = make_client(f"127.0.0.1:{ports['grpc']}", "grpc")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"katz serve exited with {server.returncode}; see /tmp/katz-e2e-server.log")
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:
+                pass
+            if time.perf_counter() - t0 > 480:
+                raise SystemExit("katz serve was not ready in 480 s")
+            time.sleep(1)
+        res["katz_server_start_s"] = time.perf_counter() - t0
+        print(f"katz serve ready in {res['katz_server_start_s']:.0f}s", flush=True)
+
+        buf = io.BytesIO()
+        control.save(buf, "PNG")
+        base = Generation(prompt=prompt, seed=1, steps=args.steps, width=args.size, height=args.size)
+
+        def timed(request: Generation) -> float:
+            t = time.perf_counter()
+            result = infer(client, request, "grpc")
+            assert result.png, "no image"
+            return time.perf_counter() - t
+
+        timed(Generation(prompt=prompt, seed=1, steps=2, width=args.size, height=args.size))  # warm-up
+        lat: dict[str, list[float]] = {}
+        before = metrics(ports["metrics"])
+        lat["plain"] = [timed(base) for _ in range(args.repeats)]
+        after = metrics(ports["metrics"])
+        cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
+        lat["controlnet"] = [timed(cn) for _ in range(args.repeats)]
+
+        n_cold = 0
+
+        def cold(k: int | None) -> float:
+            nonlocal n_cold
+            n_cold += 1
+            name = f"cold{n_cold}"
+            shutil.copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors")
+            os.sync()
+            drop_page_cache()
+            return timed(Generation(**{**vars(base), "loras": [name], "lora_k": k}))
+
+        lat["cold_lora_bal"] = [cold(None) for _ in range(args.repeats)]
+        lat["cold_lora_k0"] = [cold(0) for _ in range(args.repeats)]
+        end = metrics(ports["metrics"])
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+    for case, xs in lat.items():
+        res[f"katz_e2e_{case}_p50_s"] = statistics.median(xs)
+        res[f"katz_e2e_{case}_p90_s"] = percentile(xs, 0.9)
+        res[f"katz_e2e_{case}_all_s"] = xs
+
+    def delta(name: str, model: str) -> float:
+        return after.get((name, model), 0.0) - before.get((name, model), 0.0)
+
+    steps = args.repeats * args.steps
+    pipe_us = delta("nv_inference_compute_infer_duration_us", "katz_pipeline")
+    unet_us = delta("nv_inference_compute_infer_duration_us", "unet")
+    res["katz_e2e_unet_step_ms"] = unet_us / steps / 1e3
+    res["katz_e2e_overhead_per_step_ms"] = (pipe_us - unet_us) / steps / 1e3
+    res["katz_e2e_stage_ms_per_request"] = {
+        m: delta("nv_inference_compute_infer_duration_us", m) / args.repeats / 1e3
+        for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing")
+    }
+    res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in end.items() if k[0].startswith("katz_lora")}
+    res["katz_e2e_graph_metrics"] = {f"{k[0]}": v for k, v in end.items() if "cuda_graph" in k[0]}
+
+    print(f"\n{res['device']}, SDXL architecture (random weights), {args.size}², {args.steps} steps, CFG, fp16; "
+          f"Katz through tritonserver (gRPC client, ControlNet {args.controlnet_mode}), {args.repeats} requests/case")
+    rows = [("plain", "diffusers_plain_s"), ("controlnet", "diffusers_controlnet_s"),
+            ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s")]
+    print(f"{'case':16} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}")
+    for case, dkey in rows:
+        d = res.get(dkey, float("nan"))
+        k50 = res[f"katz_e2e_{case}_p50_s"]
+        print(f"{case:16} {d:11.2f} {k50:10.2f} {res[f'katz_e2e_{case}_p90_s']:7.2f} {k50 / d:9.2f} "
+              f"{k50 / res['katz_e2e_plain_p50_s']:8.3f}")
+    print(f"per-model ms per plain request: { {k: round(v, 1) for k, v in res['katz_e2e_stage_ms_per_request'].items()} }")
+    print(f"UNet step (Triton compute) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
+          f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
+          f"({100 * res['katz_e2e_overhead_per_step_ms'] / res['katz_e2e_unet_step_ms']:.1f}% of the step)")
+    print("LoRA:", res["katz_e2e_lora_metrics"])
+    print("CUDA graphs:", res["katz_e2e_graph_metrics"])
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
