@@ -8,8 +8,9 @@
 3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, with
    the ControlNet, and with a cold LoRA (a fresh file name per request, page cache dropped) at the
    server's default bound k and at k = 0. Latency p50/p90 per case, ratios to diffusers.
-4. Orchestration overhead per step from Triton's own counters: the denoising loop's execute time
-   (``katz_pipeline``) minus the ``unet`` model's, per step, against the UNet step itself.
+4. Orchestration overhead per step from the server's counters: the denoising loop's execute time
+   (Triton's ``katz_pipeline`` compute time) minus the ``unet`` model's device time
+   (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def main() -> None:
 
     steps = args.repeats * args.steps
     pipe_us = delta("nv_inference_compute_infer_duration_us", "katz_pipeline")
-    unet_us = delta("nv_inference_compute_infer_duration_us", "unet")
+    unet_us = delta("katz_unet_run_seconds_total", "unet") * 1e6  # device time (CUDA events)
+    res["katz_e2e_unet_runs"] = delta("katz_unet_runs_total", "unet")
     res["katz_e2e_unet_step_ms"] = unet_us / steps / 1e3
     res["katz_e2e_overhead_per_step_ms"] = (pipe_us - unet_us) / steps / 1e3
     res["katz_e2e_stage_ms_per_request"] = {
@@ -171,7 +173,7 @@ def main() -> None:
         print(f"{case:16} {d:11.2f} {k50:10.2f} {res[f'katz_e2e_{case}_p90_s']:7.2f} {k50 / d:9.2f} "
               f"{k50 / res['katz_e2e_plain_p50_s']:8.3f}")
     print(f"per-model ms per plain request: { {k: round(v, 1) for k, v in res['katz_e2e_stage_ms_per_request'].items()} }")
-    print(f"UNet step (Triton compute) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
+    print(f"UNet step (device time in the server) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
           f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
           f"({100 * res['katz_e2e_overhead_per_step_ms'] / res['katz_e2e_unet_step_ms']:.1f}% of the step)")
     print("LoRA:", res["katz_e2e_lora_metrics"])

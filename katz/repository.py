@@ -156,6 +156,10 @@ def render_repository(
             extra_inputs=common.get(f"extra_inputs_{model}", ""),
             extra_outputs=common.get(f"extra_outputs_{model}", ""),
         )
+        if "KIND_GPU" in values["instance_group"]:
+            # GPU tensors from other models (BLS, ensemble) stay on the GPU; the Python backend's
+            # default copies every input to host memory (107 MB of ControlNet residuals per step)
+            values["parameters"] += "\n" + _parameters({"FORCE_CPU_ONLY_INPUT_TENSORS": "no"})
         rendered = Template(text).substitute(values)
         rendered = "\n".join(line for line in rendered.splitlines() if line.strip()) + "\n"
         if "dynamic_batching" not in rendered:  # a template with its own batcher keeps its settings

@@ -66,3 +66,9 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert list(cfgs["controlnet"].instance_group[0].gpus) == [1]
     assert cfgs["preprocessing"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert cfgs["unet"].input[0].data_type == model_config_pb2.TYPE_FP16
+    # GPU models take GPU tensors as they come (the Python backend would copy every input to the host)
+    for name in ("unet", "controlnet", "katz_pipeline", "vae_decoder", "text_encoder"):
+        assert cfgs[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no", name
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs["preprocessing"].parameters
+    cpu_cfgs = _configs(render_repository(dep, tmp_path / "cpu", Placement(device="cpu")))
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu_cfgs["unet"].parameters

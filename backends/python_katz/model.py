@@ -53,6 +53,7 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
             torch.cuda.set_device(device)
+        self.device = device
         self.model = create_model(params["role"], params, device, call=self._call)
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
@@ -77,7 +78,11 @@ class TritonPythonModel:
 
     def _inputs(self, request):
         inputs = {n: _to_python(pb_utils.get_input_tensor_by_name(request, n)) for n in self.input_names}
-        return {k: v for k, v in inputs.items() if v is not None}
+        # a GPU instance works on its GPU: numeric inputs from the client or a CPU model move there
+        return {
+            k: v.to(self.device) if self.device != "cpu" and isinstance(v, torch.Tensor) else v
+            for k, v in inputs.items() if v is not None
+        }
 
     def _response(self, result):
         if not isinstance(result, BaseException):

@@ -104,6 +104,15 @@ class UNet:
             load_delay_s=deployment.lora_load_delay_s,
         )
         self.applied: tuple[tuple[str, float], ...] = ()
+        self.runs, self.run_seconds = 0, 0.0  # UNet evaluations and their time on the device
+        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._on_gpu = torch.device(deployment.device).type == "cuda"
+
+    def _collect_timing(self) -> None:
+        """Add the device time of finished evaluations (CUDA events; never waits for the GPU)."""
+        while self._timing and self._timing[0][1].query():
+            start, end = self._timing.pop(0)
+            self.run_seconds += start.elapsed_time(end) / 1e3
 
     # ---------------------------------------------------------------- BAL
     def _weight_set(self, inputs: dict) -> tuple[tuple[str, float], ...]:
@@ -142,6 +151,21 @@ class UNet:
 
     # ---------------------------------------------------------------- run
     def _run(self, inputs: dict, applied: bool) -> dict:
+        if self._on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = self._evaluate(inputs, applied)
+            end.record()
+            self._timing.append((start, end))
+            self._collect_timing()
+        else:
+            t0 = time.perf_counter()
+            out = self._evaluate(inputs, applied)
+            self.run_seconds += time.perf_counter() - t0
+        self.runs += 1
+        return out
+
+    def _evaluate(self, inputs: dict, applied: bool) -> dict:
         sample, timestep = inputs["sample"], inputs["timestep"].reshape(-1)
         hidden, cond = inputs["encoder_hidden_states"], added_cond(inputs)
         if inputs.get("controlnets") is not None and self.controlnets is not None:
@@ -166,7 +190,11 @@ class UNet:
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
         s = self.loras.stats
+        self._collect_timing()
         return [
+            ("katz_unet_runs_total", "UNet evaluations (one per step and CFG half or patch)", {}, self.runs),
+            ("katz_unet_run_seconds_total", "time of the UNet evaluations on the device (s; GPU: CUDA events)", {},
+             self.run_seconds),
             ("katz_lora_loads_total", "LoRAs loaded to the device", {}, s.loads),
             ("katz_lora_load_seconds_total", "time spent loading LoRAs (s)", {}, s.load_seconds),
             ("katz_lora_load_failures_total", "LoRA loads that failed", {}, s.load_failures),
