@@ -51,6 +51,13 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
     return out
 
 
+def gpu_memory_used_gb() -> float:
+    """GPU 0's memory in use now, all processes (CUDA contexts included), from nvidia-smi."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[0]) * 1024**2 / 1e9
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -133,6 +140,7 @@ def main() -> None:
         lat["cold_lora_bal"] = [cold(None) for _ in range(args.repeats)]
         lat["cold_lora_k0"] = [cold(0) for _ in range(args.repeats)]
         end = metrics(ports["metrics"])
+        res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb()
     finally:
         server.terminate()
         try:
@@ -176,6 +184,9 @@ def main() -> None:
     print(f"UNet step (device time in the server) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
           f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
           f"({100 * res['katz_e2e_overhead_per_step_ms'] / res['katz_e2e_unet_step_ms']:.1f}% of the step)")
+    print(f"GPU memory in use with the server loaded (nvidia-smi, all processes): "
+          f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB; diffusers' peak allocation "
+          f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")
     print("LoRA:", res["katz_e2e_lora_metrics"])
     print("CUDA graphs:", res["katz_e2e_graph_metrics"])
     if args.out:
