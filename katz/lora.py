@@ -24,6 +24,7 @@ which has no ``text_model`` level (``encoder.layers.N...``).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -111,6 +112,9 @@ def read_lora_file(
 ) -> dict[str, torch.Tensor]:
     """Load a ``.safetensors`` LoRA into CPU tensors (never unpickles anything).
 
+    The header is checked strictly and the wanted bytes are read in parallel into one buffer
+    (see :mod:`katz.lora_file`); the tensors are views into that buffer.
+
     ``components`` (e.g. ``["text_encoder", "text_encoder_2"]``) reads only
     those components' tensors: a text-encoder model then skips the (large) UNet
     part of the file. Keys of no known component are always read, so that
@@ -121,36 +125,24 @@ def read_lora_file(
     returned dict as ``<component>.<module path>.alpha`` scalars, so :func:`parse_lora` needs
     only the tensors. Any failure raises :class:`LoraError` naming ``name``.
     """
-    from safetensors import safe_open
+    from katz.lora_file import read_lora_bytes
 
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise _err(name, f"file {path.name} is not a .safetensors file (only safetensors LoRAs are accepted)")
-    if not path.is_file():
-        raise _err(name, f"file {path.name} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            keys = [k for k in f.keys() if _in_components(k, components)]
-            tensors = {k: f.get_tensor(k) for k in keys}
-    except Exception as e:  # SafetensorError, OSError, ...: bad header, truncated data, not safetensors
-        raise _err(name, f"file {path.name} is not a valid safetensors file ({type(e).__name__}: {e})") from None
-    if not tensors and components is None:
-        raise _err(name, f"file {path.name} contains no tensors")
-    raw = header.get(_DIFFUSERS_METADATA_KEY)
-    if raw and tensors:
-        _fold_diffusers_metadata(tensors, raw, name)
-        tensors = {k: v for k, v in tensors.items() if _in_components(k, components)}
-    return tensors
+    return read_lora_bytes(path, name, components, lambda n: torch.empty(n, dtype=torch.uint8)).tensors()
+
+
+_KNOWN_PREFIXES = tuple(p for ps in COMPONENT_PREFIXES.values() for p in ps)
+
+
+@functools.lru_cache(maxsize=64)
+def _component_prefixes(components: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for c in components for p in COMPONENT_PREFIXES[c])
 
 
 def _in_components(key: str, components: Sequence[str] | None) -> bool:
     """Whether a file key belongs to ``components`` (None: all); keys of no known component always do."""
     if components is None:
         return True
-    wanted = tuple(p for c in components for p in COMPONENT_PREFIXES[c])
-    known = tuple(p for ps in COMPONENT_PREFIXES.values() for p in ps)
-    return key.startswith(wanted) or not key.startswith(known)
+    return key.startswith(_component_prefixes(tuple(components))) or not key.startswith(_KNOWN_PREFIXES)
 
 
 def _peft_pattern_match(patterns: Mapping[str, object], module_path: str):
