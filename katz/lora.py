@@ -322,13 +322,17 @@ def parse_lora(
     name: str,
     family: str,
     modules: Mapping[str, torch.nn.Module] | None = None,
+    check_finite: bool = True,
 ) -> LoraWeights:
     """Group a LoRA state dict into :class:`LoraWeights` for ``family`` ('sdxl' or 'sd15').
 
     Checks key formats, down/up pairing, ranks, dtypes and finiteness (not the target modules:
     that is :meth:`LoraPatcher.validate`). Kohya names stay flattened unless ``modules``
     (component -> module, e.g. ``{'unet': unet}``) is given; then they are resolved to dotted
-    module paths here, and a name matching no module raises.
+    module paths here, and a name matching no module raises. ``check_finite=False`` skips the
+    per-tensor finiteness check of the down/up weights (the caller checks them, e.g. on the GPU in
+    one pass: :class:`katz.lora_manager.LoraManager`); alphas are always checked. Reads only the
+    tensors' shapes and dtypes (and the alpha scalars), so the weights may be on any device.
     """
     if family not in COMPONENTS:
         raise _err(name, f"unknown model family {family!r} (expected one of {', '.join(COMPONENTS)})")
@@ -358,7 +362,8 @@ def parse_lora(
         for key, t in ((down_key, down), (up_key, up)):
             if t.ndim not in (2, 4):
                 raise _err(name, f"tensor {key!r} has shape {list(t.shape)}; expected 2 or 4 dimensions")
-            _check_finite(t, name, key)
+            if check_finite:
+                _check_finite(t, name, key)
         if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
             raise _err(name, f"tensor {up_key!r} has shape {list(up.shape)}; a conv LoRA up must be [out, r, 1, 1]")
         if down.shape[0] != up.shape[1] or down.shape[0] == 0:

@@ -1,40 +1,51 @@
 """The LoRA manager: loads LoRAs off the request path and keeps them ready to patch.
 
 One loader thread reads, parses and validates LoRA files and moves them to the
-engine's device (pinned host memory and a side CUDA stream on GPUs). Two LRU
-tiers with byte budgets keep them: *host* (parsed CPU tensors) and *device*
-(tensors ready for :class:`katz.lora.LoraPatcher`). The UNet model asks
+engine's device. Two LRU tiers with byte budgets keep them: *host* (the raw bytes
+read from the file, with the parsed LoRA as views into them) and *device* (one
+buffer per LoRA on the engine's device, with the parsed LoRA as views into it,
+ready for :class:`katz.lora.LoraPatcher`). The UNet model asks
 :meth:`LoraManager.prefetch` at the first step of a request and patches the
 LoRA in at the first step boundary where :meth:`LoraManager.ready` says so,
 or waits in :meth:`LoraManager.get` at the bounding step *k*.
+
+A load from disk (:meth:`LoraManager._read_entry`): the header is parsed and the
+bytes of the manager's components are read by several threads straight into one
+reusable staging buffer (pinned on CUDA, see :mod:`katz.lora_file`), uploaded to
+the device in one copy on a side stream, parsed into views of the device buffer,
+checked for finiteness on the device in one pass with one host sync, and
+validated against the patchers' modules. The host tier is filled afterwards,
+once the waiting request can already go on. The same code runs on a CPU device
+(the upload is then a CPU copy and the staging buffer is not pinned).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Iterable
 
 import torch
 
-from katz.lora import LoraError, LoraLayer, LoraPatcher, LoraWeights
+from katz.lora import COMPONENT_PREFIXES, COMPONENTS, LoraError, LoraLayer, LoraPatcher, LoraWeights, _err, parse_lora
+from katz.lora_file import read_lora_bytes, tensor_views
 from katz.lora_store import LoraStore
-
-
-def lora_bytes(weights: LoraWeights) -> int:
-    return sum(
-        layer.down.numel() * layer.down.element_size() + layer.up.numel() * layer.up.element_size()
-        for layers in weights.layers.values()
-        for layer in layers.values()
-    )
 
 
 @dataclass
 class LoraStats:
-    """Counters exported as Triton custom metrics (all totals since start)."""
+    """Totals since start. ``loads`` .. ``wait_seconds`` are exported as Triton custom metrics
+    (:meth:`katz.triton_models.unet.UNet.metrics`).
+
+    ``read_seconds`` .. ``host_copy_seconds`` split the loader thread's time over the stages of a
+    load, failed loads included; for successful loads they add up to ``load_seconds`` less
+    ``load_delay_s`` and bookkeeping. ``host_fill_seconds`` comes after a load, when its waiters
+    have been let go. Read bandwidth: ``read_bytes / read_seconds``.
+    """
 
     loads: int = 0
     load_seconds: float = 0.0
@@ -46,41 +57,189 @@ class LoraStats:
     steps_before_patch: int = 0
     patches: int = 0
     wait_seconds: float = 0.0
+    read_seconds: float = 0.0  # header + file bytes into the staging buffer (host misses)
+    read_bytes: int = 0  # bytes read from LoRA files (host misses)
+    parse_seconds: float = 0.0  # parse_lora + LoraPatcher.validate (host misses)
+    upload_seconds: float = 0.0  # issuing the upload, then waiting for it and the device finiteness check
+    host_copy_seconds: float = 0.0  # host hits: host tier -> staging buffer
+    host_fill_seconds: float = 0.0  # after a load: staging buffer -> host tier (off the request's path)
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Entry:
+    """A cached LoRA: ``weights`` whose down/up tensors are views into ``buffer`` (uint8 ``[bytes]``)
+    or are among ``extra`` (tensors that could not be views: a file offset not a multiple of the
+    dtype size); ``nbytes`` counts both (what the tier's byte budget counts)."""
+
+    weights: LoraWeights
+    buffer: torch.Tensor | None
+    extra: tuple[torch.Tensor, ...]
+    nbytes: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.buffer, *self.extra) if t is not None]
+
+
 class _LruBytes:
-    """An LRU map with a byte budget; the newest entry always stays."""
+    """An LRU map of :class:`_Entry` with a byte budget; the newest entry always stays."""
 
     def __init__(self, budget: int):
         self.budget = budget
-        self.items: OrderedDict[str, tuple[tuple, LoraWeights, int]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[tuple, _Entry]] = OrderedDict()
         self.used = 0
 
-    def get(self, name: str, key: tuple) -> LoraWeights | None:
+    def get(self, name: str, key: tuple) -> _Entry | None:
         hit = self.items.get(name)
         if hit is None or hit[0] != key:
             return None
         self.items.move_to_end(name)
         return hit[1]
 
-    def put(self, name: str, key: tuple, weights: LoraWeights) -> None:
+    def put(self, name: str, key: tuple, entry: _Entry) -> None:
         self.drop(name)
-        size = lora_bytes(weights)
-        self.items[name] = (key, weights, size)
-        self.used += size
+        self.items[name] = (key, entry)
+        self.used += entry.nbytes
         while self.used > self.budget and len(self.items) > 1:
-            _, (_, _, s) = self.items.popitem(last=False)
-            self.used -= s
+            _, (_, old) = self.items.popitem(last=False)
+            self.used -= old.nbytes
 
     def drop(self, name: str) -> None:
         old = self.items.pop(name, None)
         if old is not None:
-            self.used -= old[2]
+            self.used -= old[1].nbytes
+
+
+class StagingBuffer:
+    """One reusable host buffer (uint8) for reads and uploads, pinned when ``pin``; grows to the
+    largest request, in steps of :attr:`GRANULE` bytes.
+
+    After an asynchronous upload from it, :meth:`uploaded` records an event on the upload stream;
+    the next :meth:`acquire` waits for it, so the buffer is never overwritten while a copy reads it.
+    """
+
+    GRANULE = 32 << 20
+
+    def __init__(self, pin: bool):
+        self.pin = pin
+        self.buffer: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` bytes of the buffer (uint8 ``[nbytes]``), free to overwrite."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None  # free the old one first
+            size = -(-max(nbytes, 1) // self.GRANULE) * self.GRANULE
+            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        return self.buffer[:nbytes]
+
+    def uploaded(self, stream: torch.cuda.Stream | None) -> None:
+        """Mark the buffer as read by copies queued on ``stream`` (None: copies already done)."""
+        if stream is not None:
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+
+def _byte_offset(t: torch.Tensor, base: torch.Tensor) -> int | None:
+    """Byte offset of contiguous ``t``'s data in ``base`` (contiguous uint8), or None if not in it."""
+    if (
+        base is None
+        or t.numel() == 0
+        or not t.is_contiguous()
+        or t.device != base.device
+        or t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    ):
+        return None
+    start = t.storage_offset() * t.element_size() - base.storage_offset()
+    if start < 0 or start + t.numel() * t.element_size() > base.numel():
+        return None
+    return start
+
+
+def _rebase(t: torch.Tensor, old: torch.Tensor, new: torch.Tensor, extra: list) -> torch.Tensor:
+    """``t`` at the same byte offset in ``new`` as it has in ``old`` (same size buffers); a tensor
+    not in ``old`` is copied to ``new``'s device (asynchronously where it can) and appended to ``extra``."""
+    start = _byte_offset(t, old)
+    if start is None:
+        # non_blocking only towards a GPU: an asynchronous copy to the host may not have landed yet
+        moved = t.to(new.device, non_blocking=new.device.type == "cuda")
+        extra.append(moved)
+        return moved
+    return new[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+
+
+def _rebase_weights(weights: LoraWeights, old: torch.Tensor, new: torch.Tensor) -> _Entry:
+    """``weights`` (views into ``old``) as views into ``new``, a byte copy of ``old``."""
+    extra: list[torch.Tensor] = []
+    layers = {
+        comp: {
+            path: LoraLayer(
+                down=_rebase(l.down, old, new, extra), up=_rebase(l.up, old, new, extra), alpha=l.alpha, key=l.key
+            )
+            for path, l in group.items()
+        }
+        for comp, group in weights.layers.items()
+    }
+    nbytes = new.numel() + sum(t.numel() * t.element_size() for t in extra)
+    return _Entry(LoraWeights(name=weights.name, layers=layers), new, tuple(extra), nbytes)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: every element of ``t`` is finite (aminmax propagates NaN and keeps ±inf)."""
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def finite_flag(
+    base: torch.Tensor, spans: Iterable[tuple[int, int, torch.dtype]], others: Iterable[torch.Tensor] = ()
+) -> torch.Tensor:
+    """0-dim bool tensor on ``base``'s device, True when every element is finite of the ``spans``
+    ``(start, end, dtype)`` of ``base`` (uint8; byte offsets, ``start`` a multiple of the dtype
+    size) and of the tensors ``others``.
+
+    Queues the reductions without waiting for them. Adjacent spans of one dtype are merged into
+    runs, and each run is reduced once: a file written by safetensors groups its tensors by dtype,
+    so a LoRA costs one reduction per dtype. Bytes in no span are not looked at.
+    """
+    merged: list[list] = []
+    for start, end, dtype in sorted(spans, key=lambda r: (r[0], r[1])):
+        last = merged[-1] if merged else None
+        if last is not None and last[2] == dtype and last[0] <= start <= last[1]:
+            if (start - last[0]) % dtype.itemsize == 0:  # same element grid: one view covers both
+                last[1] = max(last[1], end)
+                continue
+        merged.append([start, end, dtype])
+    flags = [_finite(base[start:end].view(dtype)) for start, end, dtype in merged if end > start]
+    flags += [_finite(t) for t in others if t.numel()]
+    if not flags:
+        return torch.ones((), dtype=torch.bool, device=base.device)
+    return torch.stack(flags).all()
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first key of ``tensors`` whose tensor has a NaN or infinite value (one host sync), or None."""
+    keys = [k for k, t in tensors.items() if t.numel()]
+    if not keys:
+        return None
+    ok = torch.stack([torch.isfinite(tensors[k]).all() for k in keys]).cpu()
+    bad = [k for k, good in zip(keys, ok.tolist()) if not good]
+    return bad[0] if bad else None
+
+
+def _is_alpha(key: str) -> bool:
+    return key.endswith(".alpha")  # the alpha role in every key format parse_lora reads
 
 
 class LoraManager:
-    """Asynchronous LoRA loading into host and device caches for one engine's patchers."""
+    """Asynchronous LoRA loading into host and device caches for one engine's patchers.
+
+    Reads only the tensors of the patchers' components (and keys of no known component, which
+    parse_lora reports). ``staging_bytes`` of pinned staging memory are allocated up front on a
+    CUDA device (the buffer grows to the largest file's wanted bytes).
+    """
 
     def __init__(
         self,
@@ -90,9 +249,11 @@ class LoraManager:
         host_budget_bytes: int = 2 << 30,
         device_budget_bytes: int = 1 << 30,
         load_delay_s: float = 0.0,
+        staging_bytes: int = 256 << 20,
     ):
         self.store = store
         self.patchers = {p.component: p for p in patchers}
+        self.components = tuple(self.patchers)
         self.device = torch.device(device)
         self.host = _LruBytes(host_budget_bytes)
         self.device_cache = _LruBytes(device_budget_bytes)
@@ -101,11 +262,15 @@ class LoraManager:
         self._lock = threading.Lock()
         self._inflight: dict[str, tuple[tuple, Future]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="katz-lora-loader")
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if cuda else None
+        self._staging = StagingBuffer(pin=cuda)
+        if cuda and staging_bytes:
+            self._pool.submit(self._staging.acquire, staging_bytes)  # cudaHostAlloc off the first load
 
     # ------------------------------------------------------------- queries
     def _file_key(self, name: str) -> tuple:
-        path: Path = self.store.path(name)
+        path = self.store.path(name)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -140,12 +305,17 @@ class LoraManager:
             pending = self._inflight.get(name)
             if pending is not None and pending[0] == key:
                 return pending[1]
-            fut = self._pool.submit(self._load, name, key)
+            # Resolved by _load as soon as the device entry is in; the host tier is filled after.
+            fut: Future = Future()
+            self._pool.submit(self._load, name, key, fut)
             self._inflight[name] = (key, fut)
             return fut
 
-    def _load(self, name: str, key: tuple) -> None:
+    def _load(self, name: str, key: tuple, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
         start = time.perf_counter()
+        fill = None
         try:
             if self.load_delay_s:
                 time.sleep(self.load_delay_s)
@@ -153,52 +323,128 @@ class LoraManager:
                 host = self.host.get(name, key)
                 self.stats.host_hits += host is not None
                 self.stats.host_misses += host is None
-            if host is None:
-                host = self.store.read(name)
-                for comp, patcher in self.patchers.items():
-                    if comp in host.layers:
-                        patcher.validate(host)
-                with self._lock:
-                    self.host.put(name, key, host)
-            on_device = self._to_device(host)
+            if host is not None:
+                entry = self._upload_entry(host)
+            else:
+                entry, fill = self._read_entry(name)
             with self._lock:
-                self.device_cache.put(name, key, on_device)
+                self.device_cache.put(name, key, entry)
                 self.stats.loads += 1
                 self.stats.load_seconds += time.perf_counter() - start
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self.stats.load_failures += 1
-            raise
+            fut.set_exception(exc)
+            return
+        fut.set_result(None)
+        if fill is not None:
+            self._fill_host(name, key, entry, fill)
 
-    def _to_device(self, weights: LoraWeights) -> LoraWeights:
-        if self.device.type == "cpu":
-            return weights
+    def _stream_ctx(self):
+        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
-        # One pinned buffer and one copy per dtype: pinning each of a LoRA's ~1,000
-        # tensors separately costs a page-locking call each.
-        entries = [(comp, path, l) for comp, group in weights.layers.items() for path, l in group.items()]
-        tensors = [t for _, _, l in entries for t in (l.down, l.up)]
-        moved: list[torch.Tensor | None] = [None] * len(tensors)
-        with torch.cuda.stream(self._stream):
-            for dtype in {t.dtype for t in tensors}:
-                idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-                flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, pin_memory=True)
-                offset = 0
-                for i in idx:
-                    n = tensors[i].numel()
-                    flat[offset : offset + n].copy_(tensors[i].reshape(-1))
-                    offset += n
-                on_device = flat.to(self.device, non_blocking=True)
-                offset = 0
-                for i in idx:
-                    n = tensors[i].numel()
-                    moved[i] = on_device[offset : offset + n].view(tensors[i].shape)
-                    offset += n
-        self._stream.synchronize()
-        layers: dict = {}
-        for j, (comp, path, l) in enumerate(entries):
-            layers.setdefault(comp, {})[path] = LoraLayer(down=moved[2 * j], up=moved[2 * j + 1], alpha=l.alpha, key=l.key)
-        return LoraWeights(name=weights.name, layers=layers)
+    def _upload(self, staged: torch.Tensor) -> torch.Tensor:
+        """Queue a copy of ``staged`` (uint8, a slice of the staging buffer) to a new device buffer on the
+        side stream (a plain copy on a CPU device); call inside :meth:`_stream_ctx`."""
+        out = torch.empty(staged.numel(), dtype=torch.uint8, device=self.device)
+        out.copy_(staged, non_blocking=True)
+        self._staging.uploaded(self._stream)
+        return out
+
+    def _check_family(self, name: str, keys: Iterable[str]) -> None:
+        """Report keys of a component the model family lacks (they are not read: not the manager's)."""
+        missing = [c for c in COMPONENT_PREFIXES if c not in COMPONENTS[self.store.family]]
+        for key in keys:
+            for c in missing:
+                if key.startswith(COMPONENT_PREFIXES[c]):
+                    raise _err(name, f"tensor {key!r} targets {c}, which a {self.store.family} model does not have")
+
+    @contextlib.contextmanager
+    def _timed(self, stat: str):
+        """Add the seconds the block takes (also when it raises) to ``self.stats.<stat>``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                setattr(self.stats, stat, getattr(self.stats, stat) + time.perf_counter() - t0)
+
+    def _read_entry(self, name: str) -> tuple[_Entry, torch.Tensor | None]:
+        """Load ``name`` from disk: (device entry, the staging bytes to fill the host tier from, or None)."""
+        path = self.store.path(name)
+        if not path.is_file():
+            raise LoraError(f"lora {name!r}: file {path.name} is not in the LoRA store")
+        with self._timed("read_seconds"):
+            read = read_lora_bytes(path, name, self.components, self._staging.acquire)
+            with self._lock:
+                self.stats.read_bytes += read.buffer.numel()
+            self._check_family(name, read.header.tensors)
+        if not read.keys:  # nothing for these components (e.g. a text-encoder-only LoRA)
+            return _Entry(LoraWeights(name=name, layers={}), None, (), 0), None
+        with self._timed("upload_seconds"), self._stream_ctx():
+            dev = self._upload(read.buffer)
+            tensors = read.tensors(dev)  # views into the device buffer; folded alphas on the host
+            # the file's alphas (scalars) on the host, as copies: parse_lora reads them as floats
+            alphas = [k for k in read.keys if _is_alpha(k)]
+            tensors.update((k, t.clone()) for k, t in tensor_views(read.buffer, read.header, read.plan, alphas).items())
+        on_device = {k: t for k, t in tensors.items() if not _is_alpha(k)}
+        spans, extra = [], []
+        for k, t in on_device.items():
+            spec, at = read.header.tensors[k], read.plan.offsets[k]
+            if at % spec.dtype.itemsize:
+                extra.append(t)  # copied on the device by tensor_views: not a view of dev
+            else:
+                spans.append((at, at + spec.nbytes, spec.dtype))
+        with self._timed("parse_seconds"):
+            weights = parse_lora(tensors, name, self.store.family, check_finite=False)
+        with self._timed("upload_seconds"), self._stream_ctx():
+            finite = finite_flag(dev, spans, extra)  # queued behind the upload
+        invalid = None
+        with self._timed("parse_seconds"):  # while the device copies and checks
+            try:
+                for comp, patcher in self.patchers.items():
+                    if comp in weights.layers:
+                        patcher.validate(weights)
+            except LoraError as e:
+                invalid = e  # reported after a non-finite tensor, as parse_lora + validate order them
+        with self._timed("upload_seconds"), self._stream_ctx():
+            if not bool(finite):  # the one host sync of the load: the upload is done too
+                bad = first_non_finite(on_device)
+                if bad is not None:
+                    raise _err(name, f"tensor {bad!r} contains NaN or infinite values")
+        if invalid is not None:
+            raise invalid
+        nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
+        return _Entry(weights, dev, tuple(extra), nbytes), read.buffer
+
+    def _upload_entry(self, host: _Entry) -> _Entry:
+        """A host-tier entry on the device (no disk, no parsing, no validation: done when it was read)."""
+        if host.buffer is None:
+            return host  # no tensors
+        with self._timed("host_copy_seconds"):
+            staged = self._staging.acquire(host.buffer.numel())
+            staged.copy_(host.buffer)
+        with self._timed("upload_seconds"):
+            with self._stream_ctx():
+                entry = _rebase_weights(host.weights, host.buffer, self._upload(staged))
+            if self._stream is not None:
+                self._stream.synchronize()
+        return entry
+
+    def _fill_host(self, name: str, key: tuple, entry: _Entry, staged: torch.Tensor) -> None:
+        """Keep the bytes just loaded in the host tier (ordinary memory) if they fit its budget.
+
+        Runs on the loader thread after the load's future is resolved, before the next load, so
+        ``staged`` still holds this LoRA's bytes.
+        """
+        if entry.nbytes > self.host.budget:
+            return
+        with self._timed("host_fill_seconds"):
+            blob = torch.empty(staged.numel(), dtype=torch.uint8)
+            blob.copy_(staged)
+            host = _rebase_weights(entry.weights, entry.buffer, blob)
+            with self._lock:
+                self.host.put(name, key, host)
 
     def get(self, names: list[str], timeout: float | None = None) -> list[LoraWeights]:
         """The device-resident LoRAs ``names``, waiting for their loads; raises :class:`LoraError`."""
@@ -221,22 +467,34 @@ class LoraManager:
                             del self._inflight[name]
             key = self._file_key(name)
             with self._lock:
-                weights = self.device_cache.get(name, key)
+                entry = self.device_cache.get(name, key)
                 self.stats.device_hits += fut is None
                 self.stats.device_misses += fut is not None
-            if weights is None:  # evicted or replaced while we waited: load it again, now
+            if entry is None:  # evicted or replaced while we waited: load it again, now
                 fut = self._future(name)
                 if fut is not None:
                     fut.result(timeout=timeout)
                 with self._lock:
-                    weights = self.device_cache.get(name, key)
-                if weights is None:
+                    entry = self.device_cache.get(name, key)
+                if entry is None:
                     raise LoraError(f"lora {name!r}: changed on disk while loading; retry the request")
-            out.append(weights)
+            if self.device.type == "cuda":
+                # The caller's stream reads these buffers: if the entry is evicted meanwhile, the
+                # allocator must not hand them to the loader's stream before that stream is done.
+                for t in entry.tensors():
+                    t.record_stream(torch.cuda.current_stream(self.device))
+            out.append(entry.weights)
         if waited:
             with self._lock:
                 self.stats.wait_seconds += time.perf_counter() - start
         return out
 
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until the loader thread has done all it was given so far (loads and host-tier fills)."""
+        self._pool.submit(lambda: None).result(timeout=timeout)
+
     def close(self) -> None:
+        with self._lock:
+            for _, fut in self._inflight.values():
+                fut.cancel()  # a load not started yet; waiters get CancelledError
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,8 @@
-"""katz.lora_file: the strict safetensors reader behind read_lora_file."""
+"""katz.lora_file (the strict safetensors reader) and the LoRA manager's load path on a CPU device.
+
+The manager runs the same code on CUDA; only the staging buffer's pinning, the side stream and
+record_stream are CUDA-only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import katz.lora_file as lf
-from katz.lora import parse_lora, read_lora_file
+from katz.lora import LoraError, LoraPatcher, parse_lora, read_lora_file
+from katz.lora_manager import LoraManager, finite_flag, first_non_finite
+from katz.lora_store import LoraStore
 from test_lora import _raises  # (LoraError raised, every needle in its message) -> message
 
 
@@ -213,3 +219,248 @@ def test_metadata_folding_and_components(tmp_path):
     assert w.layers["unet"]["a"].factor == 2.0 and w.layers["unet"]["b"].factor == 0.5
     save_file(sd, str(path), metadata={"lora_adapter_metadata": "[1"})
     _raises(lambda: read_lora_file(path, "meta"), "lora 'meta'", "lora_adapter_metadata")
+
+
+# --------------------------------------------------------------------------- #
+# Finiteness on the device in one pass
+# --------------------------------------------------------------------------- #
+def test_finite_flag_and_culprit():
+    buf = torch.zeros(64, dtype=torch.uint8)
+    spans = [(0, 16, torch.float32), (16, 24, torch.float32), (24, 32, torch.float16), (40, 44, torch.bfloat16),
+             (44, 44, torch.float32)]  # runs: 0..24 (F32), 24..32 (F16), 40..44 (BF16); an empty one
+    alone = torch.zeros(3, dtype=torch.float64)
+    tensors = {f"s{i}": buf[a:b].view(dt) for i, (a, b, dt) in enumerate(spans)}
+    tensors["alone"] = alone
+    assert bool(finite_flag(buf, spans, [alone])) and first_non_finite(tensors) is None
+    for key, value in [("s1", float("nan")), ("s2", float("inf")), ("s3", -float("inf")), ("alone", float("nan"))]:
+        tensors[key].view(-1)[-1] = value
+        assert not bool(finite_flag(buf, spans, [alone]))
+        assert first_non_finite(tensors) == key
+        tensors[key].view(-1)[-1] = 0
+    # bytes in no span are not checked (the padding between read ranges may hold anything)
+    buf[32:40] = 0xFF  # NaN as F32 / F16 / BF16
+    assert bool(finite_flag(buf, spans, [alone]))
+    assert not bool(finite_flag(buf, spans + [(32, 40, torch.float16)]))
+
+
+def test_parse_lora_check_finite_flag():
+    down, up = torch.randn(2, 8), torch.randn(6, 2)
+    up[1, 1] = float("nan")
+    sd = {"unet.a.lora_A.weight": down, "unet.a.lora_B.weight": up}
+    _raises(lambda: parse_lora(sd, "n", "sdxl"), "'unet.a.lora_B.weight' contains NaN")
+    assert "a" in parse_lora(sd, "n", "sdxl", check_finite=False).layers["unet"]
+    sd["unet.a.alpha"] = torch.tensor(float("inf"))  # alphas are checked either way
+    _raises(lambda: parse_lora(sd, "n", "sdxl", check_finite=False), "'unet.a.alpha'")
+
+
+# --------------------------------------------------------------------------- #
+# The manager's load path (CPU device)
+# --------------------------------------------------------------------------- #
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 6)
+        self.b = torch.nn.Linear(6, 5)
+
+
+def _peft_lora(path: Path, seed: int, dtype=torch.float32, nan_key: str | None = None, te: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "unet.a.lora_A.weight": torch.randn(4, 8, generator=g).to(dtype),
+        "unet.a.lora_B.weight": torch.randn(6, 4, generator=g).to(dtype),
+        "unet.b.lora_A.weight": torch.randn(3, 6, generator=g).to(dtype),
+        "unet.b.lora_B.weight": torch.randn(5, 3, generator=g).to(dtype),
+        "unet.b.alpha": torch.tensor(1.5),
+    }
+    if te:
+        sd["text_encoder.t.lora_A.weight"] = torch.randn(2, 4, generator=g)
+        sd["text_encoder.t.lora_B.weight"] = torch.full((4, 2), float("nan"))  # not the UNet's concern
+    if nan_key:
+        sd[nan_key].view(-1)[-1] = float("nan")
+    save_file(sd, str(path))
+    return sd
+
+
+def _manager(tmp_path, **kw) -> LoraManager:
+    return LoraManager(LoraStore(tmp_path, "sdxl"), [LoraPatcher(_Net(), "unet")], "cpu", **kw)
+
+
+def _check_layers(weights, sd) -> None:
+    layers = weights.layers["unet"]
+    assert set(layers) == {"a", "b"}
+    for p in ("a", "b"):
+        assert torch.equal(layers[p].down, sd[f"unet.{p}.lora_A.weight"])
+        assert torch.equal(layers[p].up, sd[f"unet.{p}.lora_B.weight"])
+    assert layers["a"].alpha is None and layers["b"].alpha == 1.5
+
+
+def test_manager_loads_views_of_one_buffer_and_reuses_staging(tmp_path):
+    a = _peft_lora(tmp_path / "a.safetensors", 1, te=True)
+    b = _peft_lora(tmp_path / "b.safetensors", 2, dtype=torch.bfloat16)
+    m = _manager(tmp_path)
+    try:
+        (wa,) = m.get(["a"])
+        (wb,) = m.get(["b"])  # read through the same staging buffer
+        _check_layers(wa, a)  # not overwritten by b's read
+        _check_layers(wb, b)
+        assert set(wa.layers) == {"unet"}  # the text-encoder part was neither read nor checked
+        entry = m.device_cache.get("a", m._file_key("a"))
+        assert entry.buffer is not None and not entry.extra
+        size = sum(t.numel() * t.element_size() for k, t in a.items() if k.startswith("unet."))
+        assert size <= entry.nbytes < size + 2 * lf.ALIGN
+        ptr = entry.buffer.untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == ptr for layer in wa.layers["unet"].values()
+                   for t in (layer.down, layer.up))
+        assert m.device_cache.used == entry.nbytes + m.device_cache.get("b", m._file_key("b")).nbytes
+        s = m.stats
+        assert s.loads == 2 and s.host_misses == 2 and s.read_bytes > 0
+        assert s.read_seconds > 0 and s.parse_seconds > 0 and s.upload_seconds > 0
+    finally:
+        m.close()
+
+
+def test_manager_host_hit_skips_disk_and_parsing(tmp_path, monkeypatch):
+    a = _peft_lora(tmp_path / "a.safetensors", 1)
+    m = _manager(tmp_path)
+    try:
+        m.get(["a"])
+        m.wait_idle()  # the host tier is filled after the load's waiters were let go
+        assert len(m.host.items) == 1 and m.stats.host_fill_seconds > 0
+        import katz.lora_manager as lm
+
+        def no(*args, **kw):
+            raise AssertionError("read or parsed again")
+
+        monkeypatch.setattr(lm, "read_lora_bytes", no)
+        monkeypatch.setattr(lm, "parse_lora", no)
+        m.device_cache.items.clear()
+        (again,) = m.get(["a"])
+        assert m.stats.host_hits == 1 and m.stats.loads == 2
+        _check_layers(again, a)
+        host = m.host.get("a", m._file_key("a"))
+        assert again.layers["unet"]["a"].down.untyped_storage().data_ptr() != host.buffer.untyped_storage().data_ptr()
+    finally:
+        m.close()
+
+
+def test_manager_host_tier_respects_its_budget(tmp_path):
+    _peft_lora(tmp_path / "a.safetensors", 1)
+    _peft_lora(tmp_path / "b.safetensors", 2)
+    m = _manager(tmp_path, host_budget_bytes=100)  # less than one LoRA: nothing is kept
+    try:
+        m.get(["a"])
+        m.wait_idle()
+        assert not m.host.items and m.host.used == 0
+    finally:
+        m.close()
+    m = _manager(tmp_path)
+    try:
+        m.get(["a"])
+        size = m.device_cache.get("a", m._file_key("a")).nbytes * 3 // 2
+    finally:
+        m.close()
+    m = _manager(tmp_path, host_budget_bytes=size)  # one LoRA's data fits, not two
+    try:
+        m.get(["a"])
+        m.get(["b"])
+        m.wait_idle()
+        assert list(m.host.items) == ["b"] and 0 < m.host.used <= size
+    finally:
+        m.close()
+
+
+def _cpu_path_error(path, name) -> str:
+    """The error the CPU path (read_lora_file + parse_lora) gives."""
+    with pytest.raises(LoraError) as info:
+        parse_lora(read_lora_file(path, name), name, "sdxl")
+    return str(info.value)
+
+
+@pytest.mark.parametrize("key", ["unet.a.lora_A.weight", "unet.b.lora_B.weight"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_manager_names_the_non_finite_tensor(tmp_path, key, dtype):
+    _peft_lora(tmp_path / "n.safetensors", 3, dtype=dtype, nan_key=key)
+    m = _manager(tmp_path)
+    try:
+        msg = _raises(lambda: m.get(["n"]), "lora 'n'", f"tensor {key!r} contains NaN or infinite values")
+        assert m.stats.load_failures == 1 and not m.device_cache.items and not m.host.items
+    finally:
+        m.close()
+    assert msg == _cpu_path_error(tmp_path / "n.safetensors", "n")
+
+
+def test_manager_misaligned_file_and_other_errors(tmp_path):
+    # an F16 alpha first puts the F32 weights at odd offsets: copied, counted, still right
+    g = torch.Generator().manual_seed(4)
+    down, up = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    blobs = [torch.tensor([3.0], dtype=torch.float16), down, up]
+    header, pos = {}, 0
+    for key, t, dt in zip(["lora_unet_a.alpha", "lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight"],
+                          blobs, ["F16", "F32", "F32"]):
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": dt, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    _raw_file(tmp_path / "odd.safetensors", header, b"".join(t.view(torch.uint8).numpy().tobytes() for t in blobs))
+    m = _manager(tmp_path)
+    try:
+        (w,) = m.get(["odd"])
+        layer = w.layers["unet"]["a"]
+        assert torch.equal(layer.down, down) and torch.equal(layer.up, up) and layer.alpha == 3.0
+        entry = m.device_cache.get("odd", m._file_key("odd"))
+        assert len(entry.extra) == 2 and entry.nbytes == entry.buffer.numel() + (down.numel() + up.numel()) * 4
+        m.wait_idle()
+        m.device_cache.items.clear()
+        (w,) = m.get(["odd"])  # from the host tier
+        assert torch.equal(w.layers["unet"]["a"].down, down) and m.stats.host_hits == 1
+
+        _peft_lora(tmp_path / "teonly.safetensors", 5)
+        sd = load_file(str(tmp_path / "teonly.safetensors"))
+        save_file({k.replace("unet.", "text_encoder."): v for k, v in sd.items()}, str(tmp_path / "teonly.safetensors"))
+        (w,) = m.get(["teonly"])
+        assert w.layers == {}
+
+        save_file({"unet.a.lora_A.weight": torch.randn(4, 7), "unet.a.lora_B.weight": torch.randn(6, 4)},
+                  str(tmp_path / "shape.safetensors"))
+        _raises(lambda: m.get(["shape"]), "lora 'shape'", "shape mismatch")
+        (tmp_path / "trunc.safetensors").write_bytes((tmp_path / "odd.safetensors").read_bytes()[:-3])
+        _raises(lambda: m.get(["trunc"]), "lora 'trunc'", "not a valid safetensors")
+    finally:
+        m.close()
+    sd15 = LoraManager(LoraStore(tmp_path, "sd15"), [LoraPatcher(_Net(), "unet")], "cpu")
+    try:
+        save_file({**load_file(str(tmp_path / "odd.safetensors")), "lora_te2_x.lora_down.weight": torch.ones(1, 1),
+                   "lora_te2_x.lora_up.weight": torch.ones(1, 1)}, str(tmp_path / "xl.safetensors"))
+        _raises(lambda: sd15.get(["xl"]), "lora 'xl'", "targets text_encoder_2, which a sd15 model does not have")
+    finally:
+        sd15.close()
+
+
+class _Unchecked:
+    """A patcher stand-in that accepts every layer (this test is about reading, not targets)."""
+
+    def __init__(self, component: str):
+        self.component = component
+
+    def validate(self, lora) -> None:
+        pass
+
+
+def test_manager_matches_the_cpu_path_on_a_real_lora(preset_dir):
+    """The preset's LoRAs through the manager equal read_lora_file + parse_lora, layer by layer."""
+    folder = preset_dir("tiny-sdxl") / "loras"
+    store = LoraStore(folder, "sdxl")
+    m = LoraManager(store, [_Unchecked(c) for c in ("unet", "text_encoder", "text_encoder_2")], "cpu")
+    try:
+        assert store.names()
+        for name in store.names():
+            ref = parse_lora(read_lora_file(folder / f"{name}.safetensors", name), name, "sdxl")
+            (w,) = m.get([name])
+            assert set(w.layers) == set(ref.layers)
+            for comp, layers in ref.layers.items():
+                assert set(w.layers[comp]) == set(layers)
+                for path, layer in layers.items():
+                    got = w.layers[comp][path]
+                    assert torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up)
+                    assert got.alpha == layer.alpha and got.key == layer.key
+    finally:
+        m.close()
