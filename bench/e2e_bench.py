@@ -70,6 +70,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5, help="requests per case")
     p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
+                   help="the benchmark LoRA's weights: 186 MB (float16) or 372 MB (float32) at rank 64")
     p.add_argument("--controlnet-mode", default="service", choices=("inline", "service"))
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")

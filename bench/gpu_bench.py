@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sdxl_random import build  # noqa: E402
+from bench.sdxl_random import build, write_lora  # noqa: E402
 
 UNET_STEP_TFLOP = 13.5  # SDXL UNet, batch 2, 1024² (issue 7's count)
 
@@ -213,18 +213,9 @@ def prepare(args) -> tuple[Path, Path, object, str, dict]:
     res["build_s"] = time.perf_counter() - t0
     print(f"model folder ready in {res['build_s']:.0f}s", flush=True)
 
-    # a rank-64 LoRA on every attention projection of the UNet (issue 3's 186 MB case)
-    from diffusers import UNet2DConditionModel
-
-    from katz.lora import make_random_lora
-
+    # a rank-64 LoRA on every attention projection of the UNet (issue 3's 186 MB case in float16)
     lora_dir = args.model_dir / "loras"
-    lora_dir.mkdir(exist_ok=True)
-    lora_file = lora_dir / "style.safetensors"
-    if not lora_file.exists():
-        unet_meta = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float16)
-        make_random_lora(lora_file, unet_meta, {}, rank=args.lora_rank, seed=1, fmt="peft")
-        del unet_meta
+    lora_file = write_lora(lora_dir / "style.safetensors", rank=args.lora_rank, dtype=args.lora_dtype)
     res["lora_mb"] = lora_file.stat().st_size / 1e6
 
     # ---------------------------------------------------------------- ceilings
@@ -248,6 +239,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
+                   help="the benchmark LoRA's weights: 186 MB (float16) or 372 MB (float32) at rank 64")
     p.add_argument("--out", type=Path)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="Katz engines eager")
     p.add_argument("--compile", action="store_true", help="Katz engines: torch.compile before graph capture")
@@ -344,6 +337,7 @@ def main() -> None:
     def katz_cold_lora(k):
         def run():
             unet._switch_to(())
+            unet.loras.wait_idle()  # the previous load's host-tier fill, so the clear below sticks
             unet.loras.device_cache.items.clear()
             unet.loras.host.items.clear()
             unet.loras.host.used = unet.loras.device_cache.used = 0

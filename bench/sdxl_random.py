@@ -98,3 +98,30 @@ def build(out: Path, device: str = "cuda", with_controlnet: bool = True) -> Path
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     (out / ".complete").write_text("ok\n")
     return out
+
+
+def write_lora(path: Path, rank: int = 64, dtype: str = "float16") -> Path:
+    """Write the benchmark LoRA and return its path; reuse a file there of the same rank and dtype.
+
+    Seeded random, peft format, rank ``rank`` on to_q/to_k/to_v/to_out.0 of every attention of the
+    SDXL UNet (issue 3's case), down/up weights in ``dtype``: at rank 64, 186 MB in 'float16',
+    372 MB in 'float32'. The UNet is built on the meta device (only its layer shapes are needed).
+    """
+    from diffusers import UNet2DConditionModel
+
+    from katz.lora import make_random_lora
+    from katz.lora_file import read_header
+
+    path = Path(path)
+    want = getattr(torch, dtype)
+    if path.exists():
+        with path.open("rb") as f:
+            header = read_header(f.fileno(), path.stat().st_size, path.name, path.stem)
+        downs = [s for k, s in header.tensors.items() if k.endswith(".lora_A.weight")]
+        if downs and all(s.dtype == want and s.shape[0] == rank for s in downs):
+            return path
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_random_lora(path, unet, {}, rank=rank, seed=1, fmt="peft", dtype=want)
+    return path

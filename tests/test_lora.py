@@ -310,6 +310,14 @@ def test_make_random_lora_is_deterministic_and_unet_only(sd15, tmp_path):
             make_random_lora(tmp_path / f"{fmt}{i}.safetensors", sd15["unet"], _encoders(sd15), rank=4, seed=6, fmt=fmt)
         first = (tmp_path / f"{fmt}0.safetensors").read_bytes()
         assert all((tmp_path / f"{fmt}{i}.safetensors").read_bytes() == first for i in (1, 2))
+        # float16 weights: the float32 ones cast (alphas stay float32)
+        make_random_lora(tmp_path / f"{fmt}h.safetensors", sd15["unet"], _encoders(sd15), rank=4, seed=6, fmt=fmt,
+                         dtype=torch.float16)
+        full, half = load_file(tmp_path / f"{fmt}0.safetensors"), load_file(tmp_path / f"{fmt}h.safetensors")
+        assert set(full) == set(half)
+        for k, v in half.items():
+            want = full[k] if k.endswith(".alpha") else full[k].half()
+            assert v.dtype == want.dtype and torch.equal(v, want), k
     make_random_lora(tmp_path / "a.safetensors", sd15["unet"], {}, rank=4, seed=6, fmt="peft")
     w = parse_lora(read_lora_file(tmp_path / "a.safetensors", "a"), "a", "sd15")
     assert set(w.layers) == {"unet"}
