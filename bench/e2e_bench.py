@@ -46,7 +46,8 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
         if not m:
             continue
         model = re.search(r'model="([^"]*)"', m.group(2) or "")
-        key = (m.group(1), model.group(1) if model else "")
+        phase = re.search(r'phase="([^"]*)"', m.group(2) or "")  # katz_lora_load_phase_seconds_total
+        key = (m.group(1) + (f"[{phase.group(1)}]" if phase else ""), model.group(1) if model else "")
         out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 

@@ -206,6 +206,10 @@ class UNet:
              s.steps_before_patch),
             ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
             ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
+             s.upload_seconds),
             *graph_metrics(self.engine),
         ]
 
