@@ -80,8 +80,15 @@ def main() -> None:
     args = p.parse_args()
 
     folder, lora_dir, control, prompt, res = prepare(args)
+    lat: dict[str, list[float]] = {}
+
+    def checkpoint() -> None:  # what is measured so far, in case the run is cut off
+        if args.out:
+            args.out.write_text(json.dumps({**res, "katz_e2e_latencies_s": lat}, indent=2))
+
     if not args.skip_diffusers:
         diffusers_baseline(folder, lora_dir, args, control, prompt, res)
+        checkpoint()
     torch.cuda.empty_cache()
 
     # ------------------------------------------------------------ the server
@@ -110,6 +117,7 @@ def main() -> None:
             time.sleep(1)
         res["katz_server_start_s"] = time.perf_counter() - t0
         print(f"katz serve ready in {res['katz_server_start_s']:.0f}s", flush=True)
+        checkpoint()
 
         buf = io.BytesIO()
         control.save(buf, "PNG")
@@ -121,13 +129,19 @@ def main() -> None:
             assert result.png, "no image"
             return time.perf_counter() - t
 
+        def measure(case: str, run) -> None:
+            lat[case] = []
+            for _ in range(args.repeats):
+                lat[case].append(run())
+                checkpoint()
+            print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s", flush=True)
+
         timed(Generation(prompt=prompt, seed=1, steps=2, width=args.size, height=args.size))  # warm-up
-        lat: dict[str, list[float]] = {}
         before = metrics(ports["metrics"])
-        lat["plain"] = [timed(base) for _ in range(args.repeats)]
+        measure("plain", lambda: timed(base))
         after = metrics(ports["metrics"])
         cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
-        lat["controlnet"] = [timed(cn) for _ in range(args.repeats)]
+        measure("controlnet", lambda: timed(cn))
 
         n_cold = 0
 
@@ -140,8 +154,8 @@ def main() -> None:
             drop_page_cache()
             return timed(Generation(**{**vars(base), "loras": [name], "lora_k": k}))
 
-        lat["cold_lora_bal"] = [cold(None) for _ in range(args.repeats)]
-        lat["cold_lora_k0"] = [cold(0) for _ in range(args.repeats)]
+        measure("cold_lora_bal", lambda: cold(None))
+        measure("cold_lora_k0", lambda: cold(0))
         end = metrics(ports["metrics"])
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb()
     finally:
