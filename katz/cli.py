@@ -51,6 +51,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
     p.add_argument("--lora-host-cache-mb", type=int, default=2048, help="parsed LoRAs kept in host memory")
     p.add_argument("--lora-device-cache-mb", type=int, default=1024, help="LoRAs kept on the device")
+    p.add_argument("--no-lora-readahead", dest="lora_readahead", action="store_false",
+                   help="do not read arriving requests' LoRA files into the page cache ahead of the UNet")
     p.add_argument("--max-queue-size", type=int, default=32,
                    help="requests that may wait at each step of the ensemble; more fail at once with UNAVAILABLE "
                         "(HTTP 503 'Exceeds maximum queue size'); 0: unbounded")
@@ -140,6 +142,7 @@ def build_deployment(args):
         lora_host_cache_bytes=args.lora_host_cache_mb << 20,
         lora_device_cache_bytes=args.lora_device_cache_mb << 20,
         lora_load_delay_s=args.lora_load_delay,
+        lora_readahead=args.lora_readahead,
         unet_shards=unet_shards,
         controlnet_mode=args.controlnet_mode,
         controlnet_url=args.controlnet_url,

@@ -236,6 +236,12 @@ def test_lora_metrics_are_exported(sdxl):
     loads = [l for l in text.splitlines() if l.startswith("katz_lora_loads_total")]
     assert loads and float(loads[0].split()[-1]) >= 1
     assert 'katz_lora_cache_hits_total{model="unet",tier="device"}' in text
+    # preprocessing read the file ahead (counted once its next request publishes the counters)
+    infer(make_client(sdxl.http_url), _gen(loras=["style"], lora_k=0))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sdxl.metrics_port}/metrics", timeout=10).read().decode()
+    ahead = [l for l in text.splitlines() if l.startswith("katz_lora_readahead_files_total")]
+    assert any('model="preprocessing"' in l for l in ahead)
+    assert sum(float(l.split()[-1]) for l in ahead) >= 1
 
 
 def test_bal_reports_the_patch_step(sdxl):

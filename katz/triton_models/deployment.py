@@ -30,6 +30,7 @@ class Deployment:
     lora_host_cache_bytes: int = 2 << 30
     lora_device_cache_bytes: int = 1 << 30
     lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
+    lora_readahead: bool = True  # preprocessing reads arriving requests' LoRA files into the page cache
     unet_shards: int = 1  # latent parallelism: CFG halves on this many UNet models (unet, unet_1, ...)
     controlnet_mode: str = "inline"  # inline | service | remote
     controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
@@ -57,6 +58,7 @@ class Deployment:
             "lora_host_cache_bytes": str(self.lora_host_cache_bytes),
             "lora_device_cache_bytes": str(self.lora_device_cache_bytes),
             "lora_load_delay_s": str(self.lora_load_delay_s),
+            "lora_readahead": "1" if self.lora_readahead else "0",
             "unet_shards": str(self.unet_shards),
             "controlnet_mode": self.controlnet_mode,
             "controlnet_url": self.controlnet_url,
@@ -86,6 +88,7 @@ class Deployment:
             lora_host_cache_bytes=int(params.get("lora_host_cache_bytes", 2 << 30)),
             lora_device_cache_bytes=int(params.get("lora_device_cache_bytes", 1 << 30)),
             lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
+            lora_readahead=params.get("lora_readahead", "1") == "1",
             unet_shards=int(params.get("unet_shards", "1")),
             controlnet_mode=params.get("controlnet_mode", "inline"),
             controlnet_url=params.get("controlnet_url", ""),

@@ -4,6 +4,9 @@ Outputs ``input_ids`` (and ``input_ids_2`` for SDXL) int64 ``[B, 77]``,
 ``control_images`` float32 ``[n, 3, H, W]`` in ``[0, 1]`` (``n`` may be 0),
 ``params`` (the normalized request as one JSON BYTES element, read by the
 later models) and ``seed`` int64 ``[1]`` (returned to the client).
+
+A valid request's LoRA files are handed to :class:`katz.lora_readahead.LoraReadahead`
+at once, so they are in the page cache by the time the UNet's loader reads them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 
 from katz.images import decode_control_image
+from katz.lora_readahead import LoraReadahead
 from katz.request import parse_request
 from katz.text_encoding import tokenize
 
@@ -23,10 +27,13 @@ class Preprocessing:
     def __init__(self, deployment):
         self.deployment = deployment
         self.tokenizers = deployment.folder.load_tokenizers()
+        self.readahead = LoraReadahead() if deployment.lora_readahead and deployment.lora_dir else None
 
     def execute(self, inputs: dict) -> dict:
         dep = self.deployment
         req = parse_request(inputs, dep.limits, frozenset(dep.folder.controlnets), dep.loras.exists)
+        if self.readahead is not None and req.loras:
+            self.readahead.hint(dep.loras.path(name) for name in req.loras)
         images = [
             decode_control_image(data, req.width, req.height, dep.limits.max_image_pixels)
             for data in req.control_images
@@ -62,6 +69,25 @@ class Preprocessing:
             "params": np.array([json.dumps(params).encode()], dtype=object),
             "seed": np.array([req.seed], dtype=np.int64),
         }
+
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
+        if self.readahead is None:
+            return []
+        s = self.readahead.stats
+        return [
+            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
+             {"result": "read"}, s.files_read),
+            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
+             {"result": "resident"}, s.resident),
+            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
+             {"result": "error"}, s.errors),
+            ("katz_lora_readahead_bytes_total", "LoRA file bytes read into the page cache ahead of the UNet", {},
+             s.bytes_read),
+            ("katz_lora_readahead_seconds_total", "time the readahead spent reading LoRA files (s)", {},
+             s.read_seconds),
+        ]
 
 
 def read_params(inputs: dict) -> dict:
