@@ -1,6 +1,7 @@
 """Katz end to end through a live Triton server vs stock diffusers, on one GPU, in one run.
 
     python bench/e2e_bench.py --out /tmp/e2e.json        # on the GPU host; bench/README.md says what to carry
+    python bench/e2e_bench.py --preset tiny-sdxl --steps 2 --repeats 1   # CPU smoke run (no figures)
 
 1. Stock diffusers in this process (:func:`bench.gpu_bench.diffusers_baseline`): plain request,
    with the ControlNet, with a cold LoRA loaded and fused per request; GPU memory freed after.
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import diffusers_baseline, drop_page_cache, prepare  # noqa: E402
+from bench.gpu_bench import bench_device, diffusers_baseline, evict_from_page_cache, prepare  # noqa: E402
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
@@ -59,6 +61,12 @@ def gpu_memory_used_gb() -> float:
     return float(out.strip().splitlines()[0]) * 1024**2 / 1e9
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -67,8 +75,9 @@ def percentile(xs: list[float], q: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
+    p.add_argument("--preset", help="a tiny preset (e.g. tiny-sdxl) instead of --model-dir: the CPU smoke run")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--size", type=int, default=None, help="image side (default: 1024; a preset's own size)")
     p.add_argument("--repeats", type=int, default=5, help="requests per case")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
@@ -89,13 +98,16 @@ def main() -> None:
     if not args.skip_diffusers:
         diffusers_baseline(folder, lora_dir, args, control, prompt, res)
         checkpoint()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     # ------------------------------------------------------------ the server
-    ports = {"http": 18000, "grpc": 18001, "metrics": 18002}
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     log = open("/tmp/katz-e2e-server.log", "w")
-    cmd = [sys.executable, "-m", "katz.cli", "serve", "--model-dir", str(folder), "--gpus", "0",
-           "--controlnet-mode", args.controlnet_mode, "--graph-sizes", f"{args.size}x{args.size}",
+    on_gpu = bench_device()[0] == "cuda"
+    cmd = [sys.executable, "-m", "katz.cli", "serve", "--model-dir", str(folder), "--lora-dir", str(lora_dir),
+           "--controlnet-mode", args.controlnet_mode,
+           *(["--gpus", "0", "--graph-sizes", f"{args.size}x{args.size}"] if on_gpu else ["--device", "cpu"]),
            "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
            "--metrics-port", str(ports["metrics"]), *args.serve_args.split()]
     t0 = time.perf_counter()
@@ -150,14 +162,13 @@ def main() -> None:
             n_cold += 1
             name = f"cold{n_cold}"
             shutil.copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors")
-            os.sync()
-            drop_page_cache()
+            evict_from_page_cache(lora_dir / f"{name}.safetensors")
             return timed(Generation(**{**vars(base), "loras": [name], "lora_k": k}))
 
         measure("cold_lora_bal", lambda: cold(None))
         measure("cold_lora_k0", lambda: cold(0))
         end = metrics(ports["metrics"])
-        res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb()
+        res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
     finally:
         server.terminate()
         try:
@@ -187,7 +198,8 @@ def main() -> None:
     res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in end.items() if k[0].startswith("katz_lora")}
     res["katz_e2e_graph_metrics"] = {f"{k[0]}": v for k, v in end.items() if "cuda_graph" in k[0]}
 
-    print(f"\n{res['device']}, SDXL architecture (random weights), {args.size}², {args.steps} steps, CFG, fp16; "
+    model = f"preset {args.preset} (CPU smoke run, not a figure)" if args.preset else "SDXL architecture (random weights)"
+    print(f"\n{res['device']}, {model}, {args.size}², {args.steps} steps, CFG, {'fp16' if on_gpu else 'fp32'}; "
           f"Katz through tritonserver (gRPC client, ControlNet {args.controlnet_mode}), {args.repeats} requests/case")
     rows = [("plain", "diffusers_plain_s"), ("controlnet", "diffusers_controlnet_s"),
             ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s")]

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +35,22 @@ from bench.sdxl_random import build, write_lora  # noqa: E402
 UNET_STEP_TFLOP = 13.5  # SDXL UNet, batch 2, 1024² (issue 7's count)
 
 
-def cuda_ms(fn, warmup=3, repeats=10) -> float:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_ms(fn, warmup=3, repeats=10) -> float:
+    """Median time of ``fn`` in ms: CUDA events on a GPU host, the wall clock on a CPU-only one."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if not torch.cuda.is_available():
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -49,12 +63,17 @@ def cuda_ms(fn, warmup=3, repeats=10) -> float:
 def wall(fn, repeats) -> float:
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def bench_device() -> tuple[str, torch.dtype]:
+    """``("cuda", float16)`` on a GPU host; ``("cpu", float32)`` elsewhere (CPU smoke runs, not figures)."""
+    return ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
 def kernel_profile(fn, top: int = 12) -> dict:
@@ -103,7 +122,7 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
 
         graph = CudaGraphs(step_cl, "unet.step.channels_last")
         graph.capture(*step_args)
-        out["unet_graph_channels_last_ms"] = cuda_ms(lambda: graph(*step_args))
+        out["unet_graph_channels_last_ms"] = device_ms(lambda: graph(*step_args))
         out["unet_channels_last_max_abs_diff"] = float((graph(*step_args) - ref).abs().max())
         del graph, unet_cl
         torch.cuda.empty_cache()
@@ -112,7 +131,7 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
             graph = CudaGraphs(torch.compile(eng._step, dynamic=False), "unet.step.compiled", eager=eng._step)
             graph.capture(*step_args, None, None)
             out["unet_compile_s"] = time.perf_counter() - t0
-            out["unet_graph_compiled_ms"] = cuda_ms(lambda: graph(*step_args, None, None))
+            out["unet_graph_compiled_ms"] = device_ms(lambda: graph(*step_args, None, None))
             out["unet_compiled_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
             del graph
             print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
@@ -127,11 +146,16 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
     return out
 
 
-def drop_page_cache() -> None:
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+def evict_from_page_cache(*paths: Path) -> None:
+    """Make files cold: write them out, then drop their pages from the OS page cache
+    (``POSIX_FADV_DONTNEED``; needs no root and leaves the rest of the page cache alone)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str, res: dict,
@@ -140,45 +164,52 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     requests (plain, with the ControlNet, with the cold LoRA loaded and fused per request); into ``res``."""
     import diffusers
 
-    cn = diffusers.ControlNetModel.from_pretrained(folder / "controlnets" / "canny", torch_dtype=torch.float16)
-    pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(
-        folder, controlnet=cn, torch_dtype=torch.float16, add_watermarker=False).to("cuda")
-    plain = diffusers.StableDiffusionXLPipeline.from_pipe(pipe, torch_dtype=torch.float16)
+    from katz.engines.torch_engines import unet_example_inputs
+    from katz.model_folder import ModelFolder
+
+    device, dtype = bench_device()
+    sdxl = ModelFolder(folder).family == "sdxl"
+    cn = diffusers.ControlNetModel.from_pretrained(folder / "controlnets" / "canny", torch_dtype=dtype)
+    with_cn = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+    extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = with_cn.from_pretrained(folder, controlnet=cn, torch_dtype=dtype, **extra).to(device)
+    plain = (diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline).from_pipe(
+        pipe, torch_dtype=dtype)
     for q in (pipe, plain):
         q.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np")
 
     # UNet step alone (batch 2)
-    lat = torch.randn(2, 4, args.size // 8, args.size // 8, device="cuda", dtype=torch.float16)
-    ehs = torch.randn(2, 77, 2048, device="cuda", dtype=torch.float16)
-    cond = {"text_embeds": torch.randn(2, 1280, device="cuda", dtype=torch.float16),
-            "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2, device="cuda", dtype=torch.float16)}
+    x = unet_example_inputs(ModelFolder(folder), 2, args.size, args.size, device, dtype)
+    lat, ehs, cond = x["sample"], x["encoder_hidden_states"], x["added_cond"]
     with torch.no_grad():
-        res["unet_step_ms"] = cuda_ms(lambda: plain.unet(lat, 500, ehs, added_cond_kwargs=cond))
-        img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
-        res["controlnet_step_ms"] = cuda_ms(lambda: cn(lat, 500, ehs, img, added_cond_kwargs=cond))
+        res["unet_step_ms"] = device_ms(lambda: plain.unet(lat, 500, ehs, added_cond_kwargs=cond))
+        img = torch.rand(2, 3, args.size, args.size, device=device, dtype=dtype)
+        res["controlnet_step_ms"] = device_ms(lambda: cn(lat, 500, ehs, img, added_cond_kwargs=cond))
         lat1 = lat[:1] / plain.vae.config.scaling_factor
 
         def diffusers_decode():  # as the SDXL pipeline decodes: upcast to fp32 when the VAE asks for it
             vae = plain.vae
-            if vae.config.force_upcast:
+            if sdxl and vae.config.force_upcast and dtype == torch.float16:
                 vae.to(torch.float32)
                 out = vae.decode(lat1.float(), return_dict=False)[0]
                 vae.to(torch.float16)
                 return out
             return vae.decode(lat1, return_dict=False)[0]
 
-        res["vae_decode_ms"] = cuda_ms(diffusers_decode, warmup=1, repeats=3)
-    res["unet_tflops"] = UNET_STEP_TFLOP / res["unet_step_ms"] * 1e3
-    print(f"UNet step {res['unet_step_ms']:.1f} ms ({res['unet_tflops']:.0f} TFLOP/s), "
-          f"ControlNet step {res['controlnet_step_ms']:.1f} ms, matmul {res['matmul_tflops']:.0f} TFLOP/s", flush=True)
+        res["vae_decode_ms"] = device_ms(diffusers_decode, warmup=1, repeats=3)
+    if sdxl and args.size == 1024 and not getattr(args, "preset", None):  # the full-size count
+        res["unet_tflops"] = UNET_STEP_TFLOP / res["unet_step_ms"] * 1e3
+    print(f"UNet step {res['unet_step_ms']:.1f} ms ({res.get('unet_tflops', float('nan')):.0f} TFLOP/s), "
+          f"ControlNet step {res['controlnet_step_ms']:.1f} ms, matmul {res['matmul_tflops']:.2f} TFLOP/s", flush=True)
 
     def gen(q, **extra):
         return lambda: q(prompt, generator=torch.Generator().manual_seed(1), **kw, **extra)
 
     if not requests:
         del pipe, plain, cn
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         return
 
     plain(prompt, **{**kw, "num_inference_steps": 2})  # warm-up
@@ -186,7 +217,7 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     res["diffusers_controlnet_s"] = wall(gen(pipe, image=control), args.repeats)
 
     def diffusers_cold_lora():
-        drop_page_cache()
+        evict_from_page_cache(lora_dir / "style.safetensors")
         plain.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
         plain.fuse_lora(lora_scale=1.0)
         gen(plain)()
@@ -194,34 +225,48 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
         plain.unload_lora_weights()
 
     res["diffusers_cold_lora_s"] = wall(diffusers_cold_lora, args.repeats)
-    res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
     print(f"diffusers: plain {res['diffusers_plain_s']:.2f}s, ControlNet {res['diffusers_controlnet_s']:.2f}s, "
           f"cold LoRA {res['diffusers_cold_lora_s']:.2f}s", flush=True)
     del pipe, plain, cn
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 
 def prepare(args) -> tuple[Path, Path, object, str, dict]:
     """Build (or reuse) the random SDXL folder and its LoRA, measure the matmul ceiling; returns
     ``(folder, lora_dir, control image, prompt, results)``."""
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
-                 "size": args.size, "python": platform.python_version()}
+    device, _ = bench_device()
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    res: dict = {"device": name, "torch": torch.__version__, "steps": args.steps,
+                 "python": platform.python_version()}
     t0 = time.perf_counter()
-    folder = build(args.model_dir)
+    if getattr(args, "preset", None):  # a tiny preset: the CPU smoke run; LoRAs copied to a folder of its own
+        from katz.model_folder import ModelFolder
+        from katz.presets import ensure_preset
+
+        folder = ensure_preset(args.preset)
+        args.size = args.size or ModelFolder(folder).default_size
+        lora_dir = Path(tempfile.mkdtemp(prefix="katz-bench-loras-"))
+        shutil.copy(folder / "loras" / "style.safetensors", lora_dir / "style.safetensors")
+    else:
+        folder = build(args.model_dir)
+        args.size = args.size or 1024
+        # a rank-64 LoRA on every attention projection of the UNet (issue 3's 186 MB case in float16)
+        lora_dir = args.model_dir / "loras"
+        write_lora(lora_dir / "style.safetensors", rank=args.lora_rank, dtype=args.lora_dtype)
     res["build_s"] = time.perf_counter() - t0
+    res["size"] = args.size
+    res["lora_mb"] = (lora_dir / "style.safetensors").stat().st_size / 1e6
     print(f"model folder ready in {res['build_s']:.0f}s", flush=True)
 
-    # a rank-64 LoRA on every attention projection of the UNet (issue 3's 186 MB case in float16)
-    lora_dir = args.model_dir / "loras"
-    lora_file = write_lora(lora_dir / "style.safetensors", rank=args.lora_rank, dtype=args.lora_dtype)
-    res["lora_mb"] = lora_file.stat().st_size / 1e6
-
     # ---------------------------------------------------------------- ceilings
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = cuda_ms(lambda: x @ x)
-    res["matmul_tflops"] = 2 * 8192**3 / mm / 1e9
+    n, mm_dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    x = torch.randn(n, n, device=device, dtype=mm_dtype)
+    mm = device_ms(lambda: x @ x)
+    res["matmul_tflops"] = 2 * n**3 / mm / 1e9
     del x
 
     from PIL import Image
@@ -277,16 +322,16 @@ def main() -> None:
     cne = ens.models["controlnet"].engine
     img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        res["katz_unet_step_eager_ms"] = cuda_ms(lambda: eng._step(*step_args, None, None))
-        res["katz_unet_step_ms"] = cuda_ms(lambda: eng(*step_args))
+        res["katz_unet_step_eager_ms"] = device_ms(lambda: eng._step(*step_args, None, None))
+        res["katz_unet_step_ms"] = device_ms(lambda: eng(*step_args))
         res["katz_unet_graph_max_abs_diff"] = float((eng(*step_args) - eng._step(*step_args, None, None)).abs().max())
         state = eng.down(*step_args)
-        res["katz_unet_down_ms"] = cuda_ms(lambda: eng.down(*step_args))
-        res["katz_unet_up_ms"] = cuda_ms(lambda: eng.up(state, None, None))
+        res["katz_unet_down_ms"] = device_ms(lambda: eng.down(*step_args))
+        res["katz_unet_up_ms"] = device_ms(lambda: eng.up(state, None, None))
         cn_args = ("canny", x["sample"], x["timestep"][:1], x["encoder_hidden_states"], x["added_cond"], img, 1.0)
-        res["katz_controlnet_step_ms"] = cuda_ms(lambda: cne(*cn_args, "bench-image"))
+        res["katz_controlnet_step_ms"] = device_ms(lambda: cne(*cn_args, "bench-image"))
         vae = ens.models["vae_decoder"].engine
-        res["katz_vae_decode_ms"] = cuda_ms(lambda: vae(x["sample"][:1]), warmup=1, repeats=3)
+        res["katz_vae_decode_ms"] = device_ms(lambda: vae(x["sample"][:1]), warmup=1, repeats=3)
     res["katz_unet_tflops"] = UNET_STEP_TFLOP / res["katz_unet_step_ms"] * 1e3
     res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s}
     res.update(engine_variants(eng, step_args, args.compile_variant))
@@ -345,7 +390,7 @@ def main() -> None:
                 d = getattr(m, "deployment", None)
                 if d is not None and "loras" in vars(d):  # the text encoder's parsed-file cache
                     d.loras._cache.clear()
-            drop_page_cache()
+            evict_from_page_cache(lora_dir / "style.safetensors")
             out = ens.generate(req(loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))
             applied.append(int(out["lora_applied_step"][0]))
         return run

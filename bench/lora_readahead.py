@@ -4,8 +4,7 @@
 
 Writes issue 3's benchmark LoRA (rank 64 on every attention projection of the full-size SDXL UNet,
 186 MB in float16; the UNet is built on the meta device, so this runs on any machine) and times,
-each from a cold page cache (the file's pages evicted with POSIX_FADV_DONTNEED, and every page
-cache dropped where this process may):
+each from a cold page cache (the file's pages evicted with POSIX_FADV_DONTNEED):
 
 * stock: ``safetensors.torch.load_file`` (what diffusers' ``load_lora_weights`` reads with);
 * Katz's loader read (``katz.lora_file.read_lora_bytes``, the UNet's tensors, parallel preadv);
@@ -20,7 +19,6 @@ cache and the disk of the machine it runs on.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_bench import evict_from_page_cache  # noqa: E402
 from bench.sdxl_random import write_lora  # noqa: E402
 from katz.lora_file import read_lora_bytes  # noqa: E402
 from katz.lora_readahead import LoraReadahead, resident_fraction  # noqa: E402
@@ -38,15 +37,7 @@ from katz.lora_readahead import LoraReadahead, resident_fraction  # noqa: E402
 
 def evict(path: Path) -> float | None:
     """Drop ``path`` from the page cache; returns the share still resident (None: unknown)."""
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_from_page_cache(path)
     return resident_fraction(path)
 
 

@@ -1,0 +1,36 @@
+"""The benchmark harness runs on the CPU with a tiny preset (a smoke run of the code, not a figure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+CASES = ("plain", "controlnet", "cold_lora_bal", "cold_lora_k0")
+
+
+@pytest.mark.integration
+def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
+    preset_dir("tiny-sdxl")  # built here, not inside the benchmark
+    out = tmp_path / "e2e.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/e2e_bench.py", "--preset", "tiny-sdxl", "--steps", "2", "--repeats", "1",
+         "--serve-args", "--torch-threads 1", "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, KATZ_CACHE=str(cache_root.parent)), capture_output=True, text=True,
+        timeout=840,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for case in CASES:
+        assert res[f"katz_e2e_{case}_p50_s"] > 0
+        assert f"\n{case} " in proc.stdout  # its row in the table of ratios
+    for key in ("diffusers_plain_s", "diffusers_controlnet_s", "diffusers_cold_lora_s", "unet_step_ms"):
+        assert res[key] > 0, key
+    assert res["katz_e2e_unet_runs"] == 2  # 1 plain request x 2 steps, one batch-2 evaluation each
+    assert res["katz_e2e_unet_step_ms"] > 0 and res["katz_e2e_overhead_per_step_ms"] >= 0
+    assert res["katz_e2e_lora_metrics"]["katz_lora_loads_total"] >= 2  # each cold LoRA is a new file
