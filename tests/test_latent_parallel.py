@@ -1,13 +1,112 @@
-"""Latent parallelism: the CFG halves on two UNet shards give the image of one UNet."""
+"""Latent parallelism: the CFG halves on two UNet shards give the image of one UNet;
+latent bands on more shards than CFG halves give an image close to it (katz.tiling)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import control_png
 
 STEPS = 4
+
+
+# ------------------------------------------------------------------ band geometry and blend (katz.tiling)
+PLANS = [  # (latent height, width, bands asked for, overlap, alignment)
+    (16, 16, 2, 8, 4), (32, 32, 2, 16, 4), (128, 128, 2, 16, 4), (128, 128, 4, 16, 4), (128, 96, 3, 16, 8),
+    (64, 128, 4, 16, 8), (96, 160, 5, 12, 8), (32, 32, 2, 0, 4), (40, 32, 2, 6, 4), (128, 128, 8, 8, 8),
+]
+
+
+@pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
+def test_bands_cover_the_latent_aligned_with_the_overlap(h, w, count, overlap, align):
+    from katz.tiling import plan_tiles
+
+    tiles = plan_tiles(h, w, count, overlap, align)
+    axis, length = (2, h) if h >= w else (3, w)
+    assert 2 <= len(tiles) <= count
+    assert all(t.axis == axis and t.length == length for t in tiles)
+    assert tiles[0].start == 0 and tiles[-1].end == length
+    assert all(t.start % align == 0 and t.size % align == 0 and t.size < length for t in tiles)
+    need = -(-overlap // align) * align  # the overlap, rounded up to the alignment
+    for a, b in zip(tiles, tiles[1:]):
+        assert a.start < b.start and a.end - b.start >= need  # neighbours overlap by at least that much
+    for a, c in zip(tiles, tiles[2:]):
+        assert a.end <= c.start  # no position in three bands
+
+
+@pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
+def test_blend_weights_are_a_partition_of_unity_with_linear_ramps(h, w, count, overlap, align):
+    from katz.tiling import blend_weights, plan_tiles
+
+    tiles = plan_tiles(h, w, count, overlap, align)
+    weights = blend_weights(tiles)
+    total = torch.zeros(tiles[0].length, dtype=torch.float64)
+    for t, wt in zip(tiles, weights):
+        assert wt.shape == (t.size,) and bool((wt > 0).all()) and bool((wt <= 1).all())
+        total[t.start : t.end] += wt.double()
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+    for i, (t, wt) in enumerate(zip(tiles, weights)):  # rising across the left overlap, falling across the right
+        left = tiles[i - 1].end - t.start if i else 0
+        right = t.end - tiles[i + 1].start if i + 1 < len(tiles) else 0
+        if left:
+            assert bool((wt[:left].diff() > 0).all())
+        if right:
+            assert bool((wt[t.size - right :].diff() < 0).all())
+        assert bool((wt[left : t.size - right] == 1).all())
+
+
+@pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
+def test_blending_the_crops_of_one_tensor_gives_it_back(h, w, count, overlap, align):
+    from katz.tiling import blend, plan_tiles
+
+    x = torch.randn(2, 4, h, w)
+    tiles = plan_tiles(h, w, count, overlap, align)
+    assert torch.allclose(blend([t.crop(x) for t in tiles], tiles), x, atol=1e-6)
+    half = blend([t.crop(x).half() for t in tiles], tiles)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), x, atol=1e-2)
+
+
+def test_crops_follow_the_scale_of_residuals_and_control_images():
+    from katz.tiling import plan_tiles
+
+    tile = plan_tiles(32, 16, 2, 8, 4)[1]  # rows 12..31 of 32
+    assert (tile.axis, tile.start, tile.size) == (2, 12, 20)
+    residual = torch.arange(16 * 8).reshape(1, 1, 16, 8)  # one level down: rows 6..15
+    assert torch.equal(tile.crop(residual), residual[:, :, 6:16])
+    image = torch.rand(1, 3, 256, 128)  # pixels (vae_scale_factor 8): rows 96..255
+    assert torch.equal(tile.crop(image), image[:, :, 96:256])
+    with pytest.raises(ValueError, match="whole elements"):
+        tile.crop(torch.zeros(1, 1, 3, 8))  # 12/32 of 3 rows: not on the grid
+    assert tile.key == "h12+20/32" and tile.key != plan_tiles(32, 16, 2, 8, 4)[0].key
+
+
+def test_a_latent_too_small_or_not_aligned_is_not_split_further():
+    from katz.tiling import plan_tiles
+
+    assert [(t.start, t.size) for t in plan_tiles(8, 8, 2, 16, 4)] == [(0, 8)]  # no two bands smaller than 8
+    assert [(t.start, t.size) for t in plan_tiles(16, 16, 2, 16, 4)] == [(0, 16)]
+    assert len(plan_tiles(16, 16, 4, 8, 4)) == 2  # fewer bands where four do not fit
+    assert [(t.start, t.size) for t in plan_tiles(125, 64, 2, 8, 4)] == [(0, 125)]  # 125 is not a multiple of 4
+    assert [(t.start, t.size) for t in plan_tiles(64, 64, 1, 8, 4)] == [(0, 64)]
+
+
+@pytest.mark.parametrize("args, message", [((16, 16, 0, 8, 4), "count"), ((16, 16, 2, -1, 4), "overlap"),
+                                           ((16, 16, 2, 8, 0), "alignment")])
+def test_bad_band_arguments_are_refused(args, message):
+    from katz.tiling import plan_tiles
+
+    with pytest.raises(ValueError, match=message):
+        plan_tiles(*args)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
+def test_alignment_is_the_unet_downsampling_factor(preset_dir, preset):
+    from katz.model_folder import ModelFolder
+
+    folder = ModelFolder(preset_dir(preset))
+    assert folder.unet_downsampling_factor == 2 ** (len(folder.unet_config["down_block_types"]) - 1) == 4
 
 
 def _ensemble(preset_path, shards, mode="inline", delay=0.0):
