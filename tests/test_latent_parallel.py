@@ -215,6 +215,33 @@ def test_repository_renders_one_model_per_shard(preset_dir, tmp_path, shards):
         assert params["unet_shards"] == str(shards) and params["latent_overlap"] == "8"
 
 
+def _cli_deployment(preset_dir, tmp_path, *flags):
+    from katz.cli import build_deployment, parser
+
+    args = parser().parse_args(["render", "--model-dir", str(preset_dir("tiny-sdxl")), "--out", str(tmp_path), *flags])
+    return build_deployment(args)
+
+
+def test_cli_takes_any_shard_count_and_the_tile_overlap(preset_dir, tmp_path):
+    dep = _cli_deployment(preset_dir, tmp_path, "--device", "cpu")
+    assert (dep.unet_shards, dep.latent_overlap) == (1, 16)
+    dep = _cli_deployment(preset_dir, tmp_path, "--device", "cpu", "--unet-shards", "4", "--tile-overlap", "8")
+    assert (dep.unet_shards, dep.latent_overlap) == (4, 8)
+    assert _cli_deployment(preset_dir, tmp_path, "--device", "cpu", "--unet-gpus", "0,1,2").unet_shards == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--unet-shards", "0"), "--unet-shards must be >= 1"),
+    (("--tile-overlap", "-8"), "--tile-overlap must be >= 0"),
+    (("--device", "cuda", "--unet-gpus", "0,64"), r"GPU \d+ is not on this host \(\d+ visible\)"),
+    (("--device", "cuda", "--unet-gpus", "0", "--gpus", "64"), r"GPU \d+ is not on this host \(\d+ visible\)"),
+])
+def test_cli_refuses_bad_shards_overlaps_and_gpus_the_host_lacks(preset_dir, tmp_path, flags, message):
+    args = flags if "--device" in flags else ("--device", "cpu", *flags)
+    with pytest.raises(SystemExit, match=message):
+        _cli_deployment(preset_dir, tmp_path, *args)
+
+
 @pytest.mark.integration
 def test_server_with_two_unet_shards_cfg_halves_and_bands(start_server, preset_dir):
     from katz.client import Generation, infer, make_client
