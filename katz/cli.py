@@ -32,10 +32,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-steps", type=int, default=30)
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per model process (0: torch's default)")
     p.add_argument("--unet-gpus", default=None,
-                   help="latent parallelism: one UNet shard per listed GPU, each CFG half on its own "
-                        "(e.g. 0,1); default: one UNet on --gpus")
+                   help="latent parallelism: one UNet shard per listed GPU (e.g. 0,1 or 0,1,2,3); as many shards "
+                        "as CFG halves take one half each, more cut the latent into overlapping bands; "
+                        "default: one UNet on --gpus")
     p.add_argument("--unet-shards", type=int, default=None,
                    help="number of UNet shards (CPU hosts, tests); on GPUs use --unet-gpus")
+    p.add_argument("--tile-overlap", type=int, default=16,
+                   help="latent parallelism with bands: least overlap of neighbouring bands in latent pixels "
+                        "(x8 image pixels; rounded up to the UNet's downsampling factor)")
     p.add_argument("--controlnet-mode", choices=("inline", "service", "remote"), default="service",
                    help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; remote: on another server (--controlnet-url)")
@@ -103,7 +107,7 @@ def build_deployment(args):
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise SystemExit(f"katz: --lora-dir {args.lora_dir} is not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    unet_shards = args.unet_shards or 1
+    unet_shards = 1 if args.unet_shards is None else args.unet_shards
     if args.unet_gpus:
         wanted = [int(g) for g in args.unet_gpus.split(",") if g.strip()]
         unet_shards = len(wanted)
@@ -112,8 +116,10 @@ def build_deployment(args):
                 if g >= torch.cuda.device_count():
                     raise SystemExit(f"katz: GPU {g} is not on this host ({torch.cuda.device_count()} visible); "
                                      "fix --unet-gpus / --gpus")
-    if unet_shards not in (1, 2):
-        raise SystemExit("katz: latent parallelism shards the two CFG halves: 1 or 2 UNet shards")
+    if unet_shards < 1:
+        raise SystemExit(f"katz: --unet-shards must be >= 1, not {unet_shards}")
+    if args.tile_overlap < 0:
+        raise SystemExit(f"katz: --tile-overlap must be >= 0 latent pixels, not {args.tile_overlap}")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     size = folder.default_size
     limits = Limits(
@@ -144,6 +150,7 @@ def build_deployment(args):
         lora_load_delay_s=args.lora_load_delay,
         lora_readahead=args.lora_readahead,
         unet_shards=unet_shards,
+        latent_overlap=args.tile_overlap,
         controlnet_mode=args.controlnet_mode,
         controlnet_url=args.controlnet_url,
         controlnet_timeout_s=args.controlnet_timeout,

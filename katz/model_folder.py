@@ -143,6 +143,12 @@ class ModelFolder:
         per_block = layers if isinstance(layers, list) else [layers] * len(blocks)
         return 1 + sum(per_block) + (len(blocks) - 1)
 
+    @property
+    def unet_downsampling_factor(self) -> int:
+        """How much the UNet shrinks its input at the bottom: ``2 ** (down blocks - 1)``
+        (latent bands of spatial sharding start and end on multiples of it)."""
+        return 2 ** (len(self.unet_config["down_block_types"]) - 1)
+
     # ---------------------------------------------------------------- loading
     def load_unet(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import UNet2DConditionModel

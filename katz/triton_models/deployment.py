@@ -31,7 +31,8 @@ class Deployment:
     lora_device_cache_bytes: int = 1 << 30
     lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
     lora_readahead: bool = True  # preprocessing reads arriving requests' LoRA files into the page cache
-    unet_shards: int = 1  # latent parallelism: CFG halves on this many UNet models (unet, unet_1, ...)
+    unet_shards: int = 1  # latent parallelism: CFG halves and/or latent bands on this many UNet models
+    latent_overlap: int = 16  # spatial sharding: least overlap of two neighbouring latent bands (latent px)
     controlnet_mode: str = "inline"  # inline | service | remote
     controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
     controlnet_timeout_s: float = 30.0
@@ -60,6 +61,7 @@ class Deployment:
             "lora_load_delay_s": str(self.lora_load_delay_s),
             "lora_readahead": "1" if self.lora_readahead else "0",
             "unet_shards": str(self.unet_shards),
+            "latent_overlap": str(self.latent_overlap),
             "controlnet_mode": self.controlnet_mode,
             "controlnet_url": self.controlnet_url,
             "controlnet_timeout_s": str(self.controlnet_timeout_s),
@@ -90,6 +92,7 @@ class Deployment:
             lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
             lora_readahead=params.get("lora_readahead", "1") == "1",
             unet_shards=int(params.get("unet_shards", "1")),
+            latent_overlap=int(params.get("latent_overlap", "16")),
             controlnet_mode=params.get("controlnet_mode", "inline"),
             controlnet_url=params.get("controlnet_url", ""),
             controlnet_timeout_s=float(params.get("controlnet_timeout_s", 30.0)),
@@ -105,6 +108,10 @@ class Deployment:
             if json.loads(params.get("graph_sizes", "null")) else None,
             channels_last=params.get("channels_last", "0") == "1",
         )
+        if dep.unet_shards < 1:
+            raise ValueError(f"unet_shards must be >= 1, not {dep.unet_shards}")
+        if dep.latent_overlap < 0:
+            raise ValueError(f"latent_overlap must be >= 0 latent pixels, not {dep.latent_overlap}")
         if dep.controlnet_mode not in ("inline", "service", "remote"):
             raise ValueError(f"controlnet_mode must be inline, service or remote, not {dep.controlnet_mode!r}")
         if dep.controlnet_mode == "remote" and not dep.controlnet_url:

@@ -1,5 +1,10 @@
 """``katz_pipeline``: the denoising loop, calling ``unet`` and ``controlnet`` over BLS.
 
+With several UNet shards (latent parallelism) each step's UNet evaluation is
+split into jobs run concurrently, one per shard: one per CFG half when there
+are as many shards as batch rows, else each row cut into overlapping latent
+bands (:mod:`katz.tiling`) whose noise predictions are blended.
+
 Inputs: ``prompt_embeds [B, 77, D]``, SDXL ``pooled_prompt_embeds [B, P]``,
 ``control_images [n, 3, H, W]``, ``params``. Outputs: ``latents [1, 4, h, w]`` and
 ``lora_applied_step`` int32 ``[1]`` (the step from which the LoRAs were in; -1 without LoRAs).
@@ -17,6 +22,7 @@ import torch
 
 from katz.denoise import ControlInput, denoise
 from katz.schedulers import make_scheduler
+from katz.tiling import Tile, blend, plan_tiles
 from katz.triton_models.preprocessing import read_params
 
 
@@ -32,6 +38,24 @@ def unet_model_names(shards: int) -> list[str]:
 def _rows(value, start: int, count: int):
     """Rows ``start:start+count`` of a batch-first tensor or numpy array."""
     return value[start : start + count]
+
+
+def _shard_inputs(tensors: dict, row: int, tile: Tile | None) -> dict:
+    """One shard's job: row ``row`` of every input and, for a band, its crop of the latent,
+    of each ControlNet residual (at that residual's scale) and of the control images (pixels).
+    Feature-cache keys name the band, so features of the whole control image are not reused
+    for a crop. SDXL ``time_ids`` stay the whole image's (see README, "Latent parallelism")."""
+    part = {k: _rows(v, row, 1) for k, v in tensors.items()}
+    if tile is None:
+        return part
+    for k, v in part.items():
+        if k in ("sample", "mid_residual", "control_images") or k.startswith("down_residual_"):
+            part[k] = tile.crop(v).contiguous()
+        elif k == "control_image_keys":
+            suffix = f"@{tile.key}".encode()
+            part[k] = np.array([[bytes(key) + suffix if bytes(key) else bytes(key) for key in r] for r in v],
+                               dtype=object)
+    return part
 
 
 def _control_inputs(controls, batch: int) -> dict:
@@ -100,7 +124,17 @@ class Pipeline:
         self.residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
         self.device = torch.device(deployment.device)
         self.unet_shards = unet_model_names(deployment.unet_shards)
+        self.latent_overlap = deployment.latent_overlap
+        self.align = folder.unet_downsampling_factor
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.unet_shards)), thread_name_prefix="katz-shard")
+
+    def shard_plan(self, rows: int, height: int, width: int) -> list[Tile | None]:
+        """The bands each batch row is cut into: ``[None]`` (the whole row on one shard) unless
+        there are more shards than rows; then up to ``shards // rows`` bands."""
+        if len(self.unet_shards) <= rows:
+            return [None]
+        tiles = plan_tiles(height, width, len(self.unet_shards) // rows, self.latent_overlap, self.align)
+        return tiles if len(tiles) > 1 else [None]
 
     def execute(self, inputs: dict, on_step=None) -> dict:
         params = read_params(inputs)
@@ -142,16 +176,21 @@ class Pipeline:
                 tensors["mid_residual"] = mid
             if controls:  # ControlNet-as-a-Service: the unet model calls the ControlNets itself
                 tensors.update(_control_inputs(controls, sample.shape[0]))
-            if len(self.unet_shards) > 1 and sample.shape[0] == len(self.unet_shards):
-                # latent parallelism: one CFG half per UNet shard (each on its own GPU), concurrently
-                tensors.update(bal.inputs(sample.shape[0], sharded=True))
-                parts = [{k: _rows(v, j, 1) for k, v in tensors.items()} for j in range(len(self.unet_shards))]
+            rows = sample.shape[0]
+            tiles = self.shard_plan(rows, sample.shape[2], sample.shape[3])
+            if len(self.unet_shards) > 1 and rows * len(tiles) > 1:
+                # latent parallelism: one job per CFG half and band, each on its own UNet shard, concurrently
+                tensors.update(bal.inputs(rows, sharded=True))
+                parts = [_shard_inputs(tensors, r, t) for r in range(rows) for t in tiles]
                 outs = list(self.pool.map(
                     lambda job: self.call(job[0], job[1], ["noise_pred", "lora_applied", "lora_ready"]),
                     zip(self.unet_shards, parts),
                 ))
                 bal.step_done([o["lora_applied"] for o in outs], [o["lora_ready"] for o in outs])
-                return torch.cat([o["noise_pred"] for o in outs])
+                preds = [o["noise_pred"] for o in outs]
+                if tiles != [None]:
+                    preds = [blend(preds[r * len(tiles) : (r + 1) * len(tiles)], tiles) for r in range(rows)]
+                return torch.cat(preds)
             tensors.update(bal.inputs(sample.shape[0]))
             out = self.call("unet", tensors, ["noise_pred", "lora_applied", "lora_ready"])
             bal.step_done([out["lora_applied"]], [out["lora_ready"]])
