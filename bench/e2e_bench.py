@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import bench_device, diffusers_baseline, evict_from_page_cache, prepare  # noqa: E402
+from bench.gpu_bench import bench_device, diffusers_baseline, prepare  # noqa: E402
+from katz.lora_readahead import evict  # noqa: E402
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
@@ -162,7 +163,7 @@ def main() -> None:
             n_cold += 1
             name = f"cold{n_cold}"
             shutil.copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors")
-            evict_from_page_cache(lora_dir / f"{name}.safetensors")
+            evict(lora_dir / f"{name}.safetensors")
             return timed(Generation(**{**vars(base), "loras": [name], "lora_k": k}))
 
         measure("cold_lora_bal", lambda: cold(None))

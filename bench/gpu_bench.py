@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sdxl_random import build, write_lora  # noqa: E402
+from katz.lora_readahead import evict  # noqa: E402
 
 UNET_STEP_TFLOP = 13.5  # SDXL UNet, batch 2, 1024² (issue 7's count)
 
@@ -146,18 +147,6 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
     return out
 
 
-def evict_from_page_cache(*paths: Path) -> None:
-    """Make files cold: write them out, then drop their pages from the OS page cache
-    (``POSIX_FADV_DONTNEED``; needs no root and leaves the rest of the page cache alone)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str, res: dict,
                        requests: bool = True) -> None:
     """Stock diffusers on this GPU: UNet/ControlNet step and VAE decode alone, then (``requests``) whole
@@ -168,7 +157,8 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     from katz.model_folder import ModelFolder
 
     device, dtype = bench_device()
-    sdxl = ModelFolder(folder).family == "sdxl"
+    model_folder = ModelFolder(folder)
+    sdxl = model_folder.family == "sdxl"
     cn = diffusers.ControlNetModel.from_pretrained(folder / "controlnets" / "canny", torch_dtype=dtype)
     with_cn = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
     extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
@@ -180,7 +170,7 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     kw = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np")
 
     # UNet step alone (batch 2)
-    x = unet_example_inputs(ModelFolder(folder), 2, args.size, args.size, device, dtype)
+    x = unet_example_inputs(model_folder, 2, args.size, args.size, device, dtype)
     lat, ehs, cond = x["sample"], x["encoder_hidden_states"], x["added_cond"]
     with torch.no_grad():
         res["unet_step_ms"] = device_ms(lambda: plain.unet(lat, 500, ehs, added_cond_kwargs=cond))
@@ -217,7 +207,7 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     res["diffusers_controlnet_s"] = wall(gen(pipe, image=control), args.repeats)
 
     def diffusers_cold_lora():
-        evict_from_page_cache(lora_dir / "style.safetensors")
+        evict(lora_dir / "style.safetensors")
         plain.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
         plain.fuse_lora(lora_scale=1.0)
         gen(plain)()
@@ -390,7 +380,7 @@ def main() -> None:
                 d = getattr(m, "deployment", None)
                 if d is not None and "loras" in vars(d):  # the text encoder's parsed-file cache
                     d.loras._cache.clear()
-            evict_from_page_cache(lora_dir / "style.safetensors")
+            evict(lora_dir / "style.safetensors")
             out = ens.generate(req(loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))
             applied.append(int(out["lora_applied_step"][0]))
         return run

@@ -29,15 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_bench import evict_from_page_cache  # noqa: E402
 from bench.sdxl_random import write_lora  # noqa: E402
 from katz.lora_file import read_lora_bytes  # noqa: E402
-from katz.lora_readahead import LoraReadahead, resident_fraction  # noqa: E402
+from katz.lora_readahead import LoraReadahead, evict, resident_fraction  # noqa: E402
 
 
-def evict(path: Path) -> float | None:
+def make_cold(path: Path) -> float | None:
     """Drop ``path`` from the page cache; returns the share still resident (None: unknown)."""
-    evict_from_page_cache(path)
+    evict(path)
     return resident_fraction(path)
 
 
@@ -85,7 +84,7 @@ def main() -> None:
             if before == "warm":
                 katz_read()
             else:
-                residency.append(evict(path))
+                residency.append(make_cold(path))
                 if before is not None:
                     before()
             t = time.perf_counter()

@@ -18,6 +18,7 @@ it (README, "Latent parallelism": the measured distance).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def blend_weights(tiles: list[Tile]) -> list[torch.Tensor]:
     return [(w / total[t.start : t.end]).float() for t, w in zip(tiles, raw)]
 
 
+@functools.lru_cache(maxsize=32)
+def _weights_on(tiles: tuple[Tile, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`blend_weights` on ``device``, shaped to broadcast over ``[B, C, h, w]`` bands; computed
+    once per band layout and device (a request's bands are the same at every step)."""
+    out = []
+    for t, w in zip(tiles, blend_weights(list(tiles))):
+        view = [1, 1, 1, 1]
+        view[t.axis] = t.size
+        out.append(w.to(device).view(view))
+    return tuple(out)
+
+
 def blend(preds: list[torch.Tensor], tiles: list[Tile]) -> torch.Tensor:
     """The bands' predictions ``[B, C, ., .]`` -> one over the whole latent: ``sum w_i * eps_i``
     (weights from :func:`blend_weights`, accumulated in float32, returned in the inputs' dtype)."""
@@ -120,8 +133,6 @@ def blend(preds: list[torch.Tensor], tiles: list[Tile]) -> torch.Tensor:
     shape = list(preds[0].shape)
     shape[axis] = length
     out = torch.zeros(shape, dtype=torch.float32, device=preds[0].device)
-    for pred, t, w in zip(preds, tiles, blend_weights(tiles)):
-        view = [1] * pred.dim()
-        view[axis] = t.size
-        out.narrow(axis, t.start, t.size).add_(pred.float() * w.to(pred.device).view(view))
+    for pred, t, w in zip(preds, tiles, _weights_on(tuple(tiles), preds[0].device)):
+        out.narrow(axis, t.start, t.size).add_(pred.float() * w)
     return out.to(preds[0].dtype)

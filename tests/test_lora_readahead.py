@@ -9,17 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from katz.lora_readahead import LoraReadahead, missing_chunks, resident_fraction
+from katz.lora_readahead import LoraReadahead, evict, missing_chunks, resident_fraction
 
 MB = 1 << 20
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, nbytes: int) -> Path:
@@ -34,7 +26,7 @@ def _write(path: Path, nbytes: int) -> Path:
 def cold_file(tmp_path):
     """A 24 MB file evicted from the page cache (skips where this file system cannot evict, e.g. tmpfs)."""
     path = _write(tmp_path / "big.safetensors", 24 * MB)
-    _evict(path)
+    evict(path)
     frac = resident_fraction(path)
     if frac is None:
         pytest.skip("mincore is not available here")

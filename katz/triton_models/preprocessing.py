@@ -70,19 +70,16 @@ class Preprocessing:
             "seed": np.array([req.seed], dtype=np.int64),
         }
 
-
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
         if self.readahead is None:
             return []
         s = self.readahead.stats
+        files = ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found")
         return [
-            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
-             {"result": "read"}, s.files_read),
-            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
-             {"result": "resident"}, s.resident),
-            ("katz_lora_readahead_files_total", "LoRA files named by requests, by what the readahead found",
-             {"result": "error"}, s.errors),
+            (*files, {"result": "read"}, s.files_read),
+            (*files, {"result": "resident"}, s.resident),
+            (*files, {"result": "error"}, s.errors),
             ("katz_lora_readahead_bytes_total", "LoRA file bytes read into the page cache ahead of the UNet", {},
              s.bytes_read),
             ("katz_lora_readahead_seconds_total", "time the readahead spent reading LoRA files (s)", {},
