@@ -223,6 +223,11 @@ def test_serve_rejects_incomplete_model_folder(tmp_path, preset_dir):
     assert "tritonserver" not in proc.stderr.lower()
 
 
+def test_sigterm_stops_the_server_cleanly(start_server):
+    server = start_server("tiny-sd15")
+    assert server.stop() == 0
+
+
 def test_lora_metrics_are_exported(sdxl):
     import urllib.request
 
@@ -243,8 +248,3 @@ def test_bal_reports_the_patch_step(sdxl):
     r = infer(make_client(sdxl.http_url), _gen(steps=4, loras=["detail"], lora_k=2))
     assert 0 <= r.lora_applied_step <= 2
     assert infer(make_client(sdxl.http_url), _gen()).lora_applied_step == -1
-
-
-def test_sigterm_stops_the_server_cleanly(sd15):
-    """Last in this file: it stops the module's SD 1.5 server (no other test here may use it after)."""
-    assert sd15.stop() == 0
