@@ -90,7 +90,14 @@ class RunningServer:
             finally:
                 client.close()  # an open keep-alive connection delays the server's shutdown
             time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        self.dump_stacks()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()[-8000:]}")
+
+    def dump_stacks(self) -> None:
+        """Have this server's model processes write their Python stacks to its log (SIGUSR1,
+        backends/python_katz/model.py), for the failure message of a server that hangs."""
+        subprocess.run(["pkill", "-USR1", "-f", f"triton_python_backend_stub {self.workdir}"], check=False)
+        time.sleep(2)
 
     def kill(self) -> None:
         """SIGKILL tritonserver and its model processes (no graceful shutdown), as a crash would."""
@@ -115,11 +122,16 @@ class RunningServer:
 def start_server(tmp_path_factory, cache_root, preset_dir):
     servers: list[RunningServer] = []
 
-    def start(preset: str, extra: list[str] = (), ports=None) -> RunningServer:
+    def start(preset: str, extra: list[str] = (), ports=None, ready_timeout: float = 300.0) -> RunningServer:
         preset_dir(preset)  # build the preset here, not inside the server start-up
         server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset}"), cache_root, list(extra), ports)
         servers.append(server)
-        server.wait_ready()
+        try:
+            server.wait_ready(ready_timeout)
+        except RuntimeError:
+            if server.proc.poll() is None:
+                server.kill()  # a hung start must not keep its ports
+            raise
         return server
 
     yield start

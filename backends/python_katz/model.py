@@ -6,7 +6,9 @@ package, which the stub imports from the virtual environment it was started in.
 GPU tensors cross the boundary through DLPack, never through host copies.
 """
 
+import faulthandler
 import json
+import signal
 import traceback
 
 import numpy as np
@@ -22,6 +24,10 @@ from katz.triton_models import (
     error_kind,
     is_out_of_memory,
 )
+
+# `kill -USR1 <stub pid>` writes every thread's Python stack to the server log (a stuck
+# instance says where it is stuck; the tests do it when a server does not come up).
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _to_python(tensor):
