@@ -4,11 +4,12 @@
     python bench/e2e_bench.py --preset tiny-sdxl --steps 2 --repeats 1   # CPU smoke run (no figures)
 
 1. Stock diffusers in this process (:func:`bench.gpu_bench.diffusers_baseline`): plain request,
-   with the ControlNet, with a cold LoRA loaded and fused per request; GPU memory freed after.
+   with the ControlNet, with a cold LoRA loaded and fused per request, with both; GPU memory freed after.
 2. ``katz serve --model-dir ...`` in a subprocess: tritonserver with the Katz models on GPU 0.
-3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, with
-   the ControlNet, and with a cold LoRA (a fresh file name per request, page cache dropped) at the
-   server's default bound k and at k = 0. Latency p50/p90 per case, ratios to diffusers.
+3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, then
+   ``--cases``: with the ControlNet, with a cold LoRA (a fresh file name per request, evicted from
+   the page cache) at the server's default bound k and at k = 0, and with both the ControlNet and
+   a cold LoRA. Latency p50/p90 per case, ratios to diffusers.
 4. Orchestration overhead per step from the server's counters: the denoising loop's execute time
    (Triton's ``katz_pipeline`` compute time) minus the ``unet`` model's device time
    (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself.
@@ -73,6 +74,30 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+CASES = ["controlnet", "cold_lora_bal", "cold_lora_k0", "controlnet_cold_lora"]
+
+
+def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
+    """The denoising loop's cost beyond the UNet, per step, from the counters around ``requests``
+    plain requests of ``steps`` steps each: ``katz_pipeline`` execute time minus ``unet`` device time."""
+
+    def delta(name: str, model: str) -> float:
+        return after.get((name, model), 0.0) - before.get((name, model), 0.0)
+
+    n = requests * steps
+    pipe_us = delta("nv_inference_compute_infer_duration_us", "katz_pipeline")
+    unet_us = delta("katz_unet_run_seconds_total", "unet") * 1e6  # device time (CUDA events)
+    return {
+        "katz_e2e_unet_runs": delta("katz_unet_runs_total", "unet"),
+        "katz_e2e_unet_step_ms": unet_us / n / 1e3,
+        "katz_e2e_overhead_per_step_ms": (pipe_us - unet_us) / n / 1e3,
+        "katz_e2e_stage_ms_per_request": {
+            m: delta("nv_inference_compute_infer_duration_us", m) / requests / 1e3
+            for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing")
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
@@ -85,6 +110,8 @@ def main() -> None:
                    help="the benchmark LoRA's weights: 186 MB (float16) or 372 MB (float32) at rank 64")
     p.add_argument("--controlnet-mode", default="service", choices=("inline", "service"))
     p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--cases", type=lambda v: v.split(","), default=CASES,
+                   help=f"cases after the plain request, in order (default: {','.join(CASES)})")
     p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -153,21 +180,30 @@ def main() -> None:
         before = metrics(ports["metrics"])
         measure("plain", lambda: timed(base))
         after = metrics(ports["metrics"])
+        res.update(loop_overhead(before, after, args.repeats, args.steps))
+        checkpoint()
         cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
-        measure("controlnet", lambda: timed(cn))
-
         n_cold = 0
 
-        def cold(k: int | None) -> float:
+        def cold(request: Generation, k: int | None) -> float:
             nonlocal n_cold
             n_cold += 1
             name = f"cold{n_cold}"
             shutil.copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors")
             evict(lora_dir / f"{name}.safetensors")
-            return timed(Generation(**{**vars(base), "loras": [name], "lora_k": k}))
+            return timed(Generation(**{**vars(request), "loras": [name], "lora_k": k}))
 
-        measure("cold_lora_bal", lambda: cold(None))
-        measure("cold_lora_k0", lambda: cold(0))
+        runs = {
+            "controlnet": lambda: timed(cn),
+            "cold_lora_bal": lambda: cold(base, None),
+            "cold_lora_k0": lambda: cold(base, 0),
+            "controlnet_cold_lora": lambda: cold(cn, None),
+        }
+        for case in args.cases:
+            measure(case, runs[case])
+            now = metrics(ports["metrics"])  # after each case, in case the run is cut off
+            res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in now.items() if k[0].startswith("katz_lora")}
+            checkpoint()
         end = metrics(ports["metrics"])
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
     finally:
@@ -183,19 +219,6 @@ def main() -> None:
         res[f"katz_e2e_{case}_p90_s"] = percentile(xs, 0.9)
         res[f"katz_e2e_{case}_all_s"] = xs
 
-    def delta(name: str, model: str) -> float:
-        return after.get((name, model), 0.0) - before.get((name, model), 0.0)
-
-    steps = args.repeats * args.steps
-    pipe_us = delta("nv_inference_compute_infer_duration_us", "katz_pipeline")
-    unet_us = delta("katz_unet_run_seconds_total", "unet") * 1e6  # device time (CUDA events)
-    res["katz_e2e_unet_runs"] = delta("katz_unet_runs_total", "unet")
-    res["katz_e2e_unet_step_ms"] = unet_us / steps / 1e3
-    res["katz_e2e_overhead_per_step_ms"] = (pipe_us - unet_us) / steps / 1e3
-    res["katz_e2e_stage_ms_per_request"] = {
-        m: delta("nv_inference_compute_infer_duration_us", m) / args.repeats / 1e3
-        for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing")
-    }
     res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in end.items() if k[0].startswith("katz_lora")}
     res["katz_e2e_graph_metrics"] = {f"{k[0]}": v for k, v in end.items() if "cuda_graph" in k[0]}
 
@@ -203,7 +226,9 @@ def main() -> None:
     print(f"\n{res['device']}, {model}, {args.size}², {args.steps} steps, CFG, {'fp16' if on_gpu else 'fp32'}; "
           f"Katz through tritonserver (gRPC client, ControlNet {args.controlnet_mode}), {args.repeats} requests/case")
     rows = [("plain", "diffusers_plain_s"), ("controlnet", "diffusers_controlnet_s"),
-            ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s")]
+            ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s"),
+            ("controlnet_cold_lora", "diffusers_controlnet_cold_lora_s")]
+    rows = [(case, dkey) for case, dkey in rows if f"katz_e2e_{case}_p50_s" in res]
     print(f"{'case':16} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}")
     for case, dkey in rows:
         d = res.get(dkey, float("nan"))

@@ -150,7 +150,8 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
 def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str, res: dict,
                        requests: bool = True) -> None:
     """Stock diffusers on this GPU: UNet/ControlNet step and VAE decode alone, then (``requests``) whole
-    requests (plain, with the ControlNet, with the cold LoRA loaded and fused per request); into ``res``."""
+    requests (plain, with the ControlNet, with the cold LoRA loaded and fused per request, and with
+    both unless ``args.cases`` leaves that case out); into ``res``."""
     import diffusers
 
     from katz.engines.torch_engines import unet_example_inputs
@@ -206,15 +207,19 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     res["diffusers_plain_s"] = wall(gen(plain), args.repeats)
     res["diffusers_controlnet_s"] = wall(gen(pipe, image=control), args.repeats)
 
-    def diffusers_cold_lora():
-        evict(lora_dir / "style.safetensors")
-        plain.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
-        plain.fuse_lora(lora_scale=1.0)
-        gen(plain)()
-        plain.unfuse_lora()
-        plain.unload_lora_weights()
+    def cold_lora(q, **extra):
+        def run():
+            evict(lora_dir / "style.safetensors")
+            q.load_lora_weights(lora_dir, weight_name="style.safetensors", adapter_name="style")
+            q.fuse_lora(lora_scale=1.0)
+            gen(q, **extra)()
+            q.unfuse_lora()
+            q.unload_lora_weights()
+        return run
 
-    res["diffusers_cold_lora_s"] = wall(diffusers_cold_lora, args.repeats)
+    res["diffusers_cold_lora_s"] = wall(cold_lora(plain), args.repeats)
+    if getattr(args, "cases", None) is None or "controlnet_cold_lora" in args.cases:
+        res["diffusers_controlnet_cold_lora_s"] = wall(cold_lora(pipe, image=control), args.repeats)
     res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
     print(f"diffusers: plain {res['diffusers_plain_s']:.2f}s, ControlNet {res['diffusers_controlnet_s']:.2f}s, "
           f"cold LoRA {res['diffusers_cold_lora_s']:.2f}s", flush=True)

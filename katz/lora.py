@@ -29,7 +29,9 @@ import json
 import math
 import re
 import threading
-from dataclasses import dataclass
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -72,6 +74,23 @@ class LoraLayer:
     up: torch.Tensor
     alpha: float | None  # None -> alpha == rank (factor 1)
     key: str = ""  # the file key of ``down`` (for error messages)
+    _matrices: tuple | None = field(default=None, repr=False, compare=False)
+
+    def matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up [out, r], down [r, in * kh * kw])`` as 2-D matrices of ``dtype`` on ``device``: views
+        (made once per layer) when the tensors already are that, else converted copies."""
+        up, down = self.matrix_views()
+        if up.dtype == dtype and down.dtype == dtype and up.device == device:
+            return up, down
+        return up.to(device=device, dtype=dtype), down.to(device=device, dtype=dtype)
+
+    def matrix_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``up`` and ``down`` as 2-D views, made once (again if either tensor is replaced)."""
+        m = self._matrices
+        if m is None or m[0] is not self.up or m[1] is not self.down:
+            m = self._matrices = (self.up, self.down, self.up.reshape(self.up.shape[0], -1),
+                                  self.down.reshape(self.rank, -1))
+        return m[2], m[3]
 
     @property
     def rank(self) -> int:
@@ -469,6 +488,9 @@ def _is_patchable(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
 
 
+_PLAN_CACHE_SIZE = 16
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -489,6 +511,11 @@ class LoraPatcher:
         self._pristine: dict[str, torch.Tensor] = {}
         self._current: tuple[tuple[LoraWeights, float], ...] = ()
         self._lock = threading.RLock()
+        # plans of recently applied LoRA objects: id -> (weak reference, plan); a LoraWeights is
+        # not changed once parsed, so its plan (checks included) holds while the object lives
+        self._plans: OrderedDict[int, tuple[weakref.ref, list]] = OrderedDict()
+        self._plans_lock = threading.Lock()
+        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _matrix_views
 
     @property
     def applied(self) -> tuple[tuple[str, float], ...]:
@@ -531,12 +558,30 @@ class LoraPatcher:
                     raise _err(name, f"tensor {key!r} ({what}) contains NaN or infinite values")
             if layer.alpha is not None and not math.isfinite(layer.alpha):
                 raise _err(name, f"tensor {key!r} has a non-finite alpha")
+            layer.matrix_views()  # made here (the loader's validate), not in the merge
             plan.append((path, mod, layer))
+        return plan
+
+    def _cached_plan(self, lora: LoraWeights) -> list[tuple[str, torch.nn.Module, LoraLayer]]:
+        """:meth:`_plan`, remembered for the last few LoRA objects (the loader's :meth:`validate`
+        plans a LoRA off the request path; its merge then finds the plan made). Only the resolved
+        ``(path, module)`` pairs are kept, never the LoRA's tensors (the caches own those)."""
+        layers = lora.layers.get(self.component, {}).values()
+        with self._plans_lock:
+            hit = self._plans.get(id(lora))
+            if hit is not None and hit[0]() is lora:
+                self._plans.move_to_end(id(lora))
+                return [(path, mod, layer) for (path, mod), layer in zip(hit[1], layers)]
+        plan = self._plan(lora)
+        with self._plans_lock:
+            self._plans[id(lora)] = (weakref.ref(lora), [(path, mod) for path, mod, _ in plan])
+            while len(self._plans) > _PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
         return plan
 
     def validate(self, lora: LoraWeights) -> None:
         """Raise :class:`LoraError` unless every layer of this component fits a Linear/Conv2d here."""
-        self._plan(lora)
+        self._cached_plan(lora)
 
     # -- merging ------------------------------------------------------------ #
     def apply(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
@@ -556,7 +601,7 @@ class LoraPatcher:
                 for w, s in entries:
                     if not math.isfinite(s):
                         raise _err(w.name, f"scale {s} is not finite")
-                    plans.append((w, s, self._plan(w)))
+                    plans.append((w, s, self._cached_plan(w)))
                 self._merge(plans)
             except BaseException:
                 self.restore()
@@ -572,39 +617,98 @@ class LoraPatcher:
                 by_module.setdefault(path, []).append((scale, layer))
                 modules[path] = mod
         # Modules patched before but not now: back to base.
-        for path, base in self._pristine.items():
-            if path not in by_module:
-                self._index.modules[path].weight.copy_(base)
-        all_finite = None
+        stale = [path for path in self._pristine if path not in by_module]
+        copy_all([self._index.modules[p].weight for p in stale], [self._pristine[p] for p in stale])
+        merged = []
         for path, items in by_module.items():
             weight = modules[path].weight
             base = self._pristine.get(path)
             if base is None:
                 base = self._pristine[path] = weight.detach().clone()
-            cdt = _compute_dtype(weight.dtype)
-            delta = lora_delta(items, weight.shape, cdt, weight.device)
-            merged = (base.to(cdt) + delta).to(weight.dtype)
-            finite = torch.isfinite(merged).all()
-            all_finite = finite if all_finite is None else all_finite & finite
-            weight.copy_(merged)
+            _merge_into(weight, base, items, self._matrix_views(path, weight, base))
+            merged.append(weight)
         # one host sync for the whole merge; find the culprit only on failure
-        if all_finite is not None and not bool(all_finite):
-            for path in by_module:
-                weight = modules[path].weight
-                if not bool(torch.isfinite(weight).all()):
-                    names = ", ".join(sorted({w.name for w, _s, p in plans if any(q[0] == path for q in p)}))
-                    raise _err(
-                        names,
-                        f"merged weight of {self.component} module {path!r} is not finite in {weight.dtype} "
-                        "(scale too large?)",
-                    )
+        if all_finite(merged):
+            return
+        for path in by_module:
+            weight = modules[path].weight
+            if not bool(torch.isfinite(weight).all()):
+                names = ", ".join(sorted({w.name for w, _s, p in plans if any(q[0] == path for q in p)}))
+                raise _err(
+                    names,
+                    f"merged weight of {self.component} module {path!r} is not finite in {weight.dtype} "
+                    "(scale too large?)",
+                )
+
+    def _matrix_views(self, path: str, weight: torch.Tensor, base: torch.Tensor) -> tuple | None:
+        """``(weight, pristine)`` as 2-D ``[out, in * kh * kw]`` views, made once per module, when
+        ``addmm`` into the weight rounds once from a float32-or-better sum: float32/float64
+        weights, or CUDA weights (cuBLAS accumulates and applies alpha/beta in float32); None
+        otherwise (half precision on the CPU, non-contiguous weights)."""
+        views = self._views.get(path)
+        if views is None or views[0].data_ptr() != weight.data_ptr():
+            exact = weight.is_cuda or weight.dtype in (torch.float32, torch.float64)
+            if not (exact and weight.is_contiguous() and base.is_contiguous()):
+                return None
+            views = self._views[path] = (weight.view(weight.shape[0], -1), base.view(base.shape[0], -1))
+        return views
 
     def restore(self) -> None:
         """Copy every touched weight back from its pristine copy (bit-identical base)."""
         with self._lock, torch.no_grad():
-            for path, base in self._pristine.items():
-                self._index.modules[path].weight.copy_(base)
+            paths = list(self._pristine)
+            copy_all([self._index.modules[p].weight for p in paths], [self._pristine[p] for p in paths])
             self._current = ()
+
+
+def _merge_into(
+    weight: torch.Tensor, base: torch.Tensor, items: Sequence[tuple[float, LoraLayer]], views: tuple | None
+) -> None:
+    """``weight = base + sum(scale * alpha / r * up @ down)``, rounded once to ``weight.dtype``.
+
+    One LoRA on a module with ``views`` (:meth:`LoraPatcher._matrix_views`) takes one fused
+    ``addmm`` kernel; otherwise the sum is formed in float32 (float64) first.
+    """
+    if len(items) == 1 and views is not None:
+        scale, layer = items[0]
+        up, down = layer.matrices(weight.dtype, weight.device)
+        torch.addmm(views[1], up, down, alpha=scale * layer.factor, out=views[0])
+        return
+    cdt = _compute_dtype(weight.dtype)
+    delta = lora_delta(items, weight.shape, cdt, weight.device)
+    weight.copy_((base.to(cdt) + delta).to(weight.dtype))
+
+
+def copy_all(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for each pair, as few kernels as torch allows (``_foreach_copy_``)."""
+    if not dst:
+        return
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(list(dst), list(src))
+        return
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite, with one host sync (per-tensor L2 norms in
+    one fused pass; NaN and Inf make a norm non-finite). May answer False for finite tensors whose
+    norm overflows float32; callers then look tensor by tensor."""
+    if not tensors:
+        return True
+    if not hasattr(torch, "_foreach_norm"):
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    flags = []
+    for dtype, group in by_dtype.items():
+        if dtype in (torch.float16, torch.bfloat16):
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        else:
+            norms = torch._foreach_norm(group, 2)
+        flags.append(torch.isfinite(torch.stack(norms)).all())
+    return bool(torch.stack(flags).all())
 
 
 # --------------------------------------------------------------------------- #

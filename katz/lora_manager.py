@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -63,7 +63,9 @@ class LoraStats:
     upload_seconds: float = 0.0  # issuing the upload, then waiting for it and the device finiteness check
     host_copy_seconds: float = 0.0  # host hits: host tier -> staging buffer
     host_fill_seconds: float = 0.0  # after a load: staging buffer -> host tier (off the request's path)
-    extra: dict = field(default_factory=dict)
+    # the UNet model's weight switches (merge a LoRA set in, or restore the base): host time,
+    # which for a merge ends with its one device sync (the finiteness check)
+    switch_seconds: float = 0.0
 
 
 @dataclass
@@ -429,6 +431,10 @@ class LoraManager:
                 entry = _rebase_weights(host.weights, host.buffer, self._upload(staged))
             if self._stream is not None:
                 self._stream.synchronize()
+        with self._timed("parse_seconds"):  # plans the merge here, off the request's path (checked when read)
+            for comp, patcher in self.patchers.items():
+                if comp in entry.weights.layers:
+                    patcher.validate(entry.weights)
         return entry
 
     def _fill_host(self, name: str, key: tuple, entry: _Entry, staged: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-CASES = ("plain", "controlnet", "cold_lora_bal", "cold_lora_k0")
+CASES = ("plain", "controlnet", "cold_lora_bal", "cold_lora_k0", "controlnet_cold_lora")
 
 
 @pytest.mark.integration
@@ -29,8 +29,11 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     for case in CASES:
         assert res[f"katz_e2e_{case}_p50_s"] > 0
         assert f"\n{case} " in proc.stdout  # its row in the table of ratios
-    for key in ("diffusers_plain_s", "diffusers_controlnet_s", "diffusers_cold_lora_s", "unet_step_ms"):
+    for key in ("diffusers_plain_s", "diffusers_controlnet_s", "diffusers_cold_lora_s",
+                "diffusers_controlnet_cold_lora_s", "unet_step_ms"):
         assert res[key] > 0, key
     assert res["katz_e2e_unet_runs"] == 2  # 1 plain request x 2 steps, one batch-2 evaluation each
     assert res["katz_e2e_unet_step_ms"] > 0 and res["katz_e2e_overhead_per_step_ms"] >= 0
-    assert res["katz_e2e_lora_metrics"]["katz_lora_loads_total"] >= 2  # each cold LoRA is a new file
+    lora = res["katz_e2e_lora_metrics"]
+    assert lora["katz_lora_loads_total"] >= 3  # each cold LoRA is a new file
+    assert lora["katz_lora_switch_seconds_total"] > 0

@@ -18,6 +18,8 @@ from katz.lora import (
     LoraLayer,
     LoraPatcher,
     LoraWeights,
+    all_finite,
+    copy_all,
     make_random_lora,
     parse_lora,
     read_lora_file,
@@ -467,6 +469,84 @@ def test_other_weight_dtypes(sd15, dtype):
             torch.testing.assert_close(sd[k], want, atol=1e-12, rtol=0)
         else:
             torch.testing.assert_close(sd[k], _expected(base[k], [(1.5, a.layers["unet"][path])]), atol=0, rtol=0)
+    p.restore()
+    assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
+
+
+def test_merge_costs_one_kernel_per_layer_and_plans_are_cached(sd15):
+    """The merge of one LoRA is one addmm per adapted layer plus one finiteness pass; the second
+    apply of the same LoRA object reuses its plan (no shape checks again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    unet = copy.deepcopy(sd15["unet"])
+    paths = _attn_paths(unet)
+    a = _random_lora(unet, "unet", paths, "a", seed=1, alpha=2.0)
+    b = _random_lora(unet, "unet", paths, "b", seed=2)
+    p = LoraPatcher(unet, "unet")
+    p.validate(a)  # as the loader does: the plan is made off the request path
+    calls = []
+    original = p._plan
+    p._plan = lambda lora: (calls.append(lora.name), original(lora))[1]
+    p.apply([(b, 1.0)])  # the first merge also copies the pristine weights
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        p.apply([(a, 1.0)])
+    top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
+    assert top.count("aten::addmm") == len(paths)
+    assert len(top) <= len(paths) + 10, sorted(set(top))
+    p.apply([(b, 0.5)])
+    assert calls == ["b"]  # a was planned by validate, b once
+
+
+def test_plan_cache_keeps_no_lora_tensors_alive(sd15):
+    import gc
+    import weakref
+
+    unet = copy.deepcopy(sd15["unet"])
+    paths = _attn_paths(unet)[:4]
+    p = LoraPatcher(unet, "unet")
+    a = _random_lora(unet, "unet", paths, "a", seed=1)
+    p.apply([(a, 1.0)])
+    p.restore()
+    up = weakref.ref(a.layers["unet"][paths[0]].up)
+    del a
+    gc.collect()
+    assert up() is None
+
+
+def test_all_finite_and_copy_all():
+    big = torch.full((4, 4), 60000.0, dtype=torch.float16)  # norm 240000 overflows float16, not float32
+    assert all_finite([torch.randn(3, 3), big, torch.randn(5, dtype=torch.float64)])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            t = torch.randn(7, 5).to(dtype)
+            t[3, 2] = bad
+            assert not all_finite([torch.randn(2), t]), (bad, dtype)
+    assert all_finite([])
+    dst = [torch.zeros(3), torch.zeros(2, 2, dtype=torch.float16)]
+    src = [torch.randn(3), torch.randn(2, 2).half()]
+    copy_all(dst, src)
+    assert all(torch.equal(d, s) for d, s in zip(dst, src))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused CUDA merge needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_merge_rounds_once(sd15, dtype):
+    """On CUDA one LoRA is merged with one addmm in the weight's dtype; cuBLAS sums in float32, so
+    the result is the float32 reference rounded once, up to one unit in the last place."""
+    unet = copy.deepcopy(sd15["unet"]).to("cuda", dtype)
+    paths = _attn_paths(unet)
+    a = _random_lora(unet, "unet", paths, "a", seed=1, alpha=2.0)
+    for layer in a.layers["unet"].values():
+        layer.down, layer.up = layer.down.to("cuda", dtype), layer.up.to("cuda", dtype)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    p = LoraPatcher(unet, "unet")
+    p.apply([(a, 1.5)])
+    sd = unet.state_dict()
+    for path in paths:
+        k = f"{path}.weight"
+        want = _expected(base[k], [(1.5, a.layers["unet"][path])])
+        ulp = (want.float().abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+        assert ((sd[k].float() - want.float()).abs() <= ulp).all(), path
     p.restore()
     assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
 

@@ -135,19 +135,18 @@ class UNet:
     def _switch_to(self, weight_set: tuple[tuple[str, float], ...]) -> None:
         if weight_set == self.applied:
             return
-        start = time.perf_counter()
         weights = self.loras.get([n for n, _ in weight_set]) if weight_set else []
+        start = time.perf_counter()
         try:
             self.engine.set_loras([(w, s) for w, (_, s) in zip(weights, weight_set)])
         except BaseException:
             self.applied = ()
             raise
+        finally:
+            self.loras.stats.switch_seconds += time.perf_counter() - start
         self.applied = weight_set
         if weight_set:
             self.loras.stats.patches += 1
-        self.loras.stats.extra["switch_seconds"] = self.loras.stats.extra.get("switch_seconds", 0.0) + (
-            time.perf_counter() - start
-        )
 
     # ---------------------------------------------------------------- run
     def _run(self, inputs: dict, applied: bool) -> dict:
@@ -206,6 +205,8 @@ class UNet:
              s.steps_before_patch),
             ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
             ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+            ("katz_lora_switch_seconds_total", "time switching the UNet weights: LoRA sets merged in, base restored (s)",
+             {}, s.switch_seconds),
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
