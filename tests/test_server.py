@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from katz.client import Generation, infer, make_client
 
+import tooling_support
 from conftest import control_png
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def sdxl(start_server):
-    return start_server("tiny-sdxl")
+    """The default tiny-sdxl server, shared with test_perf, test_stream and test_traces."""
+    return tooling_support.tiny_server(start_server)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Shared by test_perf, test_stream and test_traces: one tiny-sdxl server for the three
-modules (a server start costs ~30 s or more on 2 cores), and a TCP relay that can
+"""Shared by test_perf, test_server, test_stream and test_traces: one tiny-sdxl server for
+these modules (a server start costs ~30 s or more on 2 cores), and a TCP relay that can
 make a server "go away" without stopping it."""
 
 from __future__ import annotations
