@@ -152,12 +152,14 @@ def command(install: TritonInstall, repository: Path, backends: Path, opts: Serv
 
 
 def run_foreground(cmd: list[str], env: dict[str, str], opts: ServerOptions | None = None) -> int:
-    """Run tritonserver until it exits; SIGINT/SIGTERM stop it cleanly (SIGTERM, then SIGKILL after 30 s).
+    """Run tritonserver until it exits; SIGINT/SIGTERM stop it cleanly (SIGTERM, then SIGKILL once
+    its exit timeout and 10 s more have passed).
 
     With ``opts.watchdog``, a :class:`katz.watchdog.Watchdog` reloads models whose instance process died.
     """
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopping = {"at": None}
+    kill_after = (opts.exit_timeout if opts is not None else 30) + 10
     dog = None
     if opts is not None and opts.watchdog:
         from katz.watchdog import Watchdog
@@ -179,7 +181,7 @@ def run_foreground(cmd: list[str], env: dict[str, str], opts: ServerOptions | No
             try:
                 return proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
-                if stopping["at"] is not None and time.monotonic() - stopping["at"] > 30:
+                if stopping["at"] is not None and time.monotonic() - stopping["at"] > kill_after:
                     os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if dog is not None:

@@ -106,6 +106,11 @@ class RunningServer:
         self.proc.wait(timeout=30)
         self.log.close()
 
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM) without waiting; :meth:`stop` waits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -135,6 +140,9 @@ def start_server(tmp_path_factory, cache_root, preset_dir):
         return server
 
     yield start
+    # all at once: a server with an idle HTTP client left open takes its whole exit timeout
+    for s in servers:
+        s.terminate()
     for s in servers:
         s.stop()
 
