@@ -667,7 +667,8 @@ def _merge_into(
     """``weight = base + sum(scale * alpha / r * up @ down)``, rounded once to ``weight.dtype``.
 
     One LoRA on a module with ``views`` (:meth:`LoraPatcher._matrix_views`) takes one fused
-    ``addmm`` kernel; otherwise the sum is formed in float32 (float64) first.
+    ``addmm`` kernel, its factors in the weight's dtype (converted when the file holds another, as
+    diffusers/peft hold them); otherwise the sum is formed in float32 (float64) first.
     """
     if len(items) == 1 and views is not None:
         scale, layer = items[0]
