@@ -16,7 +16,20 @@ STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIG
 
 
 def _sigterm_self_after(seconds: float) -> None:
-    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    """SIGTERM this process ``seconds`` after run_foreground has put its handler in place (never
+    before: the default action would end the test run)."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def send():
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGTERM) is before:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        time.sleep(seconds)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
 
 
 def test_stop_signal_is_forwarded_and_the_server_exits_on_it():
