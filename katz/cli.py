@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import tempfile
 import threading
@@ -57,6 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-device-cache-mb", type=int, default=1024, help="LoRAs kept on the device")
     p.add_argument("--no-lora-readahead", dest="lora_readahead", action="store_false",
                    help="do not read arriving requests' LoRA files into the page cache ahead of the UNet")
+    p.add_argument("--no-lora-hints", dest="lora_hints", action="store_false",
+                   help="do not start the UNets' LoRA loads when a request arrives (only at its first step)")
     p.add_argument("--max-queue-size", type=int, default=32,
                    help="requests that may wait at each step of the ensemble; more fail at once with UNAVAILABLE "
                         "(HTTP 503 'Exceeds maximum queue size'); 0: unbounded")
@@ -149,6 +152,8 @@ def build_deployment(args):
         lora_device_cache_bytes=args.lora_device_cache_mb << 20,
         lora_load_delay_s=args.lora_load_delay,
         lora_readahead=args.lora_readahead,
+        # one channel per rendered repository: this server's preprocessing -> its UNets (katz.lora_hints)
+        lora_hints=secrets.token_hex(8) if args.lora_hints else "",
         unet_shards=unet_shards,
         latent_overlap=args.tile_overlap,
         controlnet_mode=args.controlnet_mode,

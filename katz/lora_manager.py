@@ -299,6 +299,21 @@ class LoraManager:
         for name in names:
             self._future(name)
 
+    def hint(self, names: list[str], max_pending: int = 2) -> bool:
+        """:meth:`prefetch` for a request that has not reached this UNet yet (a LoRA hint), unless
+        ``max_pending`` loads are queued already (a long queue would only evict what it loads
+        before its requests run); names not in the store are left for the request to report.
+        Returns whether the loads were started."""
+        with self._lock:
+            if sum(not fut.done() for _, fut in self._inflight.values()) >= max_pending:
+                return False
+        for name in names:
+            try:
+                self._future(name)
+            except LoraError:
+                pass
+        return True
+
     def _future(self, name: str) -> Future | None:
         key = self._file_key(name)
         with self._lock:

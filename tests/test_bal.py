@@ -16,12 +16,12 @@ from katz.triton_models.local import LocalEnsemble
 STEPS = 6
 
 
-def _ensemble(preset_path, lora_dir, delay=0.0):
+def _ensemble(preset_path, lora_dir, delay=0.0, hints=""):
     from katz.model_folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     limits = Limits(default_width=64, default_height=64)
-    dep = Deployment(folder.path, folder.controlnets, lora_dir, limits, lora_load_delay_s=delay)
+    dep = Deployment(folder.path, folder.controlnets, lora_dir, limits, lora_load_delay_s=delay, lora_hints=hints)
     return LocalEnsemble(dep)
 
 
@@ -83,6 +83,27 @@ def test_bal_image_differs_only_by_the_early_steps(slow):
     d_late = np.abs(late["image"].astype(int) - sync["image"].astype(int)).mean()
     d_base = np.abs(base["image"].astype(int) - sync["image"].astype(int)).mean()
     assert 0 < d_late < d_base
+
+
+def test_hint_from_preprocessing_loads_the_lora_before_the_first_step(preset_dir, lora_dir):
+    """preprocessing names the request's LoRA to the UNet's loader (katz.lora_hints) as it arrives:
+    a request that then waits (queue, text encoding) long enough gets its LoRA from step 0."""
+    import secrets
+    import time
+
+    ens = _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=1.0, hints=secrets.token_hex(4))
+    unet = ens.models["unet"]
+    try:
+        request = _req(["detail"], k=3)
+        ens.models["preprocessing"].execute(request)  # the request arrives ...
+        deadline = time.monotonic() + 30
+        while not unet.loras.ready(["detail"]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # ... and waits in the queue meanwhile
+        assert unet.hints.received >= 1 and unet.loras.ready(["detail"])
+        out = ens.generate(request)
+        assert int(out["lora_applied_step"][0]) == 0
+    finally:
+        unet.hints.close()
 
 
 def test_fast_loader_patches_before_k(preset_dir, lora_dir):

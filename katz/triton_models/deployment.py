@@ -31,6 +31,7 @@ class Deployment:
     lora_device_cache_bytes: int = 1 << 30
     lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
     lora_readahead: bool = True  # preprocessing reads arriving requests' LoRA files into the page cache
+    lora_hints: str = ""  # channel on which preprocessing tells the UNets' loaders arriving LoRAs ("": off)
     unet_shards: int = 1  # latent parallelism: CFG halves and/or latent bands on this many UNet models
     latent_overlap: int = 16  # spatial sharding: least overlap of two neighbouring latent bands (latent px)
     controlnet_mode: str = "inline"  # inline | service | remote
@@ -60,6 +61,7 @@ class Deployment:
             "lora_device_cache_bytes": str(self.lora_device_cache_bytes),
             "lora_load_delay_s": str(self.lora_load_delay_s),
             "lora_readahead": "1" if self.lora_readahead else "0",
+            "lora_hints": self.lora_hints,
             "unet_shards": str(self.unet_shards),
             "latent_overlap": str(self.latent_overlap),
             "controlnet_mode": self.controlnet_mode,
@@ -91,6 +93,7 @@ class Deployment:
             lora_device_cache_bytes=int(params.get("lora_device_cache_bytes", 1 << 30)),
             lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
             lora_readahead=params.get("lora_readahead", "1") == "1",
+            lora_hints=params.get("lora_hints", ""),
             unet_shards=int(params.get("unet_shards", "1")),
             latent_overlap=int(params.get("latent_overlap", "16")),
             controlnet_mode=params.get("controlnet_mode", "inline"),

@@ -6,7 +6,8 @@ Outputs ``input_ids`` (and ``input_ids_2`` for SDXL) int64 ``[B, 77]``,
 later models) and ``seed`` int64 ``[1]`` (returned to the client).
 
 A valid request's LoRA files are handed to :class:`katz.lora_readahead.LoraReadahead`
-at once, so they are in the page cache by the time the UNet's loader reads them.
+at once, so they are in the page cache by the time the UNet's loader reads them, and its LoRA
+names go to every UNet instance's loader (:mod:`katz.lora_hints`), which starts loading them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from katz.images import decode_control_image
+from katz.lora_hints import HintSender
 from katz.lora_readahead import LoraReadahead
 from katz.request import parse_request
 from katz.text_encoding import tokenize
@@ -28,12 +30,15 @@ class Preprocessing:
         self.deployment = deployment
         self.tokenizers = deployment.folder.load_tokenizers()
         self.readahead = LoraReadahead() if deployment.lora_readahead and deployment.lora_dir else None
+        self.hints = HintSender(deployment.lora_hints) if deployment.lora_hints and deployment.lora_dir else None
 
     def execute(self, inputs: dict) -> dict:
         dep = self.deployment
         req = parse_request(inputs, dep.limits, frozenset(dep.folder.controlnets), dep.loras.exists)
         if self.readahead is not None and req.loras:
             self.readahead.hint(dep.loras.path(name) for name in req.loras)
+        if self.hints is not None and req.loras:
+            self.hints.send(req.loras)  # the UNets' loaders start on them now (katz.lora_hints)
         images = [
             decode_control_image(data, req.width, req.height, dep.limits.max_image_pixels)
             for data in req.control_images

@@ -103,6 +103,11 @@ class UNet:
             device_budget_bytes=deployment.lora_device_cache_bytes,
             load_delay_s=deployment.lora_load_delay_s,
         )
+        self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora_hints)
+        if deployment.lora_hints and deployment.lora_dir:
+            from katz.lora_hints import HintListener
+
+            self.hints = HintListener(deployment.lora_hints, self.loras.hint)
         self.applied: tuple[tuple[str, float], ...] = ()
         self.runs, self.run_seconds = 0, 0.0  # UNet evaluations and their time on the device
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -205,6 +210,8 @@ class UNet:
              s.steps_before_patch),
             ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
             ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+            ("katz_lora_hints_total", "LoRA name lists received from preprocessing for arriving requests", {},
+             self.hints.received if self.hints is not None else 0),
             ("katz_lora_switch_seconds_total", "time switching the UNet weights: LoRA sets merged in, base restored (s)",
              {}, s.switch_seconds),
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
