@@ -77,6 +77,11 @@ def percentile(xs: list[float], q: float) -> float:
 CASES = ["controlnet", "cold_lora_bal", "cold_lora_k0", "controlnet_cold_lora"]
 
 
+def lora_metrics(counters: dict) -> dict[str, float]:
+    """The ``katz_lora_*`` counters of a :func:`metrics` snapshot, by name."""
+    return {k[0]: v for k, v in counters.items() if k[0].startswith("katz_lora")}
+
+
 def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     """The denoising loop's cost beyond the UNet, per step, from the counters around ``requests``
     plain requests of ``steps`` steps each: ``katz_pipeline`` execute time minus ``unet`` device time."""
@@ -199,12 +204,12 @@ def main() -> None:
             "cold_lora_k0": lambda: cold(base, 0),
             "controlnet_cold_lora": lambda: cold(cn, None),
         }
+        end = after
         for case in args.cases:
             measure(case, runs[case])
-            now = metrics(ports["metrics"])  # after each case, in case the run is cut off
-            res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in now.items() if k[0].startswith("katz_lora")}
+            end = metrics(ports["metrics"])  # after each case, in case the run is cut off
+            res["katz_e2e_lora_metrics"] = lora_metrics(end)
             checkpoint()
-        end = metrics(ports["metrics"])
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
     finally:
         server.terminate()
@@ -219,7 +224,7 @@ def main() -> None:
         res[f"katz_e2e_{case}_p90_s"] = percentile(xs, 0.9)
         res[f"katz_e2e_{case}_all_s"] = xs
 
-    res["katz_e2e_lora_metrics"] = {k[0]: v for k, v in end.items() if k[0].startswith("katz_lora")}
+    res["katz_e2e_lora_metrics"] = lora_metrics(end)
     res["katz_e2e_graph_metrics"] = {f"{k[0]}": v for k, v in end.items() if "cuda_graph" in k[0]}
 
     model = f"preset {args.preset} (CPU smoke run, not a figure)" if args.preset else "SDXL architecture (random weights)"

@@ -460,8 +460,7 @@ def lora_delta(
     """``sum(scale * alpha / r * up @ down)`` over ``items`` = [(scale, layer)], as a tensor of ``shape``."""
     delta = torch.zeros((shape[0], math.prod(shape[1:])), dtype=dtype, device=device)
     for scale, layer in items:
-        up = layer.up.to(device=device, dtype=dtype).reshape(layer.up.shape[0], -1)
-        down = layer.down.to(device=device, dtype=dtype).reshape(layer.rank, -1)
+        up, down = layer.matrices(dtype, torch.device(device))
         delta += (up @ down) * (scale * (layer.alpha if layer.alpha is not None else layer.rank) / layer.rank)
     return delta.view(tuple(shape))
 
@@ -515,7 +514,7 @@ class LoraPatcher:
         # not changed once parsed, so its plan (checks included) holds while the object lives
         self._plans: OrderedDict[int, tuple[weakref.ref, list]] = OrderedDict()
         self._plans_lock = threading.Lock()
-        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _matrix_views
+        self._views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # see _weight_views
 
     @property
     def applied(self) -> tuple[tuple[str, float], ...]:
@@ -625,7 +624,7 @@ class LoraPatcher:
             base = self._pristine.get(path)
             if base is None:
                 base = self._pristine[path] = weight.detach().clone()
-            _merge_into(weight, base, items, self._matrix_views(path, weight, base))
+            _merge_into(weight, base, items, self._weight_views(path, weight, base))
             merged.append(weight)
         # one host sync for the whole merge; find the culprit only on failure
         if all_finite(merged):
@@ -640,7 +639,7 @@ class LoraPatcher:
                     "(scale too large?)",
                 )
 
-    def _matrix_views(self, path: str, weight: torch.Tensor, base: torch.Tensor) -> tuple | None:
+    def _weight_views(self, path: str, weight: torch.Tensor, base: torch.Tensor) -> tuple | None:
         """``(weight, pristine)`` as 2-D ``[out, in * kh * kw]`` views, made once per module, when
         ``addmm`` into the weight rounds once from a float32-or-better sum: float32/float64
         weights, or CUDA weights (cuBLAS accumulates and applies alpha/beta in float32); None
@@ -666,7 +665,7 @@ def _merge_into(
 ) -> None:
     """``weight = base + sum(scale * alpha / r * up @ down)``, rounded once to ``weight.dtype``.
 
-    One LoRA on a module with ``views`` (:meth:`LoraPatcher._matrix_views`) takes one fused
+    One LoRA on a module with ``views`` (:meth:`LoraPatcher._weight_views`) takes one fused
     ``addmm`` kernel, its factors in the weight's dtype (converted when the file holds another, as
     diffusers/peft hold them); otherwise the sum is formed in float32 (float64) first.
     """

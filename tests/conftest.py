@@ -113,7 +113,7 @@ class RunningServer:
 
     def stop(self) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
