@@ -12,7 +12,9 @@
    a cold LoRA. Latency p50/p90 per case, ratios to diffusers.
 4. Orchestration overhead per step from the server's counters: the denoising loop's execute time
    (Triton's ``katz_pipeline`` compute time) minus the ``unet`` model's device time
-   (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself.
+   (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself, and that
+   step's wall time split into the loop's own work, the BLS transport and the ``unet`` model's
+   Triton phases (:func:`loop_overhead`).
 """
 
 from __future__ import annotations
@@ -84,7 +86,16 @@ def lora_metrics(counters: dict) -> dict[str, float]:
 
 def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     """The denoising loop's cost beyond the UNet, per step, from the counters around ``requests``
-    plain requests of ``steps`` steps each: ``katz_pipeline`` execute time minus ``unet`` device time."""
+    plain requests of ``steps`` steps each: ``katz_pipeline`` execute time minus ``unet`` device time,
+    and where a step's wall time goes (``katz_e2e_step_breakdown_ms``, ms per step):
+
+    - ``pipeline_own``: the loop's own work between UNet calls (scheduler, CFG, building requests);
+    - ``bls_transport``: the pipeline's wait for a UNet call minus the ``unet`` model's Triton request
+      time (moving the request and the response between the processes);
+    - ``unet_queue`` / ``unet_input`` / ``unet_execute`` / ``unet_output``: the ``unet`` model's Triton
+      phases (queue, input collection, ``execute()``, output handling; GPU outputs are copied out there);
+    - ``unet_device``: the UNet on the GPU (CUDA events), overlapping the phases above.
+    """
 
     def delta(name: str, model: str) -> float:
         return after.get((name, model), 0.0) - before.get((name, model), 0.0)
@@ -92,10 +103,22 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     n = requests * steps
     pipe_us = delta("nv_inference_compute_infer_duration_us", "katz_pipeline")
     unet_us = delta("katz_unet_run_seconds_total", "unet") * 1e6  # device time (CUDA events)
+    call_us = delta("katz_pipeline_unet_call_seconds_total", "katz_pipeline") * 1e6
+    unet_request_us = delta("nv_inference_request_duration_us", "unet")
+    per_step = {
+        "pipeline_own": pipe_us - call_us,
+        "bls_transport": call_us - unet_request_us,
+        "unet_queue": delta("nv_inference_queue_duration_us", "unet"),
+        "unet_input": delta("nv_inference_compute_input_duration_us", "unet"),
+        "unet_execute": delta("nv_inference_compute_infer_duration_us", "unet"),
+        "unet_output": delta("nv_inference_compute_output_duration_us", "unet"),
+        "unet_device": unet_us,
+    }
     return {
         "katz_e2e_unet_runs": delta("katz_unet_runs_total", "unet"),
         "katz_e2e_unet_step_ms": unet_us / n / 1e3,
         "katz_e2e_overhead_per_step_ms": (pipe_us - unet_us) / n / 1e3,
+        "katz_e2e_step_breakdown_ms": {k: v / n / 1e3 for k, v in per_step.items()},
         "katz_e2e_stage_ms_per_request": {
             m: delta("nv_inference_compute_infer_duration_us", m) / requests / 1e3
             for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing")
@@ -244,6 +267,7 @@ def main() -> None:
     print(f"UNet step (device time in the server) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
           f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
           f"({100 * res['katz_e2e_overhead_per_step_ms'] / res['katz_e2e_unet_step_ms']:.1f}% of the step)")
+    print(f"a step's time, ms: { {k: round(v, 2) for k, v in res['katz_e2e_step_breakdown_ms'].items()} }")
     print(f"GPU memory in use with the server loaded (nvidia-smi, all processes): "
           f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB; diffusers' peak allocation "
           f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")

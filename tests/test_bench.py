@@ -34,6 +34,9 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
         assert res[key] > 0, key
     assert res["katz_e2e_unet_runs"] == 2  # 1 plain request x 2 steps, one batch-2 evaluation each
     assert res["katz_e2e_unet_step_ms"] > 0 and res["katz_e2e_overhead_per_step_ms"] >= 0
+    step = res["katz_e2e_step_breakdown_ms"]  # the pipeline's own counters against the unet's Triton phases
+    assert step["pipeline_own"] > 0 and step["unet_execute"] > 0 and step["bls_transport"] > 0, step
+    assert step["unet_execute"] >= step["unet_device"], step  # on the CPU the engine runs inside execute()
     lora = res["katz_e2e_lora_metrics"]
     assert lora["katz_lora_loads_total"] >= 3  # each cold LoRA is a new file
     assert lora["katz_lora_switch_seconds_total"] > 0

@@ -15,6 +15,8 @@ the Triton glue (or by a test, wiring the models together in-process).
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -127,6 +129,28 @@ class Pipeline:
         self.latent_overlap = deployment.latent_overlap
         self.align = folder.unet_downsampling_factor
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.unet_shards)), thread_name_prefix="katz-shard")
+        # where a step's time goes on this side: waiting for the UNet calls vs the loop's own work
+        self.steps, self.unet_call_seconds = 0, 0.0
+        self._count = threading.Lock()
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
+        return [
+            ("katz_pipeline_steps_total", "denoising steps run", {}, self.steps),
+            ("katz_pipeline_unet_call_seconds_total",
+             "time the denoising loop waited for its UNet calls over BLS, request to response (s)", {},
+             self.unet_call_seconds),
+        ]
+
+    def _timed_unet_call(self, fn):
+        """Run one step's UNet call(s) ``fn()`` and count the wait."""
+        start = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            with self._count:
+                self.steps += 1
+                self.unet_call_seconds += time.perf_counter() - start
 
     def shard_plan(self, rows: int, height: int, width: int) -> list[Tile | None]:
         """The bands each batch row is cut into: ``[None]`` (the whole row on one shard) unless
@@ -182,17 +206,18 @@ class Pipeline:
                 # latent parallelism: one job per CFG half and band, each on its own UNet shard, concurrently
                 tensors.update(bal.inputs(rows, sharded=True))
                 parts = [_shard_inputs(tensors, r, t) for r in range(rows) for t in tiles]
-                outs = list(self.pool.map(
+                outs = self._timed_unet_call(lambda: list(self.pool.map(
                     lambda job: self.call(job[0], job[1], ["noise_pred", "lora_applied", "lora_ready"]),
                     zip(self.unet_shards, parts),
-                ))
+                )))
                 bal.step_done([o["lora_applied"] for o in outs], [o["lora_ready"] for o in outs])
                 preds = [o["noise_pred"] for o in outs]
                 if tiles != [None]:
                     preds = [blend(preds[r * len(tiles) : (r + 1) * len(tiles)], tiles) for r in range(rows)]
                 return torch.cat(preds)
             tensors.update(bal.inputs(sample.shape[0]))
-            out = self.call("unet", tensors, ["noise_pred", "lora_applied", "lora_ready"])
+            out = self._timed_unet_call(
+                lambda: self.call("unet", tensors, ["noise_pred", "lora_applied", "lora_ready"]))
             bal.step_done([out["lora_applied"]], [out["lora_ready"]])
             return out["noise_pred"]
 

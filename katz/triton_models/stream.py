@@ -49,6 +49,9 @@ class Stream:
         self.ids = ["input_ids", "input_ids_2"] if sdxl else ["input_ids"]
         self.embeds = ["prompt_embeds", "pooled_prompt_embeds"] if sdxl else ["prompt_embeds"]
 
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        return self.pipeline.metrics()
+
     def execute_stream(
         self,
         inputs: dict,
