@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -126,6 +127,22 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     }
 
 
+def save_profiles(live: Path, dest: Path, models=("katz_pipeline", "unet"), what="the plain requests") -> None:
+    """Copy the models' profiles as they are now into ``dest`` and print the ``models``' top functions
+    by cumulative and by own time (cProfile inflates Python-heavy code: read the shares)."""
+    from katz.profiling import top
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in live.glob("*.prof"):
+        shutil.copy(f, dest / f.name)
+    for model in models:
+        files = sorted(dest.glob(f"{model}.*.prof"))
+        if files:
+            text = top(files, limit=30, sort="cumulative") + top(files, limit=20, sort="tottime")
+            (dest / f"{model}.txt").write_text(text)
+            print(f"--- {model}: Python profile of execute() over {what}\n{text}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
@@ -141,6 +158,9 @@ def main() -> None:
     p.add_argument("--cases", type=lambda v: v.split(","), default=CASES,
                    help=f"cases after the plain request, in order (default: {','.join(CASES)})")
     p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")
+    p.add_argument("--profile", type=Path,
+                   help="folder for Python profiles of the server's models over the plain requests "
+                        "(KATZ_PROFILE_DIR, katz/profiling.py); prints the loop's and the UNet's top functions")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -170,7 +190,12 @@ def main() -> None:
     from katz.client import Generation, infer, make_client
 
     client = make_client(f"127.0.0.1:{ports['grpc']}", "grpc")
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    live_profiles = None
+    if args.profile:
+        live_profiles = Path(tempfile.mkdtemp(prefix="katz-prof-"))
+        env["KATZ_PROFILE_DIR"] = str(live_profiles)
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
             if server.poll() is not None:
@@ -209,6 +234,8 @@ def main() -> None:
         measure("plain", lambda: timed(base))
         after = metrics(ports["metrics"])
         res.update(loop_overhead(before, after, args.repeats, args.steps))
+        if live_profiles is not None:  # the warm-up and the plain requests (profiles are saved after execute)
+            save_profiles(live_profiles, args.profile)
         checkpoint()
         cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
         n_cold = 0
@@ -233,6 +260,8 @@ def main() -> None:
             end = metrics(ports["metrics"])  # after each case, in case the run is cut off
             res["katz_e2e_lora_metrics"] = lora_metrics(end)
             checkpoint()
+        if live_profiles is not None and args.cases:  # the UNet switching LoRA sets, among the rest
+            save_profiles(live_profiles, args.profile / "all_cases", ("unet",), "all cases")
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
     finally:
         server.terminate()

@@ -20,7 +20,7 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     out = tmp_path / "e2e.json"
     proc = subprocess.run(
         [sys.executable, "bench/e2e_bench.py", "--preset", "tiny-sdxl", "--steps", "2", "--repeats", "1",
-         "--serve-args", "--torch-threads 1", "--out", str(out)],
+         "--serve-args", "--torch-threads 1", "--profile", str(tmp_path / "prof"), "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, KATZ_CACHE=str(cache_root.parent)), capture_output=True, text=True,
         timeout=840,
     )
@@ -37,6 +37,9 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     step = res["katz_e2e_step_breakdown_ms"]  # the pipeline's own counters against the unet's Triton phases
     assert step["pipeline_own"] > 0 and step["unet_execute"] > 0 and step["bls_transport"] > 0, step
     assert step["unet_execute"] >= step["unet_device"], step  # on the CPU the engine runs inside execute()
+    # --profile: the loop's and the UNet's Python profiles, summarised (katz/profiling.py)
+    assert "denoise" in (tmp_path / "prof" / "katz_pipeline.txt").read_text()
+    assert "execute_batch" in (tmp_path / "prof" / "unet.txt").read_text()
     lora = res["katz_e2e_lora_metrics"]
     assert lora["katz_lora_loads_total"] >= 3  # each cold LoRA is a new file
     assert lora["katz_lora_switch_seconds_total"] > 0

@@ -473,13 +473,15 @@ def test_other_weight_dtypes(sd15, dtype):
     assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
 
 
-def test_merge_costs_one_kernel_per_layer_and_plans_are_cached(sd15):
-    """The merge of one LoRA is one addmm per adapted layer plus one finiteness pass; the second
-    apply of the same LoRA object reuses its plan (no shape checks again)."""
+def test_merge_costs_a_few_kernels_per_shape_and_plans_are_cached(sd15):
+    """The merge of one LoRA batches the adapted layers by shape: per batch three stacks, one
+    baddbmm_ and one foreach copy, whatever the number of layers, plus one finiteness pass; the
+    second apply of the same LoRA object reuses its plan (no shape checks again)."""
     from torch.profiler import ProfilerActivity, profile
 
     unet = copy.deepcopy(sd15["unet"])
     paths = _attn_paths(unet)
+    shapes = {tuple(unet.get_submodule(q).weight.shape) for q in paths}
     a = _random_lora(unet, "unet", paths, "a", seed=1, alpha=2.0)
     b = _random_lora(unet, "unet", paths, "b", seed=2)
     p = LoraPatcher(unet, "unet")
@@ -491,10 +493,35 @@ def test_merge_costs_one_kernel_per_layer_and_plans_are_cached(sd15):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         p.apply([(a, 1.0)])
     top = [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None]
-    assert top.count("aten::addmm") == len(paths)
-    assert len(top) <= len(paths) + 10, sorted(set(top))
+    batches = top.count("aten::baddbmm_") + top.count("aten::addmm")  # addmm: a shape with one layer
+    assert len(shapes) <= batches < len(shapes) + 4, sorted(top)
+    assert len(top) <= 6 * batches + 10 < len(paths), sorted(set(top))
     p.apply([(b, 0.5)])
     assert calls == ["b"]  # a was planned by validate, b once
+
+
+def test_grouped_merge_equals_the_per_layer_merge(sd15, monkeypatch):
+    """Batches of any size (small scratch: many batches; a shape with one layer: addmm) give the
+    weights the per-layer float64 sum gives, rounded once to float32."""
+    import katz.lora as lora_mod
+
+    unet = copy.deepcopy(sd15["unet"])
+    paths = _attn_paths(unet)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    a = _random_lora(unet, "unet", paths, "a", seed=3, alpha=4.0)
+    want = {}
+    for path in paths:
+        layer = a.layers["unet"][path]
+        w = base[f"{path}.weight"]
+        want[path] = (w.double() + 0.7 * (4.0 / RANK) * (layer.up.double() @ layer.down.double())).float()
+    for scratch in (1, 3 * 4 * 32 * 32, 128 << 20):  # one layer per batch, a few, all
+        monkeypatch.setattr(lora_mod, "_GROUP_SCRATCH_BYTES", scratch)
+        p = LoraPatcher(unet, "unet")
+        p.apply([(a, 0.7)])
+        for path in paths:
+            torch.testing.assert_close(unet.get_submodule(path).weight, want[path], atol=2e-6, rtol=1e-6)
+        p.restore()
+        assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
 
 
 def test_plan_cache_keeps_no_lora_tensors_alive(sd15):

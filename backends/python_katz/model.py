@@ -24,6 +24,7 @@ from katz.triton_models import (
     error_kind,
     is_out_of_memory,
 )
+from katz.profiling import ExecuteProfiler
 
 # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log (a stuck
 # instance says where it is stuck; the tests do it when a server does not come up).
@@ -63,6 +64,7 @@ class TritonPythonModel:
         self.model = create_model(params["role"], params, device, call=self._call)
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
+        self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/profiling.py)
 
     def _call(self, model_name, inputs, output_names):
         request = pb_utils.InferenceRequest(
@@ -134,6 +136,11 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"{self.model_name}: could not end a stream: {send_exc}")
 
     def execute(self, requests):
+        if self._profiler is not None:
+            return self._profiler.run(self._execute, requests)
+        return self._execute(requests)
+
+    def _execute(self, requests):
         if hasattr(self.model, "execute_stream"):
             for request in requests:
                 self._stream(request)

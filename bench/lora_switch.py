@@ -1,0 +1,119 @@
+"""What switching LoRA sets costs in the UNet process: merge, switch, restore, in-process.
+
+    python bench/lora_switch.py                   # GPU host: full-size SDXL UNet, fp16, rank-64 LoRAs
+    python bench/lora_switch.py --preset tiny-sdxl --repeats 2   # CPU smoke run (no figures)
+
+Two LoRAs of :func:`bench.sdxl_random.write_lora`'s kind (every attention projection) are loaded
+through :class:`katz.lora_manager.LoraManager` as the server loads them, then
+:class:`katz.lora.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
+switch: the host time until ``apply`` returns (what the denoising loop waits for) and until the GPU
+has finished it, and one switch under the torch profiler (CUDA kernels launched, the top host ops).
+Prints a table and writes ``--out`` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from katz.lora import LoraPatcher, make_random_lora  # noqa: E402
+from katz.lora_manager import LoraManager  # noqa: E402
+from katz.lora_store import LoraStore  # noqa: E402
+
+
+def build_unet(preset: str | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    if preset:
+        from katz.model_folder import ModelFolder
+        from katz.presets import ensure_preset
+
+        return ModelFolder(ensure_preset(preset)).load_unet(device, dtype)
+    from bench.sdxl_random import UNET
+
+    with torch.device(device):
+        return UNet2DConditionModel(**UNET).to(dtype)  # random init: values do not matter here
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", help="a tiny preset instead of the full-size SDXL UNet (CPU smoke run)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    unet = build_unet(args.preset, str(device), dtype)
+    patcher = LoraPatcher(unet, "unet")
+    lora_dir = Path(tempfile.mkdtemp(prefix="katz-lora-switch-"))
+    for seed, name in ((1, "a"), (2, "b")):
+        make_random_lora(lora_dir / f"{name}.safetensors", unet, {}, rank=args.rank, seed=seed, fmt="peft",
+                         dtype=dtype)
+    manager = LoraManager(LoraStore(lora_dir, "sdxl"), [patcher], device, device_budget_bytes=4 << 30)
+    a, b = manager.get(["a"]), manager.get(["b"])
+    layers = len(a[0].layers["unet"])
+    res: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                 "layers": layers, "rank": args.rank, "dtype": str(dtype)}
+    steps = {"base_to_a": a, "a_to_b": b, "b_to_base": []}
+    times: dict[str, dict[str, list[float]]] = {k: {"returned_ms": [], "done_ms": []} for k in steps}
+    patcher.apply([])
+    for _ in range(args.repeats + 1):  # the first round warms caches up (plans, views, pristine copies)
+        for key, loras in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            patcher.apply([(w, 1.0) for w in loras])
+            t1 = time.perf_counter()
+            sync(device)
+            t2 = time.perf_counter()
+            times[key]["returned_ms"].append((t1 - t0) * 1e3)
+            times[key]["done_ms"].append((t2 - t0) * 1e3)
+    for key, t in times.items():
+        res[key] = {k: statistics.median(v[1:]) for k, v in t.items()}
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    patcher.apply([(w, 1.0) for w in a])
+    sync(device)
+    with profile(activities=activities) as prof:
+        patcher.apply([(w, 1.0) for w in b])
+        sync(device)
+    events = prof.key_averages()
+    res["a_to_b_cuda_kernels"] = sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                                     and str(e.device_type).endswith("CUDA"))
+    res["a_to_b_top_host_ops"] = [
+        (e.key, e.count, round(e.self_cpu_time_total / 1e3, 2))
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    ]
+    patcher.apply([])
+    manager.close()
+
+    print(f"{res['device']}, UNet {'preset ' + args.preset if args.preset else 'SDXL (full size)'}, {dtype}, "
+          f"{layers} LoRA layers of rank {args.rank}; medians of {args.repeats}")
+    print(f"{'switch':12} {'apply returned ms':>18} {'GPU done ms':>12}")
+    for key in steps:
+        print(f"{key:12} {res[key]['returned_ms']:18.2f} {res[key]['done_ms']:12.2f}")
+    print(f"A -> B under the profiler: {res['a_to_b_cuda_kernels']} CUDA kernels; top host ops (name, calls, "
+          f"self ms): {res['a_to_b_top_host_ops']}")
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
