@@ -4,9 +4,11 @@ With ``KATZ_PROFILE_DIR=<folder>`` in the environment ``tritonserver`` starts in
 (``KATZ_PROFILE_DIR=/tmp/prof katz serve ...``), every model instance profiles its
 ``execute()`` calls with :mod:`cProfile` and keeps the cumulative statistics in
 ``<folder>/<model>.<pid>.prof`` (:mod:`pstats` format), rewritten at most once a
-``every_s`` seconds, after an ``execute()``. Only the executing thread is profiled
-(the denoising loop, a UNet step), not loader or ControlNet threads. cProfile slows
-Python-heavy code down, so read shares of the time, not absolute figures.
+``every_s`` seconds, after an ``execute()``. Up to Python 3.11 only the executing
+thread is profiled (the denoising loop, a UNet step); from 3.12 cProfile sits on
+``sys.monitoring`` and sees every thread of the process while an ``execute()`` runs
+(the LoRA loader, ControlNet calls), with their time mixed into the callers'. cProfile
+slows Python-heavy code down, so read shares of the time, not absolute figures.
 
     python -m katz.profiling /tmp/prof/katz_pipeline.*.prof   # the top functions by own time
 """

@@ -137,6 +137,9 @@ def command(install: TritonInstall, repository: Path, backends: Path, opts: Serv
         f"--metrics-port={opts.metrics_port}",
         "--exit-on-error=true",
         "--strict-readiness=true",
+        # Katz writes complete configs: without this the Python backend starts one more stub per
+        # model (importing torch, diffusers, katz) only to ask model.py for a config completion
+        "--disable-auto-complete-config",
         f"--log-verbose={opts.log_verbose}",
         f"--exit-timeout-secs={opts.exit_timeout}",
     ]
