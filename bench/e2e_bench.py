@@ -66,6 +66,38 @@ def gpu_memory_used_gb() -> float:
     return float(out.strip().splitlines()[0]) * 1024**2 / 1e9
 
 
+def memory_by_model(apps_csv: str, cmdlines: dict[int, str]) -> dict[str, float]:
+    """GB of GPU memory per Katz model from ``nvidia-smi --query-compute-apps=pid,used_memory
+    --format=csv,noheader,nounits`` output and the processes' command lines (``pid -> cmdline``):
+    a Python backend stub names its model's folder (``.../<model>/1/model.py``); other processes
+    count as ``other:<executable>``."""
+    out: dict[str, float] = {}
+    for line in apps_csv.strip().splitlines():
+        pid_s, mib = (x.strip() for x in line.split(",")[:2])
+        cmd = cmdlines.get(int(pid_s), "")
+        m = re.search(r"([^/\s]+)/\d+/model\.py", cmd)
+        name = m.group(1) if m else "other:" + (Path(cmd.split()[0]).name if cmd else pid_s)
+        out[name] = out.get(name, 0.0) + float(mib) * 1024**2 / 1e9
+    return out
+
+
+def gpu_memory_by_model() -> dict[str, float]:
+    """:func:`memory_by_model` for GPU 0's processes now (empty without nvidia-smi)."""
+    try:
+        csv = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    cmdlines = {}
+    for line in csv.strip().splitlines():
+        pid = int(line.split(",")[0])
+        try:
+            cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass
+    return memory_by_model(csv, cmdlines)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,6 +190,9 @@ def main() -> None:
     p.add_argument("--cases", type=lambda v: v.split(","), default=CASES,
                    help=f"cases after the plain request, in order (default: {','.join(CASES)})")
     p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")
+    p.add_argument("--paired", action="store_true",
+                   help="send a plain request before each request of the other cases and report each case's "
+                        "median ratio to the plain request just before it (resolves a few %% despite drift)")
     p.add_argument("--profile", type=Path,
                    help="folder for Python profiles of the server's models over the plain requests "
                         "(KATZ_PROFILE_DIR, katz/profiling.py); prints the loop's and the UNet's top functions")
@@ -224,10 +259,20 @@ def main() -> None:
 
         def measure(case: str, run) -> None:
             lat[case] = []
+            paired = args.paired and case != "plain"
+            if paired:
+                lat[f"{case}_plain"] = []
             for _ in range(args.repeats):
+                if paired:  # a plain request just before each one: drift cancels in the pair's ratio
+                    lat[f"{case}_plain"].append(timed(base))
                 lat[case].append(run())
                 checkpoint()
             print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s", flush=True)
+            if paired:
+                ratios = [x / y for x, y in zip(lat[case], lat[f"{case}_plain"])]
+                res[f"katz_e2e_{case}_paired_ratio"] = statistics.median(ratios)
+                print(f"katz {case} / the plain request before it: {', '.join(f'{r:.3f}' for r in ratios)} "
+                      f"(median {statistics.median(ratios):.3f})", flush=True)
 
         timed(Generation(prompt=prompt, seed=1, steps=2, width=args.size, height=args.size))  # warm-up
         before = metrics(ports["metrics"])
@@ -263,6 +308,7 @@ def main() -> None:
         if live_profiles is not None and args.cases:  # the UNet switching LoRA sets, among the rest
             save_profiles(live_profiles, args.profile / "all_cases", ("unet",), "all cases")
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
+        res["katz_e2e_gpu_memory_by_model_gb"] = gpu_memory_by_model() if on_gpu else {}
     finally:
         server.terminate()
         try:
@@ -286,12 +332,14 @@ def main() -> None:
             ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s"),
             ("controlnet_cold_lora", "diffusers_controlnet_cold_lora_s")]
     rows = [(case, dkey) for case, dkey in rows if f"katz_e2e_{case}_p50_s" in res]
-    print(f"{'case':16} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}")
+    print(f"{'case':16} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}"
+          + (f" {'paired':>7}" if args.paired else ""))
     for case, dkey in rows:
         d = res.get(dkey, float("nan"))
         k50 = res[f"katz_e2e_{case}_p50_s"]
+        paired = f" {res.get(f'katz_e2e_{case}_paired_ratio', 1.0):7.3f}" if args.paired else ""
         print(f"{case:16} {d:11.2f} {k50:10.2f} {res[f'katz_e2e_{case}_p90_s']:7.2f} {k50 / d:9.2f} "
-              f"{k50 / res['katz_e2e_plain_p50_s']:8.3f}")
+              f"{k50 / res['katz_e2e_plain_p50_s']:8.3f}{paired}")
     print(f"per-model ms per plain request: { {k: round(v, 1) for k, v in res['katz_e2e_stage_ms_per_request'].items()} }")
     print(f"UNet step (device time in the server) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
           f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
@@ -300,6 +348,8 @@ def main() -> None:
     print(f"GPU memory in use with the server loaded (nvidia-smi, all processes): "
           f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB; diffusers' peak allocation "
           f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")
+    if res["katz_e2e_gpu_memory_by_model_gb"]:
+        print(f"  by process: { {k: round(v, 2) for k, v in sorted(res['katz_e2e_gpu_memory_by_model_gb'].items())} }")
     print("LoRA:", res["katz_e2e_lora_metrics"])
     print("CUDA graphs:", res["katz_e2e_graph_metrics"])
     if args.out:

@@ -732,7 +732,11 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     flags = []
     for dtype, group in by_dtype.items():
         if dtype in (torch.float16, torch.bfloat16):
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            try:
+                norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            except (TypeError, RuntimeError):  # a torch without the dtype argument: one pass per tensor
+                flags.extend(torch.isfinite(t).all() for t in group)
+                continue
         else:
             norms = torch._foreach_norm(group, 2)
         flags.append(torch.isfinite(torch.stack(norms)).all())

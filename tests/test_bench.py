@@ -20,7 +20,7 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     out = tmp_path / "e2e.json"
     proc = subprocess.run(
         [sys.executable, "bench/e2e_bench.py", "--preset", "tiny-sdxl", "--steps", "2", "--repeats", "1",
-         "--serve-args", "--torch-threads 1", "--profile", str(tmp_path / "prof"), "--out", str(out)],
+         "--serve-args", "--torch-threads 1", "--profile", str(tmp_path / "prof"), "--paired", "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, KATZ_CACHE=str(cache_root.parent)), capture_output=True, text=True,
         timeout=840,
     )
@@ -37,9 +37,25 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     step = res["katz_e2e_step_breakdown_ms"]  # the pipeline's own counters against the unet's Triton phases
     assert step["pipeline_own"] > 0 and step["unet_execute"] > 0 and step["bls_transport"] > 0, step
     assert step["unet_execute"] >= step["unet_device"], step  # on the CPU the engine runs inside execute()
+    # --paired: a plain request before each other request, and each case's ratio to it
+    for case in CASES[1:]:
+        assert len(res[f"katz_e2e_{case}_plain_all_s"]) == 1 and res[f"katz_e2e_{case}_paired_ratio"] > 0
     # --profile: the loop's and the UNet's Python profiles, summarised (katz/profiling.py)
     assert "denoise" in (tmp_path / "prof" / "katz_pipeline.txt").read_text()
     assert "execute_batch" in (tmp_path / "prof" / "unet.txt").read_text()
     lora = res["katz_e2e_lora_metrics"]
     assert lora["katz_lora_loads_total"] >= 3  # each cold LoRA is a new file
     assert lora["katz_lora_switch_seconds_total"] > 0
+
+
+def test_gpu_memory_is_attributed_to_models_by_stub_command_line():
+    from bench.e2e_bench import memory_by_model
+
+    smi = "101, 2048\n102, 1024\n103, 512\n104, 256\n"
+    stub = "/tmp/katz-serve-x/backends/python/triton_python_backend_stub /tmp/katz-serve-x/model_repository/{}/1/model.py shm"
+    cmdlines = {101: stub.format("unet"), 102: stub.format("katz_pipeline"), 103: stub.format("katz_pipeline"),
+                104: "/usr/bin/tritonserver --model-repository=/tmp/x"}
+    got = memory_by_model(smi, cmdlines)
+    mib = 1024**2 / 1e9
+    assert got == {"unet": 2048 * mib, "katz_pipeline": 1536 * mib, "other:tritonserver": 256 * mib}
+    assert memory_by_model("105, 64\n", {}) == {"other:105": 64 * mib}

@@ -555,6 +555,22 @@ def test_all_finite_and_copy_all():
     assert all(torch.equal(d, s) for d, s in zip(dst, src))
 
 
+def test_all_finite_without_foreach_norm_dtype(monkeypatch):
+    """A torch whose _foreach_norm takes no dtype (older releases) still gets a correct answer."""
+    original = torch._foreach_norm
+
+    def old_foreach_norm(tensors, ord=2, **kwargs):
+        if kwargs:
+            raise TypeError("_foreach_norm() got an unexpected keyword argument 'dtype'")
+        return original(tensors, ord)
+
+    monkeypatch.setattr(torch, "_foreach_norm", old_foreach_norm)
+    half = [torch.randn(4, 4).half(), torch.full((4, 4), 60000.0, dtype=torch.float16)]
+    assert all_finite(half + [torch.randn(3)])
+    half[1][0, 0] = float("inf")
+    assert not all_finite(half + [torch.randn(3)])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused CUDA merge needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_merge_rounds_once(sd15, dtype):

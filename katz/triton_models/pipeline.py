@@ -122,6 +122,7 @@ class Pipeline:
         self.latent_channels = folder.unet_config["in_channels"]
         self.vae_scale_factor = folder.vae_scale_factor
         self.scheduler_config = folder.scheduler_config
+        make_scheduler("default", self.scheduler_config)  # imports diffusers at load, not on the first request
         self.num_residuals = folder.num_down_residuals
         self.residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
         self.device = torch.device(deployment.device)
