@@ -110,6 +110,10 @@ def test_fast_loader_patches_before_k(preset_dir, lora_dir):
     ens = _ensemble(preset_dir("tiny-sdxl"), lora_dir)
     out = ens.generate(_req(["style", "detail"], k=STEPS - 1))
     assert 0 <= int(out["lora_applied_step"][0]) <= STEPS - 1
+    # the loop counts its steps and the time it waited for them (katz_pipeline_* metrics)
+    counters = {name: total for name, _desc, _labels, total in ens.models["katz_pipeline"].metrics()}
+    assert counters["katz_pipeline_steps_total"] == STEPS
+    assert counters["katz_pipeline_unet_call_seconds_total"] >= ens.models["unet"].run_seconds > 0
 
 
 @pytest.mark.parametrize(

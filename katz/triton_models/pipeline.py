@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from katz.denoise import ControlInput, denoise
-from katz.schedulers import make_scheduler
+from katz.schedulers import DEFAULT, make_scheduler
 from katz.tiling import Tile, blend, plan_tiles
 from katz.triton_models.preprocessing import read_params
 
@@ -122,7 +122,7 @@ class Pipeline:
         self.latent_channels = folder.unet_config["in_channels"]
         self.vae_scale_factor = folder.vae_scale_factor
         self.scheduler_config = folder.scheduler_config
-        make_scheduler("default", self.scheduler_config)  # imports diffusers at load, not on the first request
+        make_scheduler(DEFAULT, self.scheduler_config)  # imports diffusers at load, not on the first request
         self.num_residuals = folder.num_down_residuals
         self.residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
         self.device = torch.device(deployment.device)
