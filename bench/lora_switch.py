@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_bench import bench_device, sync  # noqa: E402
 from katz.lora import LoraPatcher, make_random_lora  # noqa: E402
 from katz.lora_manager import LoraManager  # noqa: E402
 from katz.lora_store import LoraStore  # noqa: E402
@@ -44,11 +45,6 @@ def build_unet(preset: str | None, device: str, dtype: torch.dtype) -> torch.nn.
         return UNet2DConditionModel(**UNET).to(dtype)  # random init: values do not matter here
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", help="a tiny preset instead of the full-size SDXL UNet (CPU smoke run)")
@@ -56,9 +52,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda else torch.float32
+    kind, dtype = bench_device()
+    device, cuda = torch.device(kind), kind == "cuda"
     unet = build_unet(args.preset, str(device), dtype)
     patcher = LoraPatcher(unet, "unet")
     lora_dir = Path(tempfile.mkdtemp(prefix="katz-lora-switch-"))
@@ -75,11 +70,11 @@ def main() -> None:
     patcher.apply([])
     for _ in range(args.repeats + 1):  # the first round warms caches up (plans, views, pristine copies)
         for key, loras in steps.items():
-            sync(device)
+            sync()
             t0 = time.perf_counter()
             patcher.apply([(w, 1.0) for w in loras])
             t1 = time.perf_counter()
-            sync(device)
+            sync()
             t2 = time.perf_counter()
             times[key]["returned_ms"].append((t1 - t0) * 1e3)
             times[key]["done_ms"].append((t2 - t0) * 1e3)
@@ -90,10 +85,10 @@ def main() -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     patcher.apply([(w, 1.0) for w in a])
-    sync(device)
+    sync()
     with profile(activities=activities) as prof:
         patcher.apply([(w, 1.0) for w in b])
-        sync(device)
+        sync()
     events = prof.key_averages()
     res["a_to_b_cuda_kernels"] = sum(e.count for e in events if getattr(e, "device_type", None) is not None
                                      and str(e.device_type).endswith("CUDA"))

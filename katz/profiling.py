@@ -32,7 +32,6 @@ class ExecuteProfiler:
         self.path, self.every_s = Path(path), every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.profile = cProfile.Profile()
-        self.calls = 0
         self._saved = 0.0
 
     @classmethod
@@ -46,7 +45,6 @@ class ExecuteProfiler:
             return fn(*args)
         finally:
             self.profile.disable()
-            self.calls += 1
             if time.monotonic() - self._saved >= self.every_s:
                 self.save()
 
