@@ -117,6 +117,33 @@ def lora_metrics(counters: dict) -> dict[str, float]:
     return {k[0]: v for k, v in counters.items() if k[0].startswith("katz_lora")}
 
 
+# counters summed over each measured request of a case (paired plain requests excluded)
+CASE_COUNTERS = {
+    "loop_ms": ("nv_inference_compute_infer_duration_us", "katz_pipeline", 1e-3),
+    "unet_device_ms": ("katz_unet_run_seconds_total", "unet", 1e3),
+    "unet_runs": ("katz_unet_runs_total", "unet", 1.0),
+    "lora_wait_ms": ("katz_lora_wait_seconds_total", "unet", 1e3),
+    "lora_switch_ms": ("katz_lora_switch_seconds_total", "unet", 1e3),
+    "lora_load_ms": ("katz_lora_load_seconds_total", "unet", 1e3),
+}
+
+
+def case_counters(before: dict, after: dict, into: dict) -> None:
+    """Add one request's :data:`CASE_COUNTERS` deltas (``after`` minus ``before``) to ``into``."""
+    for key, (name, model, unit) in CASE_COUNTERS.items():
+        into[key] = into.get(key, 0.0) + (after.get((name, model), 0.0) - before.get((name, model), 0.0)) * unit
+
+
+def case_breakdown(sums: dict, requests: int) -> dict:
+    """Per request of a case: the loop's time, the UNet's GPU time and its per-step mean (a step slower
+    than the plain request's means the GPU was shared, e.g. with a LoRA upload), the LoRA wait at
+    step k, the weight switches and the LoRA load (which runs beside the loop)."""
+    out = {k: v / requests for k, v in sums.items() if k != "unet_runs"}
+    out["unet_step_ms"] = sums["unet_device_ms"] / sums["unet_runs"] if sums.get("unet_runs") else float("nan")
+    out["loop_minus_unet_ms"] = out["loop_ms"] - out["unet_device_ms"]
+    return out
+
+
 def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     """The denoising loop's cost beyond the UNet, per step, from the counters around ``requests``
     plain requests of ``steps`` steps each: ``katz_pipeline`` execute time minus ``unet`` device time,
@@ -128,6 +155,10 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
     - ``unet_queue`` / ``unet_input`` / ``unet_execute`` / ``unet_output``: the ``unet`` model's Triton
       phases (queue, input collection, ``execute()``, output handling; GPU outputs are copied out there);
     - ``unet_device``: the UNet on the GPU (CUDA events), overlapping the phases above.
+
+    With the loop in the UNet's process (``--loop unet``, the default) there is one UNet call per
+    request: ``unet_execute`` then holds the whole loop and the per-request phases are spread over
+    the steps; ``katz_e2e_overhead_per_step_ms`` is what the loop adds to the UNet's GPU time.
     """
 
     def delta(name: str, model: str) -> float:
@@ -262,12 +293,18 @@ def main() -> None:
             paired = args.paired and case != "plain"
             if paired:
                 lat[f"{case}_plain"] = []
+            sums: dict = {}
             for _ in range(args.repeats):
                 if paired:  # a plain request just before each one: drift cancels in the pair's ratio
                     lat[f"{case}_plain"].append(timed(base))
+                start = metrics(ports["metrics"])
                 lat[case].append(run())
+                case_counters(start, metrics(ports["metrics"]), sums)
                 checkpoint()
-            print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s", flush=True)
+            res[f"katz_e2e_{case}_per_request_ms"] = case_breakdown(sums, args.repeats)
+            print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s; per request, ms: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in res[f"katz_e2e_{case}_per_request_ms"].items()),
+                  flush=True)
             if paired:
                 ratios = [x / y for x, y in zip(lat[case], lat[f"{case}_plain"])]
                 res[f"katz_e2e_{case}_paired_ratio"] = statistics.median(ratios)

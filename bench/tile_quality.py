@@ -51,7 +51,7 @@ def measure(model_dir: Path, size: int, args) -> None:
 
     cases = [(p, s) for p in PROMPTS[: args.prompts] for s in range(args.seeds)]
     refs = {c: run(one, *c) for c in cases}
-    latent = size // pipeline.vae_scale_factor
+    latent = size // pipeline.deployment.folder.vae_scale_factor
     rows = 2 if args.guidance > 1 else 1
     print(f"model {model_dir} ({pipeline.family}), {size}x{size} (latent {latent}), {args.steps} steps, "
           f"guidance {args.guidance:g}, {args.shards} shards, {len(cases)} prompt/seed pairs; "

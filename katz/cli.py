@@ -41,6 +41,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-overlap", type=int, default=16,
                    help="latent parallelism with bands: least overlap of neighbouring bands in latent pixels "
                         "(x8 image pixels; rounded up to the UNet's downsampling factor)")
+    p.add_argument("--loop", choices=("auto", "unet", "pipeline"), default="auto",
+                   help="where the denoising loop runs: unet (in the UNet model's process, one BLS call per "
+                        "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
+                        "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
+                        "katz_stream always runs it in pipeline mode (it reports every step)")
     p.add_argument("--controlnet-mode", choices=("inline", "service", "remote"), default="service",
                    help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; remote: on another server (--controlnet-url)")
@@ -121,6 +126,8 @@ def build_deployment(args):
                                      "fix --unet-gpus / --gpus")
     if unet_shards < 1:
         raise SystemExit(f"katz: --unet-shards must be >= 1, not {unet_shards}")
+    if args.loop == "unet" and unet_shards > 1:
+        raise SystemExit("katz: --loop unet needs one UNet shard (latent parallelism splits every step over the shards)")
     if args.tile_overlap < 0:
         raise SystemExit(f"katz: --tile-overlap must be >= 0 latent pixels, not {args.tile_overlap}")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
@@ -156,6 +163,7 @@ def build_deployment(args):
         lora_hints=secrets.token_hex(8) if args.lora_hints else "",
         unet_shards=unet_shards,
         latent_overlap=args.tile_overlap,
+        loop=args.loop,
         controlnet_mode=args.controlnet_mode,
         controlnet_url=args.controlnet_url,
         controlnet_timeout_s=args.controlnet_timeout,

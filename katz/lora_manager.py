@@ -41,7 +41,7 @@ class LoraStats:
     """Totals since start. ``loads`` .. ``wait_seconds`` are exported as Triton custom metrics
     (:meth:`katz.triton_models.unet.UNet.metrics`).
 
-    ``read_seconds`` .. ``host_copy_seconds`` split the loader thread's time over the stages of a
+    ``read_seconds`` .. ``device_wait_seconds`` split the loader thread's time over the stages of a
     load, failed loads included; for successful loads they add up to ``load_seconds`` less
     ``load_delay_s`` and bookkeeping. ``host_fill_seconds`` comes after a load, when its waiters
     have been let go. Read bandwidth: ``read_bytes / read_seconds``.
@@ -60,7 +60,8 @@ class LoraStats:
     read_seconds: float = 0.0  # header + file bytes into the staging buffer (host misses)
     read_bytes: int = 0  # bytes read from LoRA files (host misses)
     parse_seconds: float = 0.0  # parse_lora + LoraPatcher.validate (host misses)
-    upload_seconds: float = 0.0  # issuing the upload, then waiting for it and the device finiteness check
+    upload_seconds: float = 0.0  # issuing the upload and the device finiteness check, views of the device buffer
+    device_wait_seconds: float = 0.0  # waiting for the upload and the finiteness check (the load's one host sync)
     host_copy_seconds: float = 0.0  # host hits: host tier -> staging buffer
     host_fill_seconds: float = 0.0  # after a load: staging buffer -> host tier (off the request's path)
     # the UNet model's weight switches (merge a LoRA set in, or restore the base): host time,
@@ -424,7 +425,7 @@ class LoraManager:
                         patcher.validate(weights)
             except LoraError as e:
                 invalid = e  # reported after a non-finite tensor, as parse_lora + validate order them
-        with self._timed("upload_seconds"), self._stream_ctx():
+        with self._timed("device_wait_seconds"), self._stream_ctx():
             if not bool(finite):  # the one host sync of the load: the upload is done too
                 bad = first_non_finite(on_device)
                 if bad is not None:

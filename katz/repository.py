@@ -112,8 +112,11 @@ def template_values(deployment: Deployment) -> dict[str, str]:
             else ""
         ),
         "unet_added_cond_inputs": (
-            _tensor("text_embeds", dtype, "-1") + ",\n" + _tensor("time_ids", dtype, "6") + "," if sdxl else ""
+            _tensor("text_embeds", dtype, "-1", optional=True) + ",\n"
+            + _tensor("time_ids", dtype, "6", optional=True) + "," if sdxl else ""
         ),
+        "unet_loop_pooled_input": _tensor("loop_pooled_prompt_embeds", dtype, "-1, -1", optional=True) + ","
+        if sdxl else "",
         "unet_residual_inputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1", optional=True) for r in residuals) + ",",
         "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
         "preprocessing_extra_outputs": (

@@ -16,12 +16,13 @@ from katz.triton_models.local import LocalEnsemble
 STEPS = 6
 
 
-def _ensemble(preset_path, lora_dir, delay=0.0, hints=""):
+def _ensemble(preset_path, lora_dir, delay=0.0, hints="", loop="auto"):
     from katz.model_folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     limits = Limits(default_width=64, default_height=64)
-    dep = Deployment(folder.path, folder.controlnets, lora_dir, limits, lora_load_delay_s=delay, lora_hints=hints)
+    dep = Deployment(folder.path, folder.controlnets, lora_dir, limits, lora_load_delay_s=delay, lora_hints=hints,
+                     loop=loop)
     return LocalEnsemble(dep)
 
 
@@ -49,10 +50,11 @@ def lora_dir(preset_dir, tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def slow(preset_dir, lora_dir):
-    """A loader that needs 3 s per LoRA: far longer than the tiny model's whole loop, even on a busy CI machine."""
-    return _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=3.0)
+@pytest.fixture(scope="module", params=["unet", "pipeline"])
+def slow(request, preset_dir, lora_dir):
+    """A loader that needs 3 s per LoRA: far longer than the tiny model's whole loop, even on a busy CI machine.
+    BAL decides per step in the UNet model's loop (a loop request) and in katz_pipeline's (step calls)."""
+    return _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=3.0, loop=request.param)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 5])

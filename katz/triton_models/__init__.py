@@ -10,9 +10,9 @@ model                     job
 ========================  ==========================================================
 ``preprocessing``         validate the request, tokenize, decode control images
 ``text_encoder``          token ids -> prompt embeddings (LoRAs on text encoders)
-``katz_pipeline``         the denoising loop; calls ``unet``/``controlnet`` over BLS
+``katz_pipeline``         the denoising loop: hands it to ``unet`` or calls it every step
 ``katz_stream``           decoupled: the whole chain over BLS, one response per step
-``unet``                  one UNet evaluation (LoRAs merged in)
+``unet``                  one UNet evaluation, or a request's whole loop (LoRAs merged in)
 ``controlnet``            one ControlNet evaluation -> residuals
 ``vae_decoder``           latents -> image in [-1, 1]
 ``postprocessing``        image -> uint8 [H, W, 3] and PNG bytes

@@ -16,6 +16,7 @@ import torch
 from katz.lora_store import LoraStore
 from katz.model_folder import ModelFolder
 from katz.request import Limits
+from katz.triton_models.denoising import loop_place
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Deployment:
     lora_hints: str = ""  # channel on which preprocessing tells the UNets' loaders arriving LoRAs ("": off)
     unet_shards: int = 1  # latent parallelism: CFG halves and/or latent bands on this many UNet models
     latent_overlap: int = 16  # spatial sharding: least overlap of two neighbouring latent bands (latent px)
+    loop: str = "auto"  # where katz_pipeline's loop runs: unet | pipeline | auto (katz.triton_models.denoising)
     controlnet_mode: str = "inline"  # inline | service | remote
     controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
     controlnet_timeout_s: float = 30.0
@@ -64,6 +66,7 @@ class Deployment:
             "lora_hints": self.lora_hints,
             "unet_shards": str(self.unet_shards),
             "latent_overlap": str(self.latent_overlap),
+            "loop": self.loop,
             "controlnet_mode": self.controlnet_mode,
             "controlnet_url": self.controlnet_url,
             "controlnet_timeout_s": str(self.controlnet_timeout_s),
@@ -96,6 +99,7 @@ class Deployment:
             lora_hints=params.get("lora_hints", ""),
             unet_shards=int(params.get("unet_shards", "1")),
             latent_overlap=int(params.get("latent_overlap", "16")),
+            loop=params.get("loop", "auto"),
             controlnet_mode=params.get("controlnet_mode", "inline"),
             controlnet_url=params.get("controlnet_url", ""),
             controlnet_timeout_s=float(params.get("controlnet_timeout_s", 30.0)),
@@ -115,6 +119,7 @@ class Deployment:
             raise ValueError(f"unet_shards must be >= 1, not {dep.unet_shards}")
         if dep.latent_overlap < 0:
             raise ValueError(f"latent_overlap must be >= 0 latent pixels, not {dep.latent_overlap}")
+        loop_place(dep.loop, dep.unet_shards)  # raises for an unknown or impossible place
         if dep.controlnet_mode not in ("inline", "service", "remote"):
             raise ValueError(f"controlnet_mode must be inline, service or remote, not {dep.controlnet_mode!r}")
         if dep.controlnet_mode == "remote" and not dep.controlnet_url:

@@ -1,5 +1,9 @@
 """``katz_pipeline``: the denoising loop, calling ``unet`` and ``controlnet`` over BLS.
 
+Where the deployment runs the loop in the UNet's process (``loop`` ``unet``, the default with one
+UNet shard; :mod:`katz.triton_models.denoising`), this model hands each request to ``unet`` in one
+call instead and the per-step path below is ``katz_stream``'s (it reports every step).
+
 With several UNet shards (latent parallelism) each step's UNet evaluation is
 split into jobs run concurrently, one per shard: one per CFG half when there
 are as many shards as batch rows, else each row cut into overlapping latent
@@ -22,14 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from katz.denoise import ControlInput, denoise
 from katz.schedulers import DEFAULT, make_scheduler
 from katz.tiling import Tile, blend, plan_tiles
+from katz.triton_models.denoising import LOOP_OUTPUTS, bls_controlnet, loop_place, loop_request, run_loop, step_tensors
 from katz.triton_models.preprocessing import read_params
-
-
-def _bytes(*values: str) -> np.ndarray:
-    return np.array([v.encode() for v in values], dtype=object)
 
 
 def unet_model_names(shards: int) -> list[str]:
@@ -119,15 +119,13 @@ class Pipeline:
         self.call = call
         folder = deployment.folder
         self.family = folder.family
-        self.latent_channels = folder.unet_config["in_channels"]
-        self.vae_scale_factor = folder.vae_scale_factor
-        self.scheduler_config = folder.scheduler_config
-        make_scheduler(DEFAULT, self.scheduler_config)  # imports diffusers at load, not on the first request
+        make_scheduler(DEFAULT, folder.scheduler_config)  # imports diffusers at load, not on the first request
         self.num_residuals = folder.num_down_residuals
         self.residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
         self.device = torch.device(deployment.device)
         self.unet_shards = unet_model_names(deployment.unet_shards)
         self.latent_overlap = deployment.latent_overlap
+        self.loop = loop_place(deployment.loop, deployment.unet_shards)  # where katz_pipeline's loop runs
         self.align = folder.unet_downsampling_factor
         self.pool = ThreadPoolExecutor(max_workers=max(1, len(self.unet_shards)), thread_name_prefix="katz-shard")
         # where a step's time goes on this side: waiting for the UNet calls vs the loop's own work
@@ -143,15 +141,21 @@ class Pipeline:
              self.unet_call_seconds),
         ]
 
-    def _timed_unet_call(self, fn):
-        """Run one step's UNet call(s) ``fn()`` and count the wait."""
+    def _timed_unet_call(self, fn, steps: int = 1):
+        """Run the UNet call(s) ``fn()`` of ``steps`` steps (a loop request: all) and count the wait."""
         start = time.perf_counter()
         try:
             return fn()
         finally:
             with self._count:
-                self.steps += 1
+                self.steps += steps
                 self.unet_call_seconds += time.perf_counter() - start
+
+    def _steps_run(self, params: dict) -> int:
+        """How many UNet steps the request's loop runs (some schedulers run more than ``steps``)."""
+        scheduler = make_scheduler(params["scheduler"], self.deployment.folder.scheduler_config)
+        scheduler.set_timesteps(params["steps"])
+        return len(scheduler.timesteps)
 
     def shard_plan(self, rows: int, height: int, width: int) -> list[Tile | None]:
         """The bands each batch row is cut into: ``[None]`` (the whole row on one shard) unless
@@ -163,39 +167,19 @@ class Pipeline:
 
     def execute(self, inputs: dict, on_step=None) -> dict:
         params = read_params(inputs)
+        if self.loop == "unet" and on_step is None:
+            # the whole loop in the UNet's process: one BLS call (katz.triton_models.denoising)
+            out = self._timed_unet_call(
+                lambda: self.call("unet", loop_request(inputs), list(LOOP_OUTPUTS)), steps=self._steps_run(params))
+            return {"latents": out["latents"], "lora_applied_step": out["lora_applied_step"].reshape(1)}
         dtype = self.deployment.torch_dtype
         embeds = inputs["prompt_embeds"].to(self.device, dtype)
         pooled = inputs.get("pooled_prompt_embeds")
         pooled = pooled.to(self.device, dtype) if pooled is not None else None
-        images = inputs["control_images"]
-        n = len(params["controlnets"])
-        controls = [
-            ControlInput(
-                name=params["controlnets"][i],
-                image=images[i : i + 1],
-                scale=params["controlnet_scales"][i],
-                start=params.get("control_guidance_start", [0.0] * n)[i],
-                end=params.get("control_guidance_end", [1.0] * n)[i],
-                key=params.get("control_image_keys", [""] * n)[i],
-            )
-            for i in range(n)
-        ]
         bal = _BoundedLora(params["loras"], params["lora_scales"], params.get("lora_k", 0))
 
-        def conditioning(sample, t, hidden, added, batched=False):
-            tensors = {
-                "sample": sample.contiguous(),
-                "timestep": t.reshape(1).to(self.device, torch.float32),
-                "encoder_hidden_states": hidden,
-            }
-            if batched:  # the unet model batches: every tensor has the batch dimension first
-                tensors["timestep"] = tensors["timestep"].expand(sample.shape[0], 1).contiguous()
-            if added is not None:
-                tensors.update(added)
-            return tensors
-
         def unet(sample, t, hidden, added, down, mid, controls=()):
-            tensors = conditioning(sample, t, hidden, added, batched=True)
+            tensors = step_tensors(sample, t, hidden, added, batched=True, device=self.device)
             if down is not None:
                 tensors.update({f"down_residual_{i}": r for i, r in enumerate(down)})
                 tensors["mid_residual"] = mid
@@ -222,30 +206,11 @@ class Pipeline:
             bal.step_done([out["lora_applied"]], [out["lora_ready"]])
             return out["noise_pred"]
 
-        def controlnet(name, sample, t, hidden, added, image, scale, cond_key=""):
-            tensors = conditioning(sample, t, hidden, added)
-            tensors["controlnet_name"] = _bytes(name)
-            tensors["controlnet_cond"] = image
-            tensors["conditioning_scale"] = torch.tensor([scale], dtype=torch.float32)
-            tensors["cond_key"] = _bytes(cond_key)
-            out = self.call("controlnet", tensors, self.residual_names)
-            return [out[n] for n in self.residual_names[:-1]], out["mid_residual"]
-
-        latents = denoise(
+        latents = run_loop(
+            params, embeds, pooled, inputs["control_images"], self.deployment.folder,
             unet=unet,
-            controlnet=controlnet,
+            controlnet=bls_controlnet(self.call, self.residual_names, self.device),
             controlnet_in_unet=self.deployment.controlnet_mode != "inline",
-            scheduler=make_scheduler(params["scheduler"], self.scheduler_config),
-            prompt_embeds=embeds,
-            pooled_prompt_embeds=pooled,
-            seed=params["seed"],
-            steps=params["steps"],
-            guidance_scale=params["guidance_scale"],
-            height=params["height"],
-            width=params["width"],
-            latent_channels=self.latent_channels,
-            vae_scale_factor=self.vae_scale_factor,
-            controls=controls,
             on_step=on_step,  # katz_stream: progress and cancellation
         )
         applied_at = -1 if bal.applied_at is None else bal.applied_at

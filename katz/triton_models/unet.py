@@ -9,6 +9,11 @@ SDXL ``text_embeds [B, P]`` and ``time_ids [B, 6]``, optional ControlNet
 Outputs: ``noise_pred [B, C, h, w]``, ``lora_applied [B, 1]`` and ``lora_ready [B, 1]``
 (the LoRAs are on this instance's device now).
 
+A *loop request* (``loop_params`` and the other ``loop_*`` inputs, see
+:mod:`katz.triton_models.denoising`) runs a whole request's denoising loop here instead and returns
+``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``; BAL then decides at each step of it
+(the LoRAs go in at the first step they are on the device, at step *k* at the latest).
+
 BAL: a call that names LoRAs runs *with* them when they are on the device
 already or when ``lora_wait`` is set (the caller's step has reached *k*, or
 the LoRA was applied at an earlier step); otherwise it starts their load and
@@ -27,6 +32,8 @@ from katz.controlnet_client import BlsControlNets, ControlJob, RemoteControlNets
 from katz.engines import engine_class
 from katz.engines.torch_engines import UNetEngine
 from katz.lora_manager import LoraManager
+from katz.triton_models.denoising import bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
+from katz.triton_models.preprocessing import read_params
 
 
 def added_cond(inputs: dict) -> dict | None:
@@ -76,6 +83,7 @@ def graph_metrics(engine) -> list[tuple[str, str, dict, float]]:
 class UNet:
     def __init__(self, deployment, call=None):
         self.deployment = deployment
+        self.call = call
         self.controlnets = None
         n = deployment.folder.num_down_residuals
         if deployment.controlnet_mode == "service":
@@ -155,41 +163,108 @@ class UNet:
 
     # ---------------------------------------------------------------- run
     def _run(self, inputs: dict, applied: bool) -> dict:
+        return self._timed(lambda: self._evaluate(inputs, applied))
+
+    def _timed(self, evaluate):
+        """``evaluate()`` (one UNet evaluation), counted in ``runs`` and ``run_seconds`` (GPU: CUDA events)."""
         if self._on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self._evaluate(inputs, applied)
+            out = evaluate()
             end.record()
             self._timing.append((start, end))
             self._collect_timing()
         else:
             t0 = time.perf_counter()
-            out = self._evaluate(inputs, applied)
+            out = evaluate()
             self.run_seconds += time.perf_counter() - t0
         self.runs += 1
         return out
 
     def _evaluate(self, inputs: dict, applied: bool) -> dict:
-        sample, timestep = inputs["sample"], inputs["timestep"].reshape(-1)
         hidden, cond = inputs["encoder_hidden_states"], added_cond(inputs)
+        jobs, down, mid = None, None, None
         if inputs.get("controlnets") is not None and self.controlnets is not None:
-            # ControlNet-as-a-Service: the ControlNets run on their own instances while
-            # this instance runs the down and mid blocks; join, then the up path.
-            common = {"sample": sample, "timestep": inputs["timestep"][:1].reshape(1),
-                      "encoder_hidden_states": hidden, **(cond or {})}
-            pending = self.controlnets.submit(control_jobs(inputs), common)
-            state = self.engine.down(sample, timestep, hidden, cond)
-            down, mid = pending.result()
-            noise = self.engine.up(state, down, mid)
-        else:
-            down = None
-            if inputs.get("mid_residual") is not None:
-                down = [inputs[f"down_residual_{i}"] for i in range(self.num_residuals)]
-            noise = self.engine(sample, timestep, hidden, cond, down, inputs.get("mid_residual"))
+            jobs = control_jobs(inputs)
+        elif inputs.get("mid_residual") is not None:
+            down = [inputs[f"down_residual_{i}"] for i in range(self.num_residuals)]
+            mid = inputs["mid_residual"]
+        noise = self._step(inputs["sample"], inputs["timestep"], hidden, cond, jobs, down, mid)
         flag = torch.full((noise.shape[0], 1), applied, dtype=torch.bool)
         want = lora_request(inputs)
         ready = bool(want) and (applied or self.loras.ready([n for n, _ in want]))
         return {"noise_pred": noise, "lora_applied": flag, "lora_ready": torch.full_like(flag, ready)}
+
+    def _step(self, sample, timestep, hidden, cond, jobs=None, down=None, mid=None) -> torch.Tensor:
+        """One UNet evaluation: ``sample [B, C, h, w]``, ``timestep [B, 1]`` float32 -> noise ``[B, C, h, w]``.
+
+        With ``jobs`` (ControlNet-as-a-Service) the ControlNets run on their own instances while this
+        instance runs the down and mid blocks; then the join and the up path. Otherwise ``down``/``mid``
+        are ControlNet residuals already computed (inline mode) or None."""
+        if jobs:
+            common = {"sample": sample, "timestep": timestep[:1].reshape(1), "encoder_hidden_states": hidden,
+                      **(cond or {})}
+            pending = self.controlnets.submit(jobs, common)
+            state = self.engine.down(sample, timestep.reshape(-1), hidden, cond)
+            down, mid = pending.result()
+            return self.engine.up(state, down, mid)
+        return self.engine(sample, timestep.reshape(-1), hidden, cond, down, mid)
+
+    # ---------------------------------------------------------------- a whole request's loop
+    def _loop_loras(self, params: dict) -> tuple[tuple[str, float], ...]:
+        return tuple((n, float(s)) for n, s in zip(params["loras"], params["lora_scales"]))
+
+    def _run_loop(self, inputs: dict) -> dict:
+        """A loop request: the request's whole denoising loop in this process (no BLS per step).
+
+        BAL as in the per-step mode: a step runs with the request's LoRAs once they are on the
+        device, or waits for them at step ``lora_k``; from then on every step keeps them."""
+        device = self.deployment.device
+        raw, embeds, pooled, images = read_loop_request(inputs, device, self.deployment.torch_dtype)
+        params = read_params({"params": raw})
+        want, k = self._loop_loras(params), params.get("lora_k", 0)
+        names = [n for n, _ in want]
+        step, applied_at = 0, None
+        # a ControlNet in another process reads the sample over CUDA IPC: the work that made it
+        # (queued on this stream) must be done first
+        sync = torch.cuda.current_stream(device).synchronize if self._on_gpu else (lambda: None)
+
+        def weight_set() -> tuple[tuple[str, float], ...]:
+            if not want:
+                return ()
+            if self.applied == want or step >= k or self.loras.ready(names):
+                return want
+            self.loras.prefetch(names)
+            self.loras.stats.steps_before_patch += 1
+            return ()
+
+        def unet(sample, t, hidden, added, down, mid, controls=()):
+            nonlocal step, applied_at
+            weights = weight_set()
+            self._switch_to(weights)
+            if weights and applied_at is None:
+                applied_at = step
+            x = step_tensors(sample, t, hidden, added, batched=True, device=device)
+            jobs = [ControlJob(c.name, image, scale, c.key) for c, image, scale in controls] if controls else None
+            if jobs:
+                sync()
+            noise = self._timed(lambda: self._step(x["sample"], x["timestep"], hidden, added, jobs, down, mid))
+            step += 1
+            return noise
+
+        inline = None
+        if self.deployment.controlnet_mode == "inline" and self.call is not None:
+            residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
+            over_bls = bls_controlnet(self.call, residual_names, device)
+
+            def inline(*args, **kwargs):
+                sync()
+                return over_bls(*args, **kwargs)
+
+        latents = run_loop(params, embeds, pooled, images, self.deployment.folder, unet=unet, controlnet=inline,
+                           controlnet_in_unet=self.controlnets is not None)
+        applied = -1 if applied_at is None else applied_at
+        return {"latents": latents, "lora_applied_step": torch.tensor([[applied]], dtype=torch.int32)}
 
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
@@ -218,6 +293,8 @@ class UNet:
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
              s.upload_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "device_wait"},
+             s.device_wait_seconds),
             *graph_metrics(self.engine),
         ]
 
@@ -228,10 +305,17 @@ class UNet:
         return result
 
     def execute_batch(self, batch: list[dict]) -> list:
-        """Run every call of ``batch``, grouped by weight set; an error fails only its own calls."""
+        """Run every call of ``batch``, grouped by weight set; an error fails only its own calls.
+
+        Step calls come first (each is one step of a loop waiting for it), then the loop requests,
+        those wanting the weight set in place first."""
         results: list = [None] * len(batch)
         groups: dict[tuple, list[int]] = {}
+        loops = []
         for i, inputs in enumerate(batch):
+            if is_loop_request(inputs):
+                loops.append(i)
+                continue
             try:
                 groups.setdefault(self._weight_set(inputs), []).append(i)
             except Exception as exc:
@@ -249,4 +333,16 @@ class UNet:
                     results[i] = self._run(batch[i], bool(weight_set))
                 except Exception as exc:
                     results[i] = exc
+        for i in sorted(loops, key=lambda i: self._queued_loras(batch[i]) != self.applied):
+            try:
+                results[i] = self._run_loop(batch[i])
+            except Exception as exc:
+                results[i] = exc
         return results
+
+    def _queued_loras(self, inputs: dict) -> tuple | None:
+        """The LoRA set a queued loop request asks for (None if its params do not parse: it fails when run)."""
+        try:
+            return self._loop_loras(read_params({"params": inputs["loop_params"]}))
+        except Exception:
+            return None

@@ -1,0 +1,94 @@
+"""Where the denoising loop runs (``loop``: in the UNet model's process or in katz_pipeline) does not
+change a request's result: the same images for plain, ControlNet (service and inline) and LoRA requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import control_png
+from katz.model_folder import ModelFolder, discover_controlnets
+from katz.request import Limits
+from katz.triton_models.denoising import loop_place, loop_request, read_loop_request
+from katz.triton_models.deployment import Deployment
+from katz.triton_models.local import LocalEnsemble
+
+STEPS = 4
+
+
+def _ensemble(preset_path, loop, mode="service"):
+    folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
+    limits = Limits(default_width=64, default_height=64, default_guidance=5.0)
+    dep = Deployment(folder.path, folder.controlnets, preset_path / "loras", limits, controlnet_mode=mode, loop=loop)
+    return LocalEnsemble(dep)
+
+
+def _req(controlnet=False, loras=(), k=0, seed=5):
+    r = {"prompt": np.array([b"a red house"], object), "seed": np.array([seed], np.int64),
+         "steps": np.array([STEPS], np.int32)}
+    if controlnet:
+        r["controlnets"] = np.array([b"canny"], object)
+        r["control_images"] = np.array([control_png(0)], object)
+        r["control_guidance_end"] = np.array([0.5], np.float32)  # a window: the last steps run without it
+    if loras:
+        r["loras"] = np.array([n.encode() for n in loras], object)
+        r["lora_k"] = np.array([k], np.int32)
+    return r
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
+@pytest.mark.parametrize("mode", ["service", "inline"])
+def test_loop_in_the_unet_gives_the_pipeline_loops_images(preset_dir, preset, mode):
+    path = preset_dir(preset)
+    in_unet, in_pipeline = _ensemble(path, "unet", mode), _ensemble(path, "pipeline", mode)
+    assert in_unet.models["katz_pipeline"].loop == "unet"
+    for request in (_req(), _req(controlnet=True), _req(loras=["style"]), _req(controlnet=True, loras=["style"])):
+        a, b = in_unet.generate(request), in_pipeline.generate(request)
+        assert np.array_equal(a["image"], b["image"])
+        assert int(a["lora_applied_step"][0]) == int(b["lora_applied_step"][0])
+    # the UNet ran every step of the loop requests itself: one evaluation per step, as many as the
+    # pipeline's loop asked for (SD 1.5's PNDM scheduler runs one step more than asked)
+    runs = in_unet.models["unet"].runs
+    assert runs == in_pipeline.models["unet"].runs >= 4 * STEPS
+    counters = [{name: total for name, _d, _l, total in e.models["katz_pipeline"].metrics()}
+                for e in (in_unet, in_pipeline)]
+    assert counters[0]["katz_pipeline_steps_total"] == counters[1]["katz_pipeline_steps_total"] == runs
+
+
+def test_a_lora_requests_weights_do_not_leak_into_the_next_loop_request(preset_dir):
+    ens = _ensemble(preset_dir("tiny-sdxl"), "unet")
+    unet = ens.models["unet"].engine.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    plain = ens.generate(_req())["image"]
+    with_lora = ens.generate(_req(loras=["style", "detail"]))["image"]
+    assert not np.array_equal(plain, with_lora)
+    assert np.array_equal(ens.generate(_req())["image"], plain)
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_loop_place():
+    assert loop_place("auto", 1) == "unet" and loop_place("auto", 2) == "pipeline"
+    assert loop_place("pipeline", 1) == "pipeline"
+    with pytest.raises(ValueError, match="one UNet shard"):
+        loop_place("unet", 2)
+    with pytest.raises(ValueError, match="loop must be"):
+        loop_place("gpu", 1)
+
+
+def test_loop_request_round_trip():
+    inputs = {
+        "params": np.array([b'{"steps": 3}'], object),
+        "prompt_embeds": torch.randn(2, 77, 16),
+        "pooled_prompt_embeds": torch.randn(2, 8),
+        "control_images": torch.rand(0, 3, 64, 64),
+    }
+    request = loop_request(inputs)
+    assert request["loop_prompt_embeds"].shape == (1, 2, 77, 16)
+    assert request["loop_control_images"].shape == (1, 0, 3, 64, 64)
+    raw, embeds, pooled, images = read_loop_request(request, "cpu", torch.float32)
+    assert bytes(raw[0]) == b'{"steps": 3}'
+    assert torch.equal(embeds, inputs["prompt_embeds"]) and torch.equal(pooled, inputs["pooled_prompt_embeds"])
+    assert images.shape == (0, 3, 64, 64)
+    with pytest.raises(ValueError, match="loop_prompt_embeds"):
+        read_loop_request({**request, "loop_prompt_embeds": torch.randn(2, 77, 16)}, "cpu", torch.float32)
