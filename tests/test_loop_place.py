@@ -3,13 +3,15 @@ change a request's result: the same images for plain, ControlNet (service and in
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import control_png
 from katz.model_folder import ModelFolder, discover_controlnets
-from katz.request import Limits
+from katz.request import InvalidArgument, Limits
 from katz.triton_models.denoising import loop_place, loop_request, read_loop_request
 from katz.triton_models.deployment import Deployment
 from katz.triton_models.local import LocalEnsemble
@@ -76,9 +78,13 @@ def test_loop_place():
         loop_place("gpu", 1)
 
 
+PARAMS = {"scheduler": "euler", "seed": 1, "steps": 2, "guidance_scale": 5.0, "height": 64, "width": 64,
+          "controlnets": [], "controlnet_scales": [], "loras": [], "lora_scales": []}
+
+
 def test_loop_request_round_trip():
     inputs = {
-        "params": np.array([b'{"steps": 3}'], object),
+        "params": np.array([json.dumps(PARAMS).encode()], object),
         "prompt_embeds": torch.randn(2, 77, 16),
         "pooled_prompt_embeds": torch.randn(2, 8),
         "control_images": torch.rand(0, 3, 64, 64),
@@ -86,9 +92,45 @@ def test_loop_request_round_trip():
     request = loop_request(inputs)
     assert request["loop_prompt_embeds"].shape == (1, 2, 77, 16)
     assert request["loop_control_images"].shape == (1, 0, 3, 64, 64)
-    raw, embeds, pooled, images = read_loop_request(request, "cpu", torch.float32)
-    assert bytes(raw[0]) == b'{"steps": 3}'
+    params, embeds, pooled, images = read_loop_request(request, "cpu", torch.float32)
+    assert params == PARAMS
     assert torch.equal(embeds, inputs["prompt_embeds"]) and torch.equal(pooled, inputs["pooled_prompt_embeds"])
     assert images.shape == (0, 3, 64, 64)
-    with pytest.raises(ValueError, match="loop_prompt_embeds"):
-        read_loop_request({**request, "loop_prompt_embeds": torch.randn(2, 77, 16)}, "cpu", torch.float32)
+    bad = [
+        ({"loop_prompt_embeds": torch.randn(2, 77, 16)}, "loop_prompt_embeds: must be"),
+        ({"loop_control_images": None}, "loop_control_images: required"),
+        ({"loop_control_images": torch.rand(1, 1, 3, 64, 64)}, "loop_control_images: has 1 images for 0"),
+        ({"loop_params": np.array([[b"{"]], object)}, "loop_params: not the preprocessing params JSON"),
+        ({"loop_params": np.array([[b'{"steps": 3}']], object)}, "loop_params: lacks scheduler"),
+    ]
+    for change, message in bad:
+        with pytest.raises(InvalidArgument, match=message):
+            read_loop_request({**request, **change}, "cpu", torch.float32)
+
+
+def test_bad_calls_to_the_unet_model_are_invalid_arguments(preset_dir):
+    """The unet model is internal, but a client can call it: a bad call fails alone, naming the input."""
+    ens = _ensemble(preset_dir("tiny-sdxl"), "unet")
+    unet = ens.models["unet"]
+    good = loop_request({"params": np.array([json.dumps(PARAMS).encode()], object),
+                         "prompt_embeds": torch.randn(2, 77, 64), "pooled_prompt_embeds": torch.randn(2, 32),
+                         "control_images": torch.rand(0, 3, 64, 64)})
+    results = unet.execute_batch([{"sample": torch.randn(2, 4, 8, 8)}, {**good, "loop_params": np.array([[b"x"]], object)},
+                                  good])
+    assert isinstance(results[0], InvalidArgument) and str(results[0]).startswith("timestep:")
+    assert isinstance(results[1], InvalidArgument) and str(results[1]).startswith("loop_params:")
+    assert results[2]["latents"].shape == (1, 4, 8, 8) and int(results[2]["lora_applied_step"][0, 0]) == -1
+
+
+def test_tensors_cross_to_triton_in_c_order():
+    """An empty tensor made from numpy (a request without ControlNets) has all strides 0; Triton's
+    DLPack import rejects that for a GPU tensor, so the glue gives every tensor C-order strides."""
+    from katz.triton_models import c_order
+
+    empty = torch.from_numpy(np.zeros((0, 3, 8, 8), np.float32)).unsqueeze(0)
+    assert empty.stride() == (0, 0, 0, 0, 0) and empty.is_contiguous()
+    fixed = c_order(empty)
+    assert fixed.shape == empty.shape and fixed.stride()[1:] == (192, 64, 8, 1)
+    dense = torch.randn(2, 77, 16)
+    assert c_order(dense) is dense
+    assert c_order(dense.transpose(1, 2)).stride() == (1232, 77, 1)

@@ -20,6 +20,7 @@ from katz.triton_models import (
     INVALID_ARG_MARK,
     UNAVAILABLE_MARK,
     ModelCallError,
+    c_order,
     create_model,
     error_kind,
     is_out_of_memory,
@@ -43,7 +44,7 @@ def _to_python(tensor):
 
 def _to_triton(name, value):
     if isinstance(value, torch.Tensor):
-        value = value.contiguous()
+        value = c_order(value)
         if value.is_cuda:
             return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value))
         return pb_utils.Tensor(name, value.numpy())

@@ -18,16 +18,21 @@ batching model): ``loop_params [1, 1]`` (the preprocessing ``params`` JSON),
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
 import torch
 
 from katz.denoise import ControlInput, ControlNetFn, UNetFn, denoise
+from katz.request import InvalidArgument
 from katz.schedulers import make_scheduler
 
 LOOP_INPUTS = ("loop_params", "loop_prompt_embeds", "loop_pooled_prompt_embeds", "loop_control_images")
 LOOP_OUTPUTS = ("latents", "lora_applied_step")
+# what a loop request's params must hold (preprocessing writes them all)
+LOOP_PARAMS = ("scheduler", "seed", "steps", "guidance_scale", "height", "width", "controlnets", "controlnet_scales",
+               "loras", "lora_scales")
 LOOPS = ("auto", "unet", "pipeline")
 
 
@@ -137,19 +142,33 @@ def is_loop_request(inputs: dict) -> bool:
     return inputs.get("loop_params") is not None
 
 
-def read_loop_request(inputs: dict, device, dtype) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def read_loop_request(inputs: dict, device, dtype) -> tuple[dict, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A loop request's ``(params, embeds [B, 77, D], pooled [B, P] or None, images [n, 3, H, W])``,
-    the tensors on ``device`` in ``dtype`` (images stay float32, as the pipeline passes them)."""
+    the tensors on ``device`` in ``dtype`` (images stay float32, as the pipeline passes them).
+    Raises :class:`InvalidArgument` naming the input that is missing or malformed."""
     for name in ("loop_prompt_embeds", "loop_control_images"):
         if inputs.get(name) is None:
-            raise ValueError(f"a loop request needs {name}")
+            raise InvalidArgument(name, "required in a loop request")
     embeds = inputs["loop_prompt_embeds"]
     if embeds.ndim != 4 or embeds.shape[0] != 1:
-        raise ValueError(f"loop_prompt_embeds must be [1, B, 77, D], not {list(embeds.shape)}")
+        raise InvalidArgument("loop_prompt_embeds", f"must be [1, B, 77, D], not {list(embeds.shape)}")
+    images = inputs["loop_control_images"]
+    if images.ndim != 5 or images.shape[0] != 1:
+        raise InvalidArgument("loop_control_images", f"must be [1, n, 3, H, W], not {list(images.shape)}")
+    try:
+        params = json.loads(bytes(inputs["loop_params"].reshape(-1)[0]).decode())
+    except (ValueError, IndexError) as exc:
+        raise InvalidArgument("loop_params", f"not the preprocessing params JSON ({exc})") from None
+    missing = [k for k in LOOP_PARAMS if not isinstance(params, dict) or k not in params]
+    if missing:
+        raise InvalidArgument("loop_params", f"lacks {', '.join(missing)}")
+    if len(params["controlnets"]) != images.shape[1]:
+        raise InvalidArgument("loop_control_images", f"has {images.shape[1]} images for "
+                              f"{len(params['controlnets'])} ControlNets")
     pooled = inputs.get("loop_pooled_prompt_embeds")
     return (
-        inputs["loop_params"].reshape(-1),
+        params,
         embeds[0].to(device, dtype),
         pooled[0].to(device, dtype) if pooled is not None else None,
-        inputs["loop_control_images"][0],
+        images[0],
     )

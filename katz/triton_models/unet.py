@@ -33,6 +33,7 @@ from katz.engines import engine_class
 from katz.engines.torch_engines import UNetEngine
 from katz.lora_manager import LoraManager
 from katz.triton_models.denoising import bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
+from katz.request import InvalidArgument
 from katz.triton_models.preprocessing import read_params
 
 
@@ -220,8 +221,7 @@ class UNet:
         BAL as in the per-step mode: a step runs with the request's LoRAs once they are on the
         device, or waits for them at step ``lora_k``; from then on every step keeps them."""
         device = self.deployment.device
-        raw, embeds, pooled, images = read_loop_request(inputs, device, self.deployment.torch_dtype)
-        params = read_params({"params": raw})
+        params, embeds, pooled, images = read_loop_request(inputs, device, self.deployment.torch_dtype)
         want, k = self._loop_loras(params), params.get("lora_k", 0)
         names = [n for n, _ in want]
         step, applied_at = 0, None
@@ -317,6 +317,7 @@ class UNet:
                 loops.append(i)
                 continue
             try:
+                self._check_step_call(inputs)
                 groups.setdefault(self._weight_set(inputs), []).append(i)
             except Exception as exc:
                 results[i] = exc
@@ -346,3 +347,8 @@ class UNet:
             return self._loop_loras(read_params({"params": inputs["loop_params"]}))
         except Exception:
             return None
+
+    def _check_step_call(self, inputs: dict) -> None:
+        for name in ("sample", "timestep", "encoder_hidden_states"):
+            if inputs.get(name) is None:
+                raise InvalidArgument(name, "required in a step call (or send a loop request: loop_params, ...)")
