@@ -53,8 +53,9 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
         if not m:
             continue
         model = re.search(r'model="([^"]*)"', m.group(2) or "")
-        phase = re.search(r'phase="([^"]*)"', m.group(2) or "")  # katz_lora_load_phase_seconds_total
-        key = (m.group(1) + (f"[{phase.group(1)}]" if phase else ""), model.group(1) if model else "")
+        # katz_lora_load_phase_seconds_total{phase}, katz_gpu_memory_bytes{kind}, katz_unet_memory_bytes{part}
+        label = re.search(r'(?:phase|kind|part)="([^"]*)"', m.group(2) or "")
+        key = (m.group(1) + (f"[{label.group(1)}]" if label else ""), model.group(1) if model else "")
         out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
@@ -96,6 +97,17 @@ def gpu_memory_by_model() -> dict[str, float]:
         except OSError:
             pass
     return memory_by_model(csv, cmdlines)
+
+
+def torch_memory(counters: dict) -> dict[str, dict[str, float]]:
+    """GB per model from the server's memory gauges: torch's ``allocated`` / ``reserved`` per model
+    process (``katz_gpu_memory_bytes``) and the UNet's parts (``katz_unet_memory_bytes``)."""
+    out: dict[str, dict[str, float]] = {}
+    for (name, model), value in counters.items():
+        for prefix in ("katz_gpu_memory_bytes[", "katz_unet_memory_bytes["):
+            if name.startswith(prefix):
+                out.setdefault(model, {})[name[len(prefix):-1]] = value / 1e9
+    return out
 
 
 def free_port() -> int:
@@ -346,6 +358,7 @@ def main() -> None:
             save_profiles(live_profiles, args.profile / "all_cases", ("unet",), "all cases")
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
         res["katz_e2e_gpu_memory_by_model_gb"] = gpu_memory_by_model() if on_gpu else {}
+        res["katz_e2e_torch_memory_gb"] = torch_memory(metrics(ports["metrics"]))
     finally:
         server.terminate()
         try:
@@ -387,6 +400,10 @@ def main() -> None:
           f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")
     if res["katz_e2e_gpu_memory_by_model_gb"]:
         print(f"  by process: { {k: round(v, 2) for k, v in sorted(res['katz_e2e_gpu_memory_by_model_gb'].items())} }")
+    if res.get("katz_e2e_torch_memory_gb"):
+        print("  torch's allocator per model, GB: "
+              + "; ".join(f"{m} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
+                          for m, parts in sorted(res["katz_e2e_torch_memory_gb"].items())))
     print("LoRA:", res["katz_e2e_lora_metrics"])
     print("CUDA graphs:", res["katz_e2e_graph_metrics"])
     if args.out:

@@ -134,3 +134,17 @@ def test_tensors_cross_to_triton_in_c_order():
     dense = torch.randn(2, 77, 16)
     assert c_order(dense) is dense
     assert c_order(dense.transpose(1, 2)).stride() == (1232, 77, 1)
+
+
+def test_memory_gauges(preset_dir):
+    from katz.triton_models import memory_gauges
+
+    assert memory_gauges("cpu") == []  # torch's CUDA allocator only
+    ens = _ensemble(preset_dir("tiny-sdxl"), "unet")
+    unet = ens.models["unet"]
+    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    weights = sum(p.numel() * p.element_size() for p in unet.engine.unet.parameters())
+    assert parts == {"weights": weights, "pristine": 0.0, "lora_cache": 0.0}
+    ens.generate(_req(loras=["style"]))
+    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    assert 0 < parts["pristine"] < weights and parts["lora_cache"] > 0

@@ -129,9 +129,14 @@ def test_queue_timeout_rejects_requests_that_waited_too_long(fault_server):
 # ------------------------------------------------------------ killed instances
 def _kill_mid_request(server, model: str, tensors: dict):
     (victim,) = stubs(server, model)
-    before = inference_count(server, model)
+    # the unet model runs the whole loop in one call (--loop unet): its count moves when the loop is
+    # over, so wait for the text encoder to finish (the loop starts next) and kill it during its steps
+    counted = "text_encoder" if model == "unet" else model
+    before = inference_count(server, counted)
     thread, box = _in_background(lambda: raw_infer(server, tensors))
-    wait_for(lambda: inference_count(server, model) > before, 60, interval=0.02, what=f"{model} to run")
+    wait_for(lambda: inference_count(server, counted) > before, 60, interval=0.02, what=f"{counted} to run")
+    if model == "unet":
+        time.sleep(0.5)  # inside the 150-step loop (many seconds on this preset)
     os.kill(victim.pid, signal.SIGKILL)
     thread.join(120)
     assert not thread.is_alive(), "the request hung after its model instance was killed"
@@ -169,11 +174,13 @@ def test_lora_file_deleted_or_truncated_during_its_load(fault_server, damage):
     (store / f"{name}.safetensors").write_bytes(good)
     base = _image(raw_infer(fault_server, generation_tensors(seed=5, steps=4)))
 
-    # lora_k=3: steps 0-2 run on base weights while the UNet's loader reads the file (2 s), step 3 waits
-    before = inference_count(fault_server, "unet")
+    # lora_k=3: steps 0-2 run on base weights while the UNet's loader reads the file (2 s), step 3 waits;
+    # the file is damaged once the request is past its text encoding (the loop runs, the load is under way)
+    before = inference_count(fault_server, "text_encoder")
     thread, box = _in_background(
         lambda: raw_infer(fault_server, generation_tensors(seed=5, steps=4, loras=[name], lora_k=3)))
-    wait_for(lambda: inference_count(fault_server, "unet") > before, 30, interval=0.02, what="the first step")
+    wait_for(lambda: inference_count(fault_server, "text_encoder") > before, 30, interval=0.02,
+             what="the text encoding")
     if damage == "delete":
         (store / f"{name}.safetensors").unlink()
     else:

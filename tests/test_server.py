@@ -247,6 +247,10 @@ def test_lora_metrics_are_exported(sdxl):
     # and named the LoRA to the UNet's loader as the requests arrived (katz.lora_hints)
     hints = [l for l in text.splitlines() if l.startswith('katz_lora_hints_total{model="unet"')]
     assert hints and float(hints[0].split()[-1]) >= 1, hints
+    # gauges: where the UNet's memory goes (weights, pristine copies of the patched weights, LoRA cache)
+    parts = {l.split('part="')[1].split('"')[0]: float(l.split()[-1])
+             for l in text.splitlines() if l.startswith("katz_unet_memory_bytes")}
+    assert parts["weights"] > parts["pristine"] > 0 and parts["lora_cache"] > 0, parts
 
 
 def test_bal_reports_the_patch_step(sdxl):

@@ -22,6 +22,7 @@ from katz.triton_models import (
     ModelCallError,
     c_order,
     create_model,
+    memory_gauges,
     error_kind,
     is_out_of_memory,
 )
@@ -66,6 +67,7 @@ class TritonPythonModel:
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
         self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/profiling.py)
+        self._publish_metrics()  # the memory held after load (weights, CUDA graphs) before any request
 
     def _call(self, model_name, inputs, output_names):
         request = pb_utils.InferenceRequest(
@@ -173,7 +175,18 @@ class TritonPythonModel:
         return responses
 
     def _publish_metrics(self):
-        """Counters from the model's ``metrics()`` as Triton custom metrics (labelled by model)."""
+        """Counters from the model's ``metrics()`` and gauges (its ``gauges()``, the process's GPU
+        memory) as Triton custom metrics (labelled by model)."""
+        gauges = memory_gauges(self.device) + (self.model.gauges() if hasattr(self.model, "gauges") else [])
+        for name, description, labels, value in gauges:
+            key = ("gauge", name, tuple(sorted(labels.items())))
+            if key not in self._metrics:
+                if name not in self._families:
+                    self._families[name] = pb_utils.MetricFamily(
+                        name=name, description=description, kind=pb_utils.MetricFamily.GAUGE
+                    )
+                self._metrics[key] = [self._families[name].Metric(labels={"model": self.model_name, **labels}), 0.0]
+            self._metrics[key][0].set(float(value))
         if not hasattr(self.model, "metrics"):
             return
         for name, description, labels, total in self.model.metrics():

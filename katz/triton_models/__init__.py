@@ -95,6 +95,21 @@ def c_order(value):
     return value
 
 
+def memory_gauges(device: str) -> list[tuple[str, str, dict, float]]:
+    """The process's CUDA memory on ``device`` as Triton gauges ``(name, description, labels, value)``:
+    torch's caching allocator, ``allocated`` (in tensors) and ``reserved`` (held from the driver; what
+    nvidia-smi shows, less the CUDA context). Empty on the CPU."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_initialized():
+        return []
+    description = "GPU memory of this model's process, torch's caching allocator (bytes)"
+    return [
+        ("katz_gpu_memory_bytes", description, {"kind": "allocated"}, float(torch.cuda.memory_allocated(device))),
+        ("katz_gpu_memory_bytes", description, {"kind": "reserved"}, float(torch.cuda.memory_reserved(device))),
+    ]
+
+
 def create_model(role: str, params: dict[str, str], device: str, call=None):
     """Build the model class for ``role`` (the ``role`` parameter of its config.pbtxt)."""
     from katz.triton_models.deployment import Deployment

@@ -298,6 +298,20 @@ class UNet:
             *graph_metrics(self.engine),
         ]
 
+    def gauges(self) -> list[tuple[str, str, dict, float]]:
+        """Where the UNet instance's device memory goes (bytes, Triton gauges): the engine's weights,
+        the pristine copies of LoRA-patched weights (exact restore) and the device LoRA cache."""
+        description = "device memory the UNet instance holds, by part (bytes)"
+        params = getattr(getattr(self.engine, "unet", None), "parameters", None)
+        weights = sum(p.numel() * p.element_size() for p in params()) if params else 0
+        pristine = getattr(self.engine.lora, "_pristine", {})
+        return [
+            ("katz_unet_memory_bytes", description, {"part": "weights"}, float(weights)),
+            ("katz_unet_memory_bytes", description, {"part": "pristine"},
+             float(sum(t.numel() * t.element_size() for t in pristine.values()))),
+            ("katz_unet_memory_bytes", description, {"part": "lora_cache"}, float(self.loras.device_cache.used)),
+        ]
+
     def execute(self, inputs: dict) -> dict:
         result = self.execute_batch([inputs])[0]
         if isinstance(result, BaseException):
