@@ -7,7 +7,8 @@ The loop (:func:`katz.denoise.denoise`) runs in one of two places (``Deployment.
 * ``unet``: ``katz_pipeline`` sends the whole request to the ``unet`` model in one BLS call (a
   *loop request*) and the UNet's process runs the loop next to its engine. No tensor leaves the
   GPU between steps and no step waits for a BLS round trip, so the host launches step ``i + 1``
-  while the GPU still runs step ``i``; the GPU is not left idle between steps.
+  while the GPU still runs step ``i``. (With ControlNets each step waits for the GPU once: the
+  ControlNet's process reads the step's sample.)
 
 A loop request is the pipeline's own inputs with a leading batch dimension of 1 (``unet`` is a
 batching model): ``loop_params [1, 1]`` (the preprocessing ``params`` JSON),
@@ -28,7 +29,6 @@ from katz.denoise import ControlInput, ControlNetFn, UNetFn, denoise
 from katz.request import InvalidArgument
 from katz.schedulers import make_scheduler
 
-LOOP_INPUTS = ("loop_params", "loop_prompt_embeds", "loop_pooled_prompt_embeds", "loop_control_images")
 LOOP_OUTPUTS = ("latents", "lora_applied_step")
 # what a loop request's params must hold (preprocessing writes them all)
 LOOP_PARAMS = ("scheduler", "seed", "steps", "guidance_scale", "height", "width", "controlnets", "controlnet_scales",

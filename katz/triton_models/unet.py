@@ -32,8 +32,8 @@ from katz.controlnet_client import BlsControlNets, ControlJob, RemoteControlNets
 from katz.engines import engine_class
 from katz.engines.torch_engines import UNetEngine
 from katz.lora_manager import LoraManager
-from katz.triton_models.denoising import bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
 from katz.request import InvalidArgument
+from katz.triton_models.denoising import bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
 from katz.triton_models.preprocessing import read_params
 
 
