@@ -522,7 +522,7 @@ class LoraPatcher:
         return tuple((w.name, s) for w, s in self._current)
 
     # -- validation ------------------------------------------------------- #
-    def _plan(self, lora: LoraWeights) -> list[tuple[str, torch.nn.Module, LoraLayer]]:
+    def _plan(self, lora: LoraWeights, check_values: bool = True) -> list[tuple[str, torch.nn.Module, LoraLayer]]:
         name, comp = lora.name, self.component
         plan, seen = [], {}
         for target, layer in lora.layers.get(comp, {}).items():
@@ -552,7 +552,7 @@ class LoraPatcher:
                 )
             # Device tensors were checked on the host when loaded; checking them again
             # here would cost a GPU sync per layer.
-            for what, t in (("down", down), ("up", up)):
+            for what, t in (("down", down), ("up", up)) if check_values else ():
                 if t.device.type == "cpu" and not bool(torch.isfinite(t).all()):
                     raise _err(name, f"tensor {key!r} ({what}) contains NaN or infinite values")
             if layer.alpha is not None and not math.isfinite(layer.alpha):
@@ -561,7 +561,7 @@ class LoraPatcher:
             plan.append((path, mod, layer))
         return plan
 
-    def _cached_plan(self, lora: LoraWeights) -> list[tuple[str, torch.nn.Module, LoraLayer]]:
+    def _cached_plan(self, lora: LoraWeights, check_values: bool = True) -> list[tuple[str, torch.nn.Module, LoraLayer]]:
         """:meth:`_plan`, remembered for the last few LoRA objects (the loader's :meth:`validate`
         plans a LoRA off the request path; its merge then finds the plan made). Only the resolved
         ``(path, module)`` pairs are kept, never the LoRA's tensors (the caches own those)."""
@@ -571,16 +571,19 @@ class LoraPatcher:
             if hit is not None and hit[0]() is lora:
                 self._plans.move_to_end(id(lora))
                 return [(path, mod, layer) for (path, mod), layer in zip(hit[1], layers)]
-        plan = self._plan(lora)
+        plan = self._plan(lora, check_values)
         with self._plans_lock:
             self._plans[id(lora)] = (weakref.ref(lora), [(path, mod) for path, mod, _ in plan])
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         return plan
 
-    def validate(self, lora: LoraWeights) -> None:
-        """Raise :class:`LoraError` unless every layer of this component fits a Linear/Conv2d here."""
-        self._cached_plan(lora)
+    def validate(self, lora: LoraWeights, check_values: bool = True) -> None:
+        """Raise :class:`LoraError` unless every layer of this component fits a Linear/Conv2d here.
+
+        ``check_values=False``: the caller checks the tensors' values itself (the LoRA manager does, on
+        the device, in one pass); shapes, targets and alphas are checked either way."""
+        self._cached_plan(lora, check_values)
 
     # -- merging ------------------------------------------------------------ #
     def apply(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:

@@ -92,6 +92,9 @@ class LoraRead:
     plan: ReadPlan
     keys: list[str]
     buffer: torch.Tensor
+    # what ``read_lora_bytes(..., overlap=f)``'s ``f`` returned or raised while the bytes were read
+    overlapped: object = None
+    overlap_error: BaseException | None = None
 
     def tensors(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """name -> tensor as views into ``buffer`` (default: the read buffer; else a byte copy of it,
@@ -262,9 +265,15 @@ def read_ranges(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence
     Large reads are cut into chunks of 1-16 MB (about two per thread) that :data:`READ_THREADS`
     threads read in parallel; raises EOFError if the file ends early, OSError on a read error.
     """
+    wait_reads(start_reads(fd, buffer, data_start, ranges))
+
+
+def start_reads(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[tuple[int, int, int]]) -> list:
+    """:func:`read_ranges` without waiting: the reads run on the read threads; returns their futures
+    (for :func:`wait_reads`; ``fd`` and ``buffer`` must stay valid until then)."""
     total = sum(n for _, n, _ in ranges)
     if not total:
-        return
+        return []
     chunk = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, -(-total // (2 * READ_THREADS))))
     view = memoryview(buffer.numpy()).cast("B")
     jobs = [
@@ -275,11 +284,16 @@ def read_ranges(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence
         file_offset, at, n = j
         _read_exact(fd, view[at : at + n], file_offset)
 
-    if len(jobs) == 1:
-        job(jobs[0])
-    else:
-        for _ in _read_pool().map(job, jobs):
-            pass
+    pool = _read_pool()
+    return [pool.submit(job, j) for j in jobs]
+
+
+def wait_reads(futures: list) -> None:
+    """Wait for every read of :func:`start_reads`; then raise the first one's error, if any."""
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def tensor_views(buffer: torch.Tensor, header: Header, plan: ReadPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -300,6 +314,8 @@ def read_lora_bytes(
     name: str,
     components: Sequence[str] | None,
     alloc: Callable[[int], torch.Tensor],
+    overlap: Callable[[LoraRead], object] | None = None,
+    first: Callable[[str], bool] | None = None,
 ) -> LoraRead:
     """Read the bytes of the tensors of ``components`` (None: all) of the safetensors LoRA ``path``.
 
@@ -307,6 +323,12 @@ def read_lora_bytes(
     slice of a reusable, possibly pinned, staging buffer). ``components`` keeps the semantics of
     :func:`katz.lora.read_lora_file`: keys of no known component are always read. Raises
     :class:`LoraError` naming ``name``; :meth:`LoraRead.tensors` makes the tensors.
+
+    ``overlap(read)`` runs on the calling thread while the read threads fill the buffer (work that
+    needs the header, not the bytes: parsing names, planning views); the tensors whose keys ``first``
+    accepts (small ones, e.g. alphas) are in the buffer already when it starts. What it returns or
+    raises is kept in ``read.overlapped`` / ``read.overlap_error``; an error of the read itself is
+    raised first.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -327,11 +349,26 @@ def read_lora_bytes(
         keys = [k for k in header.tensors if _in_components(k, comps)]
         plan = plan_read(header, keys)
         buffer = alloc(plan.nbytes)
-        read_ranges(fd, buffer, header.data_start, plan.ranges)
+        read = LoraRead(name=name, components=comps, header=header, plan=plan, keys=keys, buffer=buffer)
+        if overlap is None:
+            read_ranges(fd, buffer, header.data_start, plan.ranges)
+            return read
+        view = memoryview(buffer.numpy()).cast("B")
+        for key in keys if first is not None else ():
+            if first(key):
+                spec, at = header.tensors[key], plan.offsets[key]
+                _read_exact(fd, view[at : at + spec.nbytes], header.data_start + spec.begin)
+        futures = start_reads(fd, buffer, header.data_start, plan.ranges)
+        try:
+            read.overlapped = overlap(read)
+        except Exception as e:  # reported by the caller, after the read's own errors
+            read.overlap_error = e
+        finally:
+            wait_reads(futures)  # before the file is closed, also when overlap failed
+        return read
     except EOFError as e:  # the file shrank after its header was read
         raise _invalid(name, path.name, str(e)) from None
     except OSError as e:
         raise _err(name, f"file {path.name} could not be read ({type(e).__name__}: {e})") from None
     finally:
         os.close(fd)
-    return LoraRead(name=name, components=comps, header=header, plan=plan, keys=keys, buffer=buffer)

@@ -57,7 +57,7 @@ class LoraStats:
     steps_before_patch: int = 0
     patches: int = 0
     wait_seconds: float = 0.0
-    read_seconds: float = 0.0  # header + file bytes into the staging buffer (host misses)
+    read_seconds: float = 0.0  # header + waiting for the file bytes beyond the parsing done meanwhile (host misses)
     read_bytes: int = 0  # bytes read from LoRA files (host misses)
     parse_seconds: float = 0.0  # parse_lora + LoraPatcher.validate (host misses)
     upload_seconds: float = 0.0  # issuing the upload and the device finiteness check, views of the device buffer
@@ -361,10 +361,11 @@ class LoraManager:
     def _stream_ctx(self):
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
-    def _upload(self, staged: torch.Tensor) -> torch.Tensor:
-        """Queue a copy of ``staged`` (uint8, a slice of the staging buffer) to a new device buffer on the
-        side stream (a plain copy on a CPU device); call inside :meth:`_stream_ctx`."""
-        out = torch.empty(staged.numel(), dtype=torch.uint8, device=self.device)
+    def _upload(self, staged: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue a copy of ``staged`` (uint8, a slice of the staging buffer) to ``out`` (default: a new
+        device buffer) on the side stream (a plain copy on a CPU device); call inside :meth:`_stream_ctx`."""
+        if out is None:
+            out = torch.empty(staged.numel(), dtype=torch.uint8, device=self.device)
         out.copy_(staged, non_blocking=True)
         self._staging.uploaded(self._stream)
         return out
@@ -388,19 +389,63 @@ class LoraManager:
                 setattr(self.stats, stat, getattr(self.stats, stat) + time.perf_counter() - t0)
 
     def _read_entry(self, name: str) -> tuple[_Entry, torch.Tensor | None]:
-        """Load ``name`` from disk: (device entry, the staging bytes to fill the host tier from, or None)."""
+        """Load ``name`` from disk: (device entry, the staging bytes to fill the host tier from, or None).
+
+        While the read threads fill the staging buffer, this thread already makes the device buffer,
+        the views into it, parses and validates (:meth:`_prepare`, needing only the header and the
+        alphas, read first); once the bytes are in: one upload, one finiteness pass, one host sync."""
         path = self.store.path(name)
         if not path.is_file():
             raise LoraError(f"lora {name!r}: file {path.name} is not in the LoRA store")
-        with self._timed("read_seconds"):
-            read = read_lora_bytes(path, name, self.components, self._staging.acquire)
-            with self._lock:
-                self.stats.read_bytes += read.buffer.numel()
-            self._check_family(name, read.header.tensors)
+        t0 = time.perf_counter()
+        read = read_lora_bytes(path, name, self.components, self._staging.acquire,
+                               overlap=lambda r: self._prepare(r, None), first=_is_alpha)
+        with self._lock:
+            self.stats.read_bytes += read.buffer.numel()
+            overlapped = read.overlapped[-1] if read.overlapped is not None else 0.0
+            self.stats.read_seconds += time.perf_counter() - t0 - overlapped  # the wait for the disk
+        if read.overlap_error is not None:  # a component the family lacks, a key parse_lora rejects
+            raise read.overlap_error
         if not read.keys:  # nothing for these components (e.g. a text-encoder-only LoRA)
             return _Entry(LoraWeights(name=name, layers={}), None, (), 0), None
+        if read.overlapped is None:  # a tensor must be copied out of the bytes: prepare after the upload
+            with self._timed("upload_seconds"), self._stream_ctx():
+                dev = self._upload(read.buffer)
+            prepared = self._prepare(read, dev)
+        else:
+            prepared = read.overlapped
+            with self._timed("upload_seconds"), self._stream_ctx():
+                self._upload(read.buffer, out=prepared[0])
+        dev, weights, on_device, spans, extra, invalid, _ = prepared
         with self._timed("upload_seconds"), self._stream_ctx():
-            dev = self._upload(read.buffer)
+            finite = finite_flag(dev, spans, extra)  # queued behind the upload
+        with self._timed("device_wait_seconds"), self._stream_ctx():
+            if not bool(finite):  # the one host sync of the load: the upload is done too
+                bad = first_non_finite(on_device)
+                if bad is not None:
+                    raise _err(name, f"tensor {bad!r} contains NaN or infinite values")
+        if invalid is not None:
+            raise invalid
+        nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
+        return _Entry(weights, dev, tuple(extra), nbytes), read.buffer
+
+    def _prepare(self, read, dev: torch.Tensor | None):
+        """Parse and validate ``read`` against a device buffer: ``dev`` holding the bytes already, or
+        None (called while the bytes are read: a new, still empty buffer). Returns ``(dev, weights,
+        on-device tensors, finiteness spans, extra tensors, the validation error or None, seconds)``,
+        or None when ``dev`` is None and a tensor would have to be copied out of bytes not read yet."""
+        t0 = time.perf_counter()
+        name = read.name
+        self._check_family(name, read.header.tensors)
+        if not read.keys:
+            return None
+        device_keys = [k for k in read.keys if not _is_alpha(k)]
+        if dev is None:
+            if any(read.plan.offsets[k] % read.header.tensors[k].dtype.itemsize for k in device_keys):
+                return None  # tensor_views copies such tensors: they need the bytes
+            with self._timed("upload_seconds"), self._stream_ctx():
+                dev = torch.empty(read.buffer.numel(), dtype=torch.uint8, device=self.device)
+        with self._timed("upload_seconds"), self._stream_ctx():
             tensors = read.tensors(dev)  # views into the device buffer; folded alphas on the host
             # the file's alphas (scalars) on the host, as copies: parse_lora reads them as floats
             alphas = [k for k in read.keys if _is_alpha(k)]
@@ -415,25 +460,16 @@ class LoraManager:
                 spans.append((at, at + spec.nbytes, spec.dtype))
         with self._timed("parse_seconds"):
             weights = parse_lora(tensors, name, self.store.family, check_finite=False)
-        with self._timed("upload_seconds"), self._stream_ctx():
-            finite = finite_flag(dev, spans, extra)  # queued behind the upload
         invalid = None
-        with self._timed("parse_seconds"):  # while the device copies and checks
+        with self._timed("parse_seconds"):
             try:
                 for comp, patcher in self.patchers.items():
                     if comp in weights.layers:
-                        patcher.validate(weights)
+                        # values are checked on the device, in one pass, once the bytes are there
+                        patcher.validate(weights, check_values=False)
             except LoraError as e:
                 invalid = e  # reported after a non-finite tensor, as parse_lora + validate order them
-        with self._timed("device_wait_seconds"), self._stream_ctx():
-            if not bool(finite):  # the one host sync of the load: the upload is done too
-                bad = first_non_finite(on_device)
-                if bad is not None:
-                    raise _err(name, f"tensor {bad!r} contains NaN or infinite values")
-        if invalid is not None:
-            raise invalid
-        nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
-        return _Entry(weights, dev, tuple(extra), nbytes), read.buffer
+        return dev, weights, on_device, spans, extra, invalid, time.perf_counter() - t0
 
     def _upload_entry(self, host: _Entry) -> _Entry:
         """A host-tier entry on the device (no disk, no parsing, no validation: done when it was read)."""

@@ -441,7 +441,7 @@ class _Unchecked:
     def __init__(self, component: str):
         self.component = component
 
-    def validate(self, lora) -> None:
+    def validate(self, lora, check_values: bool = True) -> None:
         pass
 
 
@@ -462,5 +462,43 @@ def test_manager_matches_the_cpu_path_on_a_real_lora(preset_dir):
                     got = w.layers[comp][path]
                     assert torch.equal(got.down, layer.down) and torch.equal(got.up, layer.up)
                     assert got.alpha == layer.alpha and got.key == layer.key
+    finally:
+        m.close()
+
+
+def test_manager_parses_and_validates_while_the_bytes_are_read(preset_dir, monkeypatch):
+    """A load's parse and validation need only the header and the alphas (read first): they run on the
+    loader thread while the read threads fill the buffer, so a slow disk hides them."""
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+    real = lf._read_exact
+
+    def slow(fd, view, offset):
+        if offset > 8 and len(view) > 4096:  # the bulk reads (not the header at 8, nor the scalar alphas)
+            time.sleep(0.3)
+            with lock:
+                events.append("bytes read")
+        return real(fd, view, offset)
+
+    class Recording(_Unchecked):
+        def validate(self, lora, check_values: bool = True) -> None:
+            assert not check_values  # the manager checks the values itself, on the device, in one pass
+            with lock:
+                events.append("validated")
+
+    monkeypatch.setattr(lf, "_read_exact", slow)
+    folder = preset_dir("tiny-sdxl") / "loras"
+    name = LoraStore(folder, "sdxl").names()[0]
+    m = LoraManager(LoraStore(folder, "sdxl"), [Recording("unet")], "cpu")
+    try:
+        (w,) = m.get([name])
+        assert events[0] == "validated" and "bytes read" in events, events
+        ref = parse_lora(read_lora_file(folder / f"{name}.safetensors", name, ("unet",)), name, "sdxl")
+        for path, layer in ref.layers["unet"].items():  # the views were made before the bytes arrived
+            assert torch.equal(w.layers["unet"][path].down, layer.down)
+            assert torch.equal(w.layers["unet"][path].up, layer.up)
+        assert m.stats.read_seconds > 0 and m.stats.parse_seconds > 0
     finally:
         m.close()

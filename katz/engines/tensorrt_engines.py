@@ -278,7 +278,9 @@ class TrtLoraRefitter:
         files = ", ".join(p.engine.record.file for p in self.parts)
         return plan_lora([(p.map, p.refittable) for p in self.parts], lora, f"TensorRT engine ({files})")
 
-    def validate(self, lora: LoraWeights) -> None:
+    def validate(self, lora: LoraWeights, check_values: bool = True) -> None:
+        """Raise :class:`LoraError` unless every layer maps to a refittable weight (values are not read
+        here; :class:`katz.lora_manager.LoraManager` checks them on the device)."""
         self._plans(lora)
 
     def apply(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
