@@ -265,15 +265,26 @@ def read_ranges(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence
     Large reads are cut into chunks of 1-16 MB (about two per thread) that :data:`READ_THREADS`
     threads read in parallel; raises EOFError if the file ends early, OSError on a read error.
     """
-    wait_reads(start_reads(fd, buffer, data_start, ranges))
+    job, jobs = _read_jobs(fd, buffer, data_start, ranges)
+    if len(jobs) == 1:
+        job(jobs[0])  # no thread hop for one chunk
+    else:
+        wait_reads([_read_pool().submit(job, j) for j in jobs])
 
 
 def start_reads(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[tuple[int, int, int]]) -> list:
     """:func:`read_ranges` without waiting: the reads run on the read threads; returns their futures
     (for :func:`wait_reads`; ``fd`` and ``buffer`` must stay valid until then)."""
+    job, jobs = _read_jobs(fd, buffer, data_start, ranges)
+    pool = _read_pool()
+    return [pool.submit(job, j) for j in jobs]
+
+
+def _read_jobs(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[tuple[int, int, int]]):
+    """The chunks of a read, ``(file offset, buffer offset, bytes)``, and the function reading one."""
     total = sum(n for _, n, _ in ranges)
     if not total:
-        return []
+        return None, []
     chunk = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, -(-total // (2 * READ_THREADS))))
     view = memoryview(buffer.numpy()).cast("B")
     jobs = [
@@ -284,8 +295,7 @@ def start_reads(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence
         file_offset, at, n = j
         _read_exact(fd, view[at : at + n], file_offset)
 
-    pool = _read_pool()
-    return [pool.submit(job, j) for j in jobs]
+    return job, jobs
 
 
 def wait_reads(futures: list) -> None:

@@ -11,10 +11,11 @@ or waits in :meth:`LoraManager.get` at the bounding step *k*.
 
 A load from disk (:meth:`LoraManager._read_entry`): the header is parsed and the
 bytes of the manager's components are read by several threads straight into one
-reusable staging buffer (pinned on CUDA, see :mod:`katz.lora_file`), uploaded to
-the device in one copy on a side stream, parsed into views of the device buffer,
-checked for finiteness on the device in one pass with one host sync, and
-validated against the patchers' modules. The host tier is filled afterwards,
+reusable staging buffer (pinned on CUDA, see :mod:`katz.lora_file`); meanwhile the
+loader thread makes the device buffer and the views into it, parses them and
+validates them against the patchers' modules (only the header and the alphas,
+read first, are needed for that). Then the bytes are uploaded in one copy on a
+side stream and checked for finiteness on the device in one pass with one host sync. The host tier is filled afterwards,
 once the waiting request can already go on. The same code runs on a CPU device
 (the upload is then a CPU copy and the staging buffer is not pinned).
 """
