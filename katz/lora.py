@@ -508,6 +508,7 @@ class LoraPatcher:
         self.component = component
         self._index = _ModuleIndex(module)
         self._pristine: dict[str, torch.Tensor] = {}
+        self.pristine_bytes = 0  # device memory of the pristine copies (they are kept for good)
         self._current: tuple[tuple[LoraWeights, float], ...] = ()
         self._lock = threading.RLock()
         # plans of recently applied LoRA objects: id -> (weak reference, plan); a LoraWeights is
@@ -628,6 +629,7 @@ class LoraPatcher:
             base = self._pristine.get(path)
             if base is None:
                 base = self._pristine[path] = weight.detach().clone()
+                self.pristine_bytes += base.numel() * base.element_size()
             views = self._weight_views(path, weight, base)
             merged.append(weight)
             if len(items) == 1 and views is not None:

@@ -85,6 +85,22 @@ class _Entry:
         return [t for t in (self.buffer, *self.extra) if t is not None]
 
 
+@dataclass
+class _Prepared:
+    """A load parsed and validated (:meth:`LoraManager._prepare`): the device buffer ``dev``, the
+    parsed ``weights`` (views into it), the on-device tensors by key, the finiteness ``spans`` of
+    ``dev`` and the ``extra`` tensors (copies), the validation error to report after the values'
+    check (or None), and the ``seconds`` it took."""
+
+    dev: torch.Tensor
+    weights: LoraWeights
+    on_device: dict[str, torch.Tensor]
+    spans: list[tuple[int, int, torch.dtype]]
+    extra: list[torch.Tensor]
+    invalid: LoraError | None
+    seconds: float
+
+
 class _LruBytes:
     """An LRU map of :class:`_Entry` with a byte budget; the newest entry always stays."""
 
@@ -401,49 +417,49 @@ class LoraManager:
         t0 = time.perf_counter()
         read = read_lora_bytes(path, name, self.components, self._staging.acquire,
                                overlap=lambda r: self._prepare(r, None), first=_is_alpha)
+        prepared: _Prepared | None = read.overlapped
         with self._lock:
             self.stats.read_bytes += read.buffer.numel()
-            overlapped = read.overlapped[-1] if read.overlapped is not None else 0.0
+            overlapped = prepared.seconds if prepared is not None else 0.0
             self.stats.read_seconds += time.perf_counter() - t0 - overlapped  # the wait for the disk
         if read.overlap_error is not None:  # a component the family lacks, a key parse_lora rejects
             raise read.overlap_error
         if not read.keys:  # nothing for these components (e.g. a text-encoder-only LoRA)
             return _Entry(LoraWeights(name=name, layers={}), None, (), 0), None
-        if read.overlapped is None:  # a tensor must be copied out of the bytes: prepare after the upload
+        if prepared is None:  # a tensor must be copied out of the bytes: prepare after the upload
             with self._timed("upload_seconds"), self._stream_ctx():
                 dev = self._upload(read.buffer)
             prepared = self._prepare(read, dev)
         else:
-            prepared = read.overlapped
             with self._timed("upload_seconds"), self._stream_ctx():
-                self._upload(read.buffer, out=prepared[0])
-        dev, weights, on_device, spans, extra, invalid, _ = prepared
+                self._upload(read.buffer, out=prepared.dev)
+        dev, extra = prepared.dev, prepared.extra
         with self._timed("upload_seconds"), self._stream_ctx():
-            finite = finite_flag(dev, spans, extra)  # queued behind the upload
+            finite = finite_flag(dev, prepared.spans, extra)  # queued behind the upload
         with self._timed("device_wait_seconds"), self._stream_ctx():
             if not bool(finite):  # the one host sync of the load: the upload is done too
-                bad = first_non_finite(on_device)
+                bad = first_non_finite(prepared.on_device)
                 if bad is not None:
                     raise _err(name, f"tensor {bad!r} contains NaN or infinite values")
-        if invalid is not None:
-            raise invalid
+        if prepared.invalid is not None:
+            raise prepared.invalid
         nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
-        return _Entry(weights, dev, tuple(extra), nbytes), read.buffer
+        return _Entry(prepared.weights, dev, tuple(extra), nbytes), read.buffer
 
-    def _prepare(self, read, dev: torch.Tensor | None):
+    def _prepare(self, read, dev: torch.Tensor | None) -> _Prepared | None:
         """Parse and validate ``read`` against a device buffer: ``dev`` holding the bytes already, or
-        None (called while the bytes are read: a new, still empty buffer). Returns ``(dev, weights,
-        on-device tensors, finiteness spans, extra tensors, the validation error or None, seconds)``,
-        or None when ``dev`` is None and a tensor would have to be copied out of bytes not read yet."""
+        None (called while the bytes are read: a new, still empty buffer). None when there is nothing
+        to load, or when ``dev`` is None and a tensor would have to be copied out of bytes not read yet
+        (then it is called again once they are uploaded)."""
         t0 = time.perf_counter()
         name = read.name
+        device_keys = [k for k in read.keys if not _is_alpha(k)]
+        if dev is None and any(read.plan.offsets[k] % read.header.tensors[k].dtype.itemsize for k in device_keys):
+            return None  # tensor_views copies such tensors: they need the bytes
         self._check_family(name, read.header.tensors)
         if not read.keys:
             return None
-        device_keys = [k for k in read.keys if not _is_alpha(k)]
         if dev is None:
-            if any(read.plan.offsets[k] % read.header.tensors[k].dtype.itemsize for k in device_keys):
-                return None  # tensor_views copies such tensors: they need the bytes
             with self._timed("upload_seconds"), self._stream_ctx():
                 dev = torch.empty(read.buffer.numel(), dtype=torch.uint8, device=self.device)
         with self._timed("upload_seconds"), self._stream_ctx():
@@ -470,7 +486,7 @@ class LoraManager:
                         patcher.validate(weights, check_values=False)
             except LoraError as e:
                 invalid = e  # reported after a non-finite tensor, as parse_lora + validate order them
-        return dev, weights, on_device, spans, extra, invalid, time.perf_counter() - t0
+        return _Prepared(dev, weights, on_device, spans, extra, invalid, time.perf_counter() - t0)
 
     def _upload_entry(self, host: _Entry) -> _Entry:
         """A host-tier entry on the device (no disk, no parsing, no validation: done when it was read)."""

@@ -179,26 +179,20 @@ class TritonPythonModel:
         memory) as Triton custom metrics (labelled by model)."""
         gauges = memory_gauges(self.device) + (self.model.gauges() if hasattr(self.model, "gauges") else [])
         for name, description, labels, value in gauges:
-            key = ("gauge", name, tuple(sorted(labels.items())))
-            if key not in self._metrics:
-                if name not in self._families:
-                    self._families[name] = pb_utils.MetricFamily(
-                        name=name, description=description, kind=pb_utils.MetricFamily.GAUGE
-                    )
-                self._metrics[key] = [self._families[name].Metric(labels={"model": self.model_name, **labels}), 0.0]
-            self._metrics[key][0].set(float(value))
+            self._metric(name, description, labels, pb_utils.MetricFamily.GAUGE)[0].set(float(value))
         if not hasattr(self.model, "metrics"):
             return
         for name, description, labels, total in self.model.metrics():
-            key = (name, tuple(sorted(labels.items())))
-            if key not in self._metrics:
-                if name not in self._families:
-                    self._families[name] = pb_utils.MetricFamily(
-                        name=name, description=description, kind=pb_utils.MetricFamily.COUNTER
-                    )
-                metric = self._families[name].Metric(labels={"model": self.model_name, **labels})
-                self._metrics[key] = [metric, 0.0]
-            metric, last = self._metrics[key]
-            if total > last:
-                metric.increment(float(total - last))
-                self._metrics[key][1] = total
+            slot = self._metric(name, description, labels, pb_utils.MetricFamily.COUNTER)
+            if total > slot[1]:
+                slot[0].increment(float(total - slot[1]))
+                slot[1] = total
+
+    def _metric(self, name, description, labels, kind):
+        """``[metric, last total published]`` for ``name`` with ``labels``, made on first use."""
+        key = (name, tuple(sorted(labels.items())))
+        if key not in self._metrics:
+            if name not in self._families:
+                self._families[name] = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self._metrics[key] = [self._families[name].Metric(labels={"model": self.model_name, **labels}), 0.0]
+        return self._metrics[key]

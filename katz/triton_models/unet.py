@@ -98,6 +98,8 @@ class UNet:
             deployment.folder, deployment.device, deployment.torch_dtype
         )
         self.num_residuals = deployment.folder.num_down_residuals
+        module = getattr(self.engine, "unet", None)  # a torch engine's module (TensorRT engines: none)
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
             self.engine.warm_up(
                 deployment.accel.sizes, batches=(1, 2),
@@ -132,15 +134,20 @@ class UNet:
     def _weight_set(self, inputs: dict) -> tuple[tuple[str, float], ...]:
         """Which LoRAs this call runs with: its own if ready or it must wait, else none (base)."""
         want = lora_request(inputs)
+        wait, skip = inputs.get("lora_wait"), inputs.get("lora_skip")
+        if skip is not None and bool(skip.reshape(-1)[0]):
+            return self._bal_choice(want, must=False, may=False)  # the caller keeps base weights this step
+        return self._bal_choice(want, must=wait is not None and bool(wait.reshape(-1)[0]))
+
+    def _bal_choice(self, want: tuple[tuple[str, float], ...], must: bool, may: bool = True):
+        """BAL for one step: the base weights, with the load started, when the caller keeps them
+        (``may`` False: sharded UNets wait until every shard has the LoRAs); else ``want`` if it is in
+        place, if the step ``must`` have it (step k reached, or applied at an earlier step) or if the
+        LoRAs are on the device."""
         if not want:
             return ()
         names = [n for n, _ in want]
-        wait, skip = inputs.get("lora_wait"), inputs.get("lora_skip")
-        if skip is not None and bool(skip.reshape(-1)[0]):
-            self.loras.prefetch(names)  # the caller keeps base weights this step
-            self.loras.stats.steps_before_patch += 1
-            return ()
-        if want == self.applied or (wait is not None and bool(wait.reshape(-1)[0])) or self.loras.ready(names):
+        if may and (want == self.applied or must or self.loras.ready(names)):
             return want
         self.loras.prefetch(names)
         self.loras.stats.steps_before_patch += 1
@@ -223,24 +230,14 @@ class UNet:
         device = self.deployment.device
         params, embeds, pooled, images = read_loop_request(inputs, device, self.deployment.torch_dtype)
         want, k = self._loop_loras(params), params.get("lora_k", 0)
-        names = [n for n, _ in want]
         step, applied_at = 0, None
         # a ControlNet in another process reads the sample over CUDA IPC: the work that made it
         # (queued on this stream) must be done first
         sync = torch.cuda.current_stream(device).synchronize if self._on_gpu else (lambda: None)
 
-        def weight_set() -> tuple[tuple[str, float], ...]:
-            if not want:
-                return ()
-            if self.applied == want or step >= k or self.loras.ready(names):
-                return want
-            self.loras.prefetch(names)
-            self.loras.stats.steps_before_patch += 1
-            return ()
-
         def unet(sample, t, hidden, added, down, mid, controls=()):
             nonlocal step, applied_at
-            weights = weight_set()
+            weights = self._bal_choice(want, must=step >= k)
             self._switch_to(weights)
             if weights and applied_at is None:
                 applied_at = step
@@ -302,13 +299,10 @@ class UNet:
         """Where the UNet instance's device memory goes (bytes, Triton gauges): the engine's weights,
         the pristine copies of LoRA-patched weights (exact restore) and the device LoRA cache."""
         description = "device memory the UNet instance holds, by part (bytes)"
-        params = getattr(getattr(self.engine, "unet", None), "parameters", None)
-        weights = sum(p.numel() * p.element_size() for p in params()) if params else 0
-        pristine = getattr(self.engine.lora, "_pristine", {})
         return [
-            ("katz_unet_memory_bytes", description, {"part": "weights"}, float(weights)),
+            ("katz_unet_memory_bytes", description, {"part": "weights"}, float(self._weight_bytes)),
             ("katz_unet_memory_bytes", description, {"part": "pristine"},
-             float(sum(t.numel() * t.element_size() for t in pristine.values()))),
+             float(getattr(self.engine.lora, "pristine_bytes", 0))),
             ("katz_unet_memory_bytes", description, {"part": "lora_cache"}, float(self.loras.device_cache.used)),
         ]
 
