@@ -147,6 +147,68 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
     return out
 
 
+def vae_variants(vae_engine, latents: torch.Tensor, compile_variant: bool = False) -> dict:
+    """Where the VAE decode's GPU time goes (kernel profile) and candidate speed-ups, each against the
+    engine's own decode: cuDNN autotuning (``torch.backends.cudnn.benchmark``), channels-last, bf16,
+    one CUDA graph, and (``compile_variant``) torch.compile + CUDA graph. ``latents``: ``[1, 4, h, w]``."""
+    import copy
+
+    from katz.engines.cuda_graphs import CudaGraphs
+
+    out: dict = {}
+    vae = vae_engine.vae
+    lat = latents.to(vae_engine.device, vae_engine.dtype) / vae_engine.scaling_factor
+
+    def decode(net, x):
+        return net.decode(x, return_dict=False)[0]
+
+    def variant(name, fn, ref=None):
+        ms = device_ms(fn, warmup=2, repeats=3)
+        out[f"vae_{name}_ms"] = ms
+        diff = float((fn().float() - ref).abs().max()) if ref is not None else 0.0
+        out[f"vae_{name}_max_abs_diff"] = diff
+        print(f"VAE decode {name}: {ms:.1f} ms (max |diff| to NCHW fp16 {diff:.2e})", flush=True)
+
+    was = torch.backends.cudnn.benchmark
+    with torch.no_grad():
+        ref = decode(vae, lat).float()
+        variant("eager", lambda: decode(vae, lat))
+        out["vae_eager_kernels"] = kernel_profile(lambda: decode(vae, lat))
+        k = out["vae_eager_kernels"]
+        print(f"VAE decode GPU kernel time {k['total_ms']:.1f} ms by kind "
+              f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
+        for row in k["top"]:
+            print(f"   {row[0]:7.2f} ms  {row[1]:12} x{row[3]:<4} {row[2]}")
+        torch.backends.cudnn.benchmark = True
+        try:
+            variant("cudnn_benchmark", lambda: decode(vae, lat), ref)
+            vae_cl = copy.deepcopy(vae).to(memory_format=torch.channels_last)
+            lat_cl = lat.contiguous(memory_format=torch.channels_last)
+            variant("cudnn_benchmark_channels_last", lambda: decode(vae_cl, lat_cl), ref)
+            del vae_cl
+            vae_bf = copy.deepcopy(vae).to(torch.bfloat16)
+            lat_bf = lat.to(torch.bfloat16)
+            variant("cudnn_benchmark_bf16", lambda: decode(vae_bf, lat_bf), ref)
+            del vae_bf
+            graph = CudaGraphs(lambda x: decode(vae, x), "vae.decode")
+            graph.capture(lat)
+            variant("cudnn_benchmark_graph", lambda: graph(lat), ref)
+            out["vae_cudnn_benchmark_kernels"] = kernel_profile(lambda: graph(lat))
+            del graph
+            torch.cuda.empty_cache()
+            if compile_variant:
+                t0 = time.perf_counter()
+                graph = CudaGraphs(torch.compile(lambda x: decode(vae, x), dynamic=False), "vae.decode.compiled")
+                graph.capture(lat)
+                out["vae_compile_s"] = time.perf_counter() - t0
+                variant("compiled_graph", lambda: graph(lat), ref)
+                del graph
+                torch.cuda.empty_cache()
+        finally:
+            torch.backends.cudnn.benchmark = was
+    return out
+
+
 def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str, res: dict,
                        requests: bool = True) -> None:
     """Stock diffusers on this GPU: UNet/ControlNet step and VAE decode alone, then (``requests``) whole
@@ -330,6 +392,7 @@ def main() -> None:
     res["katz_unet_tflops"] = UNET_STEP_TFLOP / res["katz_unet_step_ms"] * 1e3
     res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s}
     res.update(engine_variants(eng, step_args, args.compile_variant))
+    res.update(vae_variants(vae, x["sample"][:1], args.compile_variant))
     print(f"Katz engines: UNet step {res['katz_unet_step_ms']:.1f} ms (eager {res['katz_unet_step_eager_ms']:.1f}, "
           f"graph vs eager max |diff| {res['katz_unet_graph_max_abs_diff']:.2e}; down {res['katz_unet_down_ms']:.1f} "
           f"+ up {res['katz_unet_up_ms']:.1f}), ControlNet step {res['katz_controlnet_step_ms']:.1f} ms, "

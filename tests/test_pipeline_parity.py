@@ -150,3 +150,24 @@ def test_png_decodes_to_the_image(ensembles):
     out = ensembles("tiny-sd15").generate(_request(seed=3))
     decoded = np.asarray(Image.open(io.BytesIO(bytes(out["png"][0]))))
     assert np.array_equal(decoded, out["image"])
+
+
+def test_vae_decodes_in_float32_where_the_model_asks_as_diffusers_does(preset_dir):
+    """A float16 deployment decodes a ``force_upcast`` VAE (the SDXL VAE: its activations overflow
+    float16) in float32 and returns the image in float16; a VAE fixed for float16 runs in float16."""
+    from katz.engines.torch_engines import VaeDecoderEngine, vae_compute_dtype
+    from katz.model_folder import ModelFolder
+
+    assert vae_compute_dtype({"force_upcast": True}, torch.float16) == torch.float32
+    assert vae_compute_dtype({"force_upcast": False}, torch.float16) == torch.float16
+    assert vae_compute_dtype({}, torch.float16) == torch.float16
+    assert vae_compute_dtype({"force_upcast": True}, torch.bfloat16) == torch.bfloat16
+    folder = ModelFolder(preset_dir("tiny-sdxl"))
+    assert folder.vae_config.get("force_upcast", False), "the tiny preset keeps diffusers' default"
+    half = VaeDecoderEngine(folder, "cpu", torch.float16)
+    assert {p.dtype for p in half.vae.parameters()} == {torch.float32}
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = half(latents.half())
+    assert image.dtype == torch.float16
+    full = VaeDecoderEngine(folder, "cpu", torch.float32)(latents.half().float())
+    assert torch.equal(image, full.half())

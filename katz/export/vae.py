@@ -22,14 +22,18 @@ class _VaeDecoderWrapper(torch.nn.Module):
         self.std = list(std) if mean is not None and std is not None else None
 
     def forward(self, latents):
-        # the same arithmetic, in the same order, as katz.engines.torch_engines.VaeDecoderEngine
+        # the same arithmetic, in the same order, as katz.engines.torch_engines.VaeDecoderEngine:
+        # computed in the VAE's dtype (float32 for a force_upcast VAE in a float16 export), the image
+        # returned in the latents' dtype
+        io_dtype = latents.dtype
+        latents = latents.to(self.net.dtype)
         if self.mean is not None:
             mean = torch.tensor(self.mean).view(1, -1, 1, 1).to(latents)
             std = torch.tensor(self.std).view(1, -1, 1, 1).to(latents)
             latents = latents * std / self.scaling_factor + mean
         else:
             latents = latents / self.scaling_factor
-        return self.net.decode(latents, return_dict=False)[0]
+        return self.net.decode(latents, return_dict=False)[0].to(io_dtype)
 
 
 class VaeDecoderGraph(Graph):
@@ -59,7 +63,9 @@ class VaeDecoderGraph(Graph):
         return {k: tuple((1, *s[1:]) for s in v) for k, v in prof.items()}
 
     def load(self, dtype):
-        return self.folder.load_vae("cpu", dtype)
+        from katz.engines.torch_engines import vae_compute_dtype
+
+        return self.folder.load_vae("cpu", vae_compute_dtype(self.folder.vae_config, dtype))
 
     def wrapper(self, component):
         return _VaeDecoderWrapper(component)
@@ -67,5 +73,5 @@ class VaeDecoderGraph(Graph):
     def reference(self, component, inputs):
         from katz.engines.torch_engines import VaeDecoderEngine
 
-        engine = VaeDecoderEngine(preloaded(self.folder, vae=component), "cpu", component.dtype)
+        engine = VaeDecoderEngine(preloaded(self.folder, vae=component), "cpu", inputs["latents"].dtype)
         return {"image": engine(inputs["latents"])}
