@@ -127,6 +127,20 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
         out["unet_channels_last_max_abs_diff"] = float((graph(*step_args) - ref).abs().max())
         del graph, unet_cl
         torch.cuda.empty_cache()
+        # cuDNN autotuning: the convolutions' algorithms timed at capture instead of picked by heuristics
+        was = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            graph = CudaGraphs(eng._step, "unet.step.cudnn_benchmark")
+            graph.capture(*step_args, None, None)
+            out["unet_graph_cudnn_benchmark_ms"] = device_ms(lambda: graph(*step_args, None, None))
+            out["unet_cudnn_benchmark_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
+            print(f"UNet graph, cuDNN autotuned: {out['unet_graph_cudnn_benchmark_ms']:.1f} ms "
+                  f"(max |diff| {out['unet_cudnn_benchmark_max_abs_diff']:.2e})", flush=True)
+            del graph
+        finally:
+            torch.backends.cudnn.benchmark = was
+        torch.cuda.empty_cache()
         if compile_variant:  # torch.compile (inductor default mode) + one CUDA graph, batch 2 only
             t0 = time.perf_counter()
             graph = CudaGraphs(torch.compile(eng._step, dynamic=False), "unet.step.compiled", eager=eng._step)
