@@ -171,7 +171,7 @@ def vae_variants(vae_engine, latents: torch.Tensor, compile_variant: bool = Fals
 
     out: dict = {}
     vae = vae_engine.vae
-    lat = latents.to(vae_engine.device, vae_engine.dtype) / vae_engine.scaling_factor
+    lat = latents.to(vae_engine.device, vae_engine.compute_dtype) / vae_engine.scaling_factor
 
     def decode(net, x):
         return net.decode(x, return_dict=False)[0]
@@ -404,7 +404,7 @@ def main() -> None:
         vae = ens.models["vae_decoder"].engine
         res["katz_vae_decode_ms"] = device_ms(lambda: vae(x["sample"][:1]), warmup=1, repeats=3)
     res["katz_unet_tflops"] = UNET_STEP_TFLOP / res["katz_unet_step_ms"] * 1e3
-    res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s}
+    res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s, "vae_decoder": vae.warmup_s}
     res.update(engine_variants(eng, step_args, args.compile_variant))
     res.update(vae_variants(vae, x["sample"][:1], args.compile_variant))
     print(f"Katz engines: UNet step {res['katz_unet_step_ms']:.1f} ms (eager {res['katz_unet_step_eager_ms']:.1f}, "

@@ -86,6 +86,26 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     assert unet._graphs["step"].eager_calls == 1 and len(unet._graphs["step"]) == 4
 
 
+@pytest.mark.parametrize("compile_vae", [False, True])
+def test_vae_decode_warmed_up_matches_eager(folder, compile_vae):
+    from katz.engines.torch_engines import VaeDecoderEngine
+
+    vae = VaeDecoderEngine(folder, "cuda", torch.float16,
+                           accel=Acceleration(cuda_graphs=True, compile_vae=compile_vae))
+    assert vae.warm_up([(SIZE, SIZE)]) > 0
+    s = folder.vae_scale_factor
+    latents = torch.randn(1, 4, SIZE // s, SIZE // s, device="cuda", dtype=torch.float16)
+    fast = vae(latents)
+    assert vae._fast.replays == 1 and fast.dtype == torch.float16
+    eager = vae._decode(latents.to(vae.compute_dtype))
+    torch.testing.assert_close(fast.float(), eager.float(), rtol=0, atol=1e-2 if compile_vae else 0)
+    again = vae(latents * 0.5)  # a new replay does not change what an earlier call returned
+    assert not torch.equal(again, fast) and torch.equal(fast, vae(latents))
+    other = torch.randn(1, 4, SIZE // s // 2, SIZE // s // 2, device="cuda", dtype=torch.float16)
+    vae(other)  # a size not warmed up: eager, no compilation or capture on a request
+    assert vae._fast.eager_calls == 0 and len(vae._fast) == 1
+
+
 def test_request_through_local_ensemble_unchanged(folder):
     from PIL import Image
 

@@ -46,6 +46,7 @@ class Deployment:
     engine_dir: Path | None = None  # tensorrt: the folder `katz build-engines --out` wrote
     cuda_graphs: bool = True  # torch engines on GPUs: replay steps as CUDA graphs captured at load
     compile: bool = False  # torch engines on GPUs: torch.compile before capture (slow first start)
+    compile_vae: bool = True  # torch engines on GPUs: the VAE decoder compiled at load (~22 s for SDXL)
     compile_cache: Path | None = None  # where compiled kernels are kept between starts
     graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
     channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
@@ -77,6 +78,7 @@ class Deployment:
             "engine_dir": str(self.engine_dir or ""),
             "cuda_graphs": "1" if self.cuda_graphs else "0",
             "compile": "1" if self.compile else "0",
+            "compile_vae": "1" if self.compile_vae else "0",
             "compile_cache": str(self.compile_cache or ""),
             "graph_sizes": json.dumps(self.graph_sizes),
             "channels_last": "1" if self.channels_last else "0",
@@ -110,6 +112,7 @@ class Deployment:
             engine_dir=Path(params["engine_dir"]) if params.get("engine_dir") else None,
             cuda_graphs=params.get("cuda_graphs", "1") == "1",
             compile=params.get("compile", "0") == "1",
+            compile_vae=params.get("compile_vae", "1") == "1",
             compile_cache=Path(params["compile_cache"]) if params.get("compile_cache") else None,
             graph_sizes=[tuple(x) for x in json.loads(params.get("graph_sizes", "null"))]
             if json.loads(params.get("graph_sizes", "null")) else None,
@@ -147,7 +150,8 @@ class Deployment:
         from katz.engines.cuda_graphs import Acceleration
 
         return Acceleration(
-            cuda_graphs=self.cuda_graphs, compile=self.compile, compile_cache=self.compile_cache,
+            cuda_graphs=self.cuda_graphs, compile=self.compile, compile_vae=self.compile_vae,
+            compile_cache=self.compile_cache,
             sizes=self.graph_sizes or [(self.folder.default_size, self.folder.default_size)],
             channels_last=self.channels_last,
         )

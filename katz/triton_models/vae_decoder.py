@@ -11,6 +11,8 @@ class VaeDecoder:
         self.engine = engine_class(deployment, VaeDecoderEngine)(
             deployment.folder, deployment.device, deployment.torch_dtype
         )
+        if hasattr(self.engine, "warm_up"):  # compile / CUDA graphs: at load, never on a request
+            self.engine.warm_up(deployment.accel.sizes)
 
     def execute(self, inputs: dict) -> dict:
         return {"image": self.engine(inputs["latents"])}
