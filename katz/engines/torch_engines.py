@@ -417,12 +417,12 @@ class VaeDecoderEngine:
             self._fast = CudaGraphs(fn, "vae.decode", eager=self._decode) if accel.cuda_graphs else fn
 
     @torch.no_grad()
-    def warm_up(self, sizes: Sequence[tuple[int, int]], channels: int | None = None) -> float:
+    def warm_up(self, sizes: Sequence[tuple[int, int]]) -> float:
         """Compile and capture the decode of one latent for every ``(height, width)`` in pixels."""
         if self._fast is None:
             return 0.0
         start = time.perf_counter()
-        channels = channels or self.vae.config.latent_channels
+        channels = self.vae.config.latent_channels
         for height, width in sizes:
             x = torch.zeros(1, channels, height // self.scale, width // self.scale, device=self.device,
                             dtype=self.compute_dtype)
