@@ -46,9 +46,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
                         "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
                         "katz_stream always runs it in pipeline mode (it reports every step)")
-    p.add_argument("--controlnet-mode", choices=("inline", "service", "remote"), default="service",
+    p.add_argument("--controlnet-mode", choices=("inline", "service", "local", "remote"), default="service",
                    help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
-                        "beside the UNet's down path; remote: on another server (--controlnet-url)")
+                        "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
+                        "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
+                        "remote: on another server (--controlnet-url)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
     p.add_argument("--controlnet-timeout", type=float, default=30.0, help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
@@ -115,6 +117,8 @@ def build_deployment(args):
     lora_dir = args.lora_dir or (Path(model_dir) / "loras")
     if args.controlnet_mode == "remote" and not args.controlnet_url:
         raise SystemExit("katz: --controlnet-mode remote needs --controlnet-url HOST:PORT")
+    if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":
+        raise SystemExit("katz: --only controlnet serves the controlnet model, which --controlnet-mode local has not")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise SystemExit(f"katz: --lora-dir {args.lora_dir} is not a folder")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,7 +1,12 @@
-"""Calling the ControlNet service from the UNet model, in parallel with the UNet's down path.
+"""Calling the ControlNets from the UNet model, in parallel with the UNet's down path.
 
-Two transports with one interface, :meth:`ControlNetClient.submit` (returns at
+Three transports with one interface, :meth:`ControlNetClient.submit` (returns at
 once) and :meth:`Pending.result`:
+
+* :class:`LocalControlNets` — the ControlNets in the UNet model's own process
+  (mode ``local``), queued on the UNet's CUDA stream before its down path: no
+  process boundary, so no wait for the GPU before each step (the service's
+  process must find the step's sample written) and no CUDA IPC.
 
 * :class:`BlsControlNets` — the ``controlnet`` model of the same server (mode
   ``service``), over BLS; GPU tensors cross by CUDA IPC, no host round trip.
@@ -66,6 +71,10 @@ class Pending:
 
 
 class ControlNetClient:
+    # the ControlNets run in another process: it reads the step's sample, so the GPU work that
+    # wrote it must be done before a step's jobs are sent
+    cross_process = True
+
     def __init__(self, num_residuals: int, max_parallel: int = 4):
         self.residual_names = [f"down_residual_{i}" for i in range(num_residuals)] + ["mid_residual"]
         self.pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="katz-controlnet")
@@ -140,3 +149,26 @@ class RemoteControlNets(ControlNetClient):
                 "unavailable",
             ) from None
         return {n: torch.from_numpy(res.as_numpy(n)).to(self.device, self.dtype) for n in self.residual_names}
+
+
+class LocalControlNets(ControlNetClient):
+    """The ControlNets in this process: ``model`` is a :class:`katz.triton_models.controlnet.ControlNet`
+    (its engine, feature cache and checks), run on the calling thread. Its GPU work is queued on the
+    caller's CUDA stream ahead of the UNet's, so :meth:`submit` returns once it is queued."""
+
+    cross_process = False
+
+    def __init__(self, model, num_residuals: int):
+        super().__init__(num_residuals, max_parallel=1)
+        self.model = model
+
+    def _one(self, inputs: dict) -> dict:
+        return self.model.execute(inputs)
+
+    def submit(self, jobs: list[ControlJob], common: dict) -> Pending:
+        futures = []
+        for job in jobs:
+            done: Future = Future()
+            done.set_result(self._one(job_inputs(job, common)))
+            futures.append(done)
+        return Pending(futures, self.residual_names)

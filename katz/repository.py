@@ -137,8 +137,11 @@ def render_repository(
     deployment: Deployment, out: Path, placement: Placement | None = None, models: tuple[str, ...] = MODELS
 ) -> Path:
     """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for each of ``models``
-    (all by default; ``("controlnet",)`` makes a stand-alone ControlNet server)."""
+    (all by default; ``("controlnet",)`` makes a stand-alone ControlNet server). With
+    ``controlnet_mode`` local the UNet instances hold the ControlNets: no ``controlnet`` model."""
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
+    if deployment.controlnet_mode == "local":
+        models = tuple(m for m in models if m != "controlnet")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -80,10 +80,33 @@ def test_split_unet_equals_the_whole_forward(preset_dir, preset):
     assert torch.equal(engine.up(engine.down(x, t, hidden, cond), res, mid), engine(x, t, hidden, cond, res, mid))
 
 
-def test_service_equals_inline(inline, service):
+@pytest.fixture(scope="module")
+def local(sdxl):
+    return _ensemble(sdxl, "local")
+
+
+def test_service_and_local_equal_inline(inline, service, local):
     for req in (_req(), _req(n=2, scales=[0.7, 0.4])):
-        a, b = inline.generate(req)["image"], service.generate(req)["image"]
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+        a = inline.generate(req)["image"]
+        for other in (service, local):
+            b = other.generate(req)["image"]
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_local_controlnets_run_in_the_unets_process(local):
+    """Mode local: the UNet model evaluates the ControlNets itself (no controlnet model call) and
+    reports their feature cache."""
+    calls = []
+    original = local.models["controlnet"].execute
+    local.models["controlnet"].execute = lambda inputs: (calls.append(1), original(inputs))[1]
+    try:
+        local.generate(_req(seed=11))
+    finally:
+        local.models["controlnet"].execute = original
+    assert calls == []
+    metrics = {name: total for name, _d, _l, total in local.models["unet"].metrics()}
+    assert metrics["katz_controlnet_feature_cache_misses_total"] >= 1
+    assert metrics["katz_controlnet_feature_cache_hits_total"] >= STEPS - 1
 
 
 def test_feature_cache_hits_on_the_second_request(sdxl):
@@ -109,14 +132,14 @@ def test_windows_skip_controlnets_outside_them(sdxl):
     assert len(calls) == 4
 
 
-@pytest.mark.parametrize("mode", ["inline", "service"])
-def test_multi_controlnet_with_windows_matches_diffusers(sdxl, mode, inline, service):
+@pytest.mark.parametrize("mode", ["inline", "service", "local"])
+def test_multi_controlnet_with_windows_matches_diffusers(sdxl, mode, inline, service, local):
     import diffusers
 
     from katz.model_folder import ModelFolder
     from katz.schedulers import make_scheduler
 
-    ens = inline if mode == "inline" else service
+    ens = {"inline": inline, "service": service, "local": local}[mode]
     ours = ens.generate(_req(n=2, scales=[0.8, 0.5], starts=[0.0, 0.2], ends=[0.6, 1.0]))["image"]
     cn = diffusers.ControlNetModel.from_pretrained(sdxl / "controlnets" / "canny")
     pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(

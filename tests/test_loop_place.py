@@ -1,5 +1,5 @@
 """Where the denoising loop runs (``loop``: in the UNet model's process or in katz_pipeline) does not
-change a request's result: the same images for plain, ControlNet (service and inline) and LoRA requests."""
+change a request's result: the same images for plain, ControlNet (service, inline and local) and LoRA requests."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _req(controlnet=False, loras=(), k=0, seed=5):
 
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
-@pytest.mark.parametrize("mode", ["service", "inline"])
+@pytest.mark.parametrize("mode", ["service", "inline", "local"])
 def test_loop_in_the_unet_gives_the_pipeline_loops_images(preset_dir, preset, mode):
     path = preset_dir(preset)
     in_unet, in_pipeline = _ensemble(path, "unet", mode), _ensemble(path, "pipeline", mode)

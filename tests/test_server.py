@@ -30,13 +30,14 @@ def sdxl(start_server):
 
 @pytest.fixture(scope="module")
 def sd15(start_server, preset_dir, tmp_path_factory):
-    """SD 1.5 with its own LoRA folder: the preset's LoRAs plus a corrupt file."""
+    """SD 1.5 with its own LoRA folder (the preset's LoRAs plus a corrupt file), its ControlNets in
+    the UNet's process (``--controlnet-mode local``; the sdxl server runs the default service mode)."""
     loras = tmp_path_factory.mktemp("loras")
     for f in (preset_dir("tiny-sd15") / "loras").iterdir():
         shutil.copy(f, loras / f.name)
     good = (loras / "style.safetensors").read_bytes()
     (loras / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    return start_server("tiny-sd15", ["--lora-dir", str(loras)])
+    return start_server("tiny-sd15", ["--lora-dir", str(loras), "--controlnet-mode", "local"])
 
 
 def _gen(**kw) -> Generation:
@@ -109,6 +110,17 @@ def test_sd15_preset(sd15):
     client = make_client(sd15.grpc_url, "grpc")
     r = infer(client, _gen(controlnets=["canny"], control_images=[control_png()], loras=["detail"]), "grpc")
     assert r.image.shape == (64, 64, 3) and r.image.std() > 5
+
+
+def test_local_controlnets_match_diffusers_without_a_controlnet_model(sd15, preset_dir):
+    from test_pipeline_parity import _diffusers_image, _max_diff
+
+    client = make_client(sd15.http_url)
+    assert client.is_model_ready("unet") and not client.is_model_ready("controlnet")
+    ours = infer(client, _gen(prompt="a photo of a red house", seed=42, steps=4, controlnets=["canny"],
+                              control_images=[control_png()], controlnet_scales=[0.9]))
+    ref = _diffusers_image(preset_dir("tiny-sd15"), "default", controlnet=True)
+    assert _max_diff(ours.image, ref) <= 2
 
 
 BAD = [

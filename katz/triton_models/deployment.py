@@ -19,6 +19,12 @@ from katz.request import Limits
 from katz.triton_models.denoising import loop_place
 
 
+# where the ControlNets run: inline (the controlnet model, called serially before each UNet step),
+# service (the controlnet model, beside the UNet's down path), local (in the UNet's process), remote
+# (the controlnet model of another server)
+CONTROLNET_MODES = ("inline", "service", "local", "remote")
+
+
 @dataclass
 class Deployment:
     model_dir: Path
@@ -36,7 +42,7 @@ class Deployment:
     unet_shards: int = 1  # latent parallelism: CFG halves and/or latent bands on this many UNet models
     latent_overlap: int = 16  # spatial sharding: least overlap of two neighbouring latent bands (latent px)
     loop: str = "auto"  # where katz_pipeline's loop runs: unet | pipeline | auto (katz.triton_models.denoising)
-    controlnet_mode: str = "inline"  # inline | service | remote
+    controlnet_mode: str = "inline"  # inline | service | local | remote (katz.controlnet_client)
     controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
     controlnet_timeout_s: float = 30.0
     controlnet_resident: list[str] | None = None  # None: all registered ControlNets stay loaded
@@ -123,8 +129,9 @@ class Deployment:
         if dep.latent_overlap < 0:
             raise ValueError(f"latent_overlap must be >= 0 latent pixels, not {dep.latent_overlap}")
         loop_place(dep.loop, dep.unet_shards)  # raises for an unknown or impossible place
-        if dep.controlnet_mode not in ("inline", "service", "remote"):
-            raise ValueError(f"controlnet_mode must be inline, service or remote, not {dep.controlnet_mode!r}")
+        if dep.controlnet_mode not in CONTROLNET_MODES:
+            raise ValueError(f"controlnet_mode must be one of {', '.join(CONTROLNET_MODES)}, "
+                             f"not {dep.controlnet_mode!r}")
         if dep.controlnet_mode == "remote" and not dep.controlnet_url:
             raise ValueError("controlnet_mode remote needs controlnet_url")
         if dep.engine not in ("torch", "tensorrt"):

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from katz.controlnet_client import BlsControlNets, ControlJob, RemoteControlNets
+from katz.controlnet_client import BlsControlNets, ControlJob, LocalControlNets, RemoteControlNets
 from katz.engines import engine_class
 from katz.engines.torch_engines import UNetEngine
 from katz.lora_manager import LoraManager
@@ -89,6 +89,10 @@ class UNet:
         n = deployment.folder.num_down_residuals
         if deployment.controlnet_mode == "service":
             self.controlnets = BlsControlNets(call, n)
+        elif deployment.controlnet_mode == "local":
+            from katz.triton_models.controlnet import ControlNet
+
+            self.controlnets = LocalControlNets(ControlNet(deployment), n)
         elif deployment.controlnet_mode == "remote":
             self.controlnets = RemoteControlNets(
                 deployment.controlnet_url, deployment.controlnet_timeout_s, n,
@@ -243,7 +247,7 @@ class UNet:
                 applied_at = step
             x = step_tensors(sample, t, hidden, added, batched=True, device=device)
             jobs = [ControlJob(c.name, image, scale, c.key) for c, image, scale in controls] if controls else None
-            if jobs:
+            if jobs and self.controlnets.cross_process:
                 sync()
             noise = self._timed(lambda: self._step(x["sample"], x["timestep"], hidden, added, jobs, down, mid))
             step += 1
@@ -293,6 +297,8 @@ class UNet:
             ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "device_wait"},
              s.device_wait_seconds),
             *graph_metrics(self.engine),
+            # controlnet_mode local: the ControlNets' counters come from this process
+            *(self.controlnets.model.metrics() if isinstance(self.controlnets, LocalControlNets) else []),
         ]
 
     def gauges(self) -> list[tuple[str, str, dict, float]]:
