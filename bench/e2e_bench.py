@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--lora-dtype", default="float16", choices=["float16", "float32"],
                    help="the benchmark LoRA's weights: 186 MB (float16) or 372 MB (float32) at rank 64")
-    p.add_argument("--controlnet-mode", default="service", choices=("inline", "service"))
+    p.add_argument("--controlnet-mode", default="service", choices=("inline", "service", "local"))
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--cases", type=lambda v: v.split(","), default=CASES,
                    help=f"cases after the plain request, in order (default: {','.join(CASES)})")
