@@ -77,7 +77,15 @@ class ControlNetClient:
 
     def __init__(self, num_residuals: int, max_parallel: int = 4):
         self.residual_names = [f"down_residual_{i}" for i in range(num_residuals)] + ["mid_residual"]
-        self.pool = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="katz-controlnet")
+        self.max_parallel = max_parallel
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads the calls run on (made at the first call)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_parallel, thread_name_prefix="katz-controlnet")
+        return self._pool
 
     def _one(self, inputs: dict) -> dict:
         raise NotImplementedError
@@ -159,7 +167,7 @@ class LocalControlNets(ControlNetClient):
     cross_process = False
 
     def __init__(self, model, num_residuals: int):
-        super().__init__(num_residuals, max_parallel=1)
+        super().__init__(num_residuals)
         self.model = model
 
     def _one(self, inputs: dict) -> dict:
