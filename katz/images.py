@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -18,10 +19,17 @@ from PIL import Image
 from katz.request import InvalidArgument
 
 
-def decode_control_image(data: bytes, width: int, height: int, max_pixels: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> ``[1, 3, height, width]`` float32 in ``[0, 1]``."""
+@functools.cache
+def control_image_processor():
+    """diffusers' image processor for control images (made once; importing diffusers takes seconds,
+    so the preprocessing model calls this at load, not on the first ControlNet request)."""
     from diffusers.image_processor import VaeImageProcessor
 
+    return VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
+
+
+def decode_control_image(data: bytes, width: int, height: int, max_pixels: int) -> torch.Tensor:
+    """PNG/JPEG bytes -> ``[1, 3, height, width]`` float32 in ``[0, 1]``."""
     if not data:
         raise InvalidArgument("control_images", "image is empty (zero bytes)")
     try:
@@ -43,8 +51,7 @@ def decode_control_image(data: bytes, width: int, height: int, max_pixels: int) 
         raise InvalidArgument("control_images", f"cannot decode image ({type(exc).__name__}: {exc})") from None
     if img.width == 0 or img.height == 0:
         raise InvalidArgument("control_images", "image has zero size")
-    processor = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
-    return processor.preprocess(img.convert("RGB"), height=height, width=width).to(torch.float32)
+    return control_image_processor().preprocess(img.convert("RGB"), height=height, width=width).to(torch.float32)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -104,3 +104,18 @@ def test_control_image_pixel_limit():
         decode_control_image(control_png(size=64), 64, 64, max_pixels=1000)
     x = decode_control_image(control_png(size=48), 64, 32, max_pixels=1 << 20)
     assert x.shape == (1, 3, 32, 64) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_preprocessing_makes_the_control_image_processor_at_load(preset_dir):
+    """diffusers' image processor (its import takes seconds) is made when the preprocessing model
+    loads, not on the first ControlNet request."""
+    from katz.images import control_image_processor
+    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.triton_models.deployment import Deployment
+    from katz.triton_models.preprocessing import Preprocessing
+
+    path = preset_dir("tiny-sdxl")
+    folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+    control_image_processor.cache_clear()
+    Preprocessing(Deployment(folder.path, folder.controlnets, None, Limits()))
+    assert control_image_processor.cache_info().currsize == 1
