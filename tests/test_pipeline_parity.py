@@ -171,3 +171,25 @@ def test_vae_decodes_in_float32_where_the_model_asks_as_diffusers_does(preset_di
     assert image.dtype == torch.float16
     full = VaeDecoderEngine(folder, "cpu", torch.float32)(latents.half().float())
     assert torch.equal(image, full.half())
+
+
+def test_vae_decoder_load_survives_a_failed_compile(preset_dir):
+    """Compiling the VAE needs a C compiler and Triton on the host; where it fails the decoder
+    warns and decodes uncompiled instead of failing the model's load."""
+    from katz.engines.torch_engines import VaeDecoderEngine
+    from katz.model_folder import ModelFolder
+
+    vae = VaeDecoderEngine(ModelFolder(preset_dir("tiny-sd15")), "cpu")
+
+    def broken(latents):
+        raise RuntimeError("no working C compiler found")
+
+    vae._fast, vae.compiled = broken, True  # as a compiled decode without CUDA graphs is set up
+    with pytest.warns(RuntimeWarning, match="compiling the VAE decoder failed"):
+        vae.warm_up([(64, 64)])
+    assert vae._fast is None and not vae.compiled
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(vae(latents), vae._decode(latents))
+    vae._fast, vae.compiled = broken, False  # not compiled: a failure is the load's error
+    with pytest.raises(RuntimeError, match="C compiler"):
+        vae.warm_up([(64, 64)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from typing import Sequence
 
@@ -411,17 +412,40 @@ class VaeDecoderEngine:
         self.warmup_s = 0.0  # compilation and graph capture at load
         self._fast = None  # the compiled and/or captured decode, for the shapes warmed up
         self._warmed: set[tuple[int, ...]] = set()
+        self.compiled = False
         on_gpu = accel is not None and self.device.type == "cuda"
         if on_gpu and (accel.cuda_graphs or accel.compile_vae):
-            fn = accel.compiled(self._decode, on=accel.compile_vae)
-            self._fast = CudaGraphs(fn, "vae.decode", eager=self._decode) if accel.cuda_graphs else fn
+            self._fast = self._fast_decode(accel.compiled(self._decode, on=accel.compile_vae), accel.cuda_graphs)
+            self.compiled = accel.compile_vae
+
+    def _fast_decode(self, fn, graphs: bool):
+        return CudaGraphs(fn, "vae.decode", eager=self._decode) if graphs else fn
 
     @torch.no_grad()
     def warm_up(self, sizes: Sequence[tuple[int, int]]) -> float:
-        """Compile and capture the decode of one latent for every ``(height, width)`` in pixels."""
+        """Compile and capture the decode of one latent for every ``(height, width)`` in pixels.
+
+        Where compiling fails (inductor needs a C compiler and Triton on the host), the decode
+        stays uncompiled (with a warning) instead of failing the model's load."""
         if self._fast is None:
             return 0.0
         start = time.perf_counter()
+        try:
+            self._warm(sizes)
+        except Exception as exc:
+            if not self.compiled:
+                raise
+            warnings.warn(f"katz: compiling the VAE decoder failed ({type(exc).__name__}: {exc}); "
+                          "it decodes uncompiled", RuntimeWarning, stacklevel=2)
+            graphs = isinstance(self._fast, CudaGraphs)
+            self.compiled, self._warmed = False, set()
+            self._fast = self._fast_decode(self._decode, graphs) if graphs else None
+            if self._fast is not None:
+                self._warm(sizes)
+        self.warmup_s += time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def _warm(self, sizes: Sequence[tuple[int, int]]) -> None:
         channels = self.vae.config.latent_channels
         for height, width in sizes:
             x = torch.zeros(1, channels, height // self.scale, width // self.scale, device=self.device,
@@ -431,8 +455,6 @@ class VaeDecoderEngine:
             else:
                 self._fast(x)
             self._warmed.add(tuple(x.shape))
-        self.warmup_s += time.perf_counter() - start
-        return time.perf_counter() - start
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
