@@ -237,6 +237,15 @@ def test_serve_rejects_incomplete_model_folder(tmp_path, preset_dir):
     assert "tritonserver" not in proc.stderr.lower()
 
 
+def test_serve_rejects_a_controlnet_server_without_its_controlnet_model(preset_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "katz.cli", "serve", "--model-dir", str(preset_dir("tiny-sdxl")), "--only",
+         "controlnet", "--controlnet-mode", "local", "--http-port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "--controlnet-mode local" in proc.stderr
+
+
 def test_sigterm_stops_the_server_cleanly(start_server):
     server = start_server("tiny-sd15")
     assert server.stop() == 0
