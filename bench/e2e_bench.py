@@ -306,17 +306,26 @@ def main() -> None:
             if paired:
                 lat[f"{case}_plain"] = []
             sums: dict = {}
+            each = res[f"katz_e2e_{case}_each_request_ms"] = []  # the same counters, request by request
             for _ in range(args.repeats):
                 if paired:  # a plain request just before each one: drift cancels in the pair's ratio
                     lat[f"{case}_plain"].append(timed(base))
                 start = metrics(ports["metrics"])
                 lat[case].append(run())
-                case_counters(start, metrics(ports["metrics"]), sums)
+                one: dict = {}
+                case_counters(start, metrics(ports["metrics"]), one)
+                for key, value in one.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                each.append(case_breakdown(one, 1))
                 checkpoint()
             res[f"katz_e2e_{case}_per_request_ms"] = case_breakdown(sums, args.repeats)
             print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s; per request, ms: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in res[f"katz_e2e_{case}_per_request_ms"].items()),
                   flush=True)
+            if sums.get("lora_load_ms"):  # which requests' LoRA came in late: load and wait, request by request
+                loads = ", ".join(f"{r['lora_load_ms']:.0f}" for r in each)
+                waits = ", ".join(f"{r['lora_wait_ms']:.0f}" for r in each)
+                print(f"katz {case}, each request: lora_load_ms {loads}; lora_wait_ms {waits}", flush=True)
             if paired:
                 ratios = [x / y for x, y in zip(lat[case], lat[f"{case}_plain"])]
                 res[f"katz_e2e_{case}_paired_ratio"] = statistics.median(ratios)
