@@ -104,6 +104,7 @@ def build_deployment(args):
     from katz.model_folder import ModelFolder, discover_controlnets
     from katz.presets import DEFAULT_PRESET, ensure_preset
     from katz.request import Limits
+    from katz.triton_models.denoising import loop_place
     from katz.triton_models.deployment import Deployment
 
     model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
@@ -133,8 +134,10 @@ def build_deployment(args):
                                      "fix --unet-gpus / --gpus")
     if unet_shards < 1:
         raise SystemExit(f"katz: --unet-shards must be >= 1, not {unet_shards}")
-    if args.loop == "unet" and unet_shards > 1:
-        raise SystemExit("katz: --loop unet needs one UNet shard (latent parallelism splits every step over the shards)")
+    try:
+        loop_place(args.loop, unet_shards)
+    except ValueError as exc:
+        raise SystemExit(f"katz: --{exc}") from None
     if args.tile_overlap < 0:
         raise SystemExit(f"katz: --tile-overlap must be >= 0 latent pixels, not {args.tile_overlap}")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")

@@ -75,8 +75,8 @@ class ControlNetClient:
     # wrote it must be done before a step's jobs are sent
     cross_process = True
 
-    def __init__(self, num_residuals: int, max_parallel: int = 4):
-        self.residual_names = [f"down_residual_{i}" for i in range(num_residuals)] + ["mid_residual"]
+    def __init__(self, residual_names: list[str], max_parallel: int = 4):
+        self.residual_names = residual_names  # ModelFolder.residual_names
         self.max_parallel = max_parallel
         self._pool: ThreadPoolExecutor | None = None
 
@@ -97,8 +97,8 @@ class ControlNetClient:
 class BlsControlNets(ControlNetClient):
     """The ``controlnet`` model of this server, called over BLS (``call`` from the Triton glue)."""
 
-    def __init__(self, call, num_residuals: int, max_parallel: int = 4):
-        super().__init__(num_residuals, max_parallel)
+    def __init__(self, call, residual_names: list[str], max_parallel: int = 4):
+        super().__init__(residual_names, max_parallel)
         self.call = call
 
     def _one(self, inputs: dict) -> dict:
@@ -108,8 +108,8 @@ class BlsControlNets(ControlNetClient):
 class RemoteControlNets(ControlNetClient):
     """The ``controlnet`` model of another Triton server, over gRPC."""
 
-    def __init__(self, url: str, timeout_s: float, num_residuals: int, device, dtype, max_parallel: int = 4):
-        super().__init__(num_residuals, max_parallel)
+    def __init__(self, url: str, timeout_s: float, residual_names: list[str], device, dtype, max_parallel: int = 4):
+        super().__init__(residual_names, max_parallel)
         self.url, self.timeout_s = url, timeout_s
         self.device, self.dtype = torch.device(device), dtype
         self._client = None
@@ -166,8 +166,8 @@ class LocalControlNets(ControlNetClient):
 
     cross_process = False
 
-    def __init__(self, model, num_residuals: int):
-        super().__init__(num_residuals)
+    def __init__(self, model, residual_names: list[str]):
+        super().__init__(residual_names)
         self.model = model
 
     def _one(self, inputs: dict) -> dict:

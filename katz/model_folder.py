@@ -144,6 +144,12 @@ class ModelFolder:
         return 1 + sum(per_block) + (len(blocks) - 1)
 
     @property
+    def residual_names(self) -> list[str]:
+        """The ControlNet residual tensors' names, as the models pass them: ``down_residual_0`` ..
+        ``down_residual_{n-1}``, then ``mid_residual``."""
+        return [f"down_residual_{i}" for i in range(self.num_down_residuals)] + ["mid_residual"]
+
+    @property
     def unet_downsampling_factor(self) -> int:
         """How much the UNet shrinks its input at the bottom: ``2 ** (down blocks - 1)``
         (latent bands of spatial sharding start and end on multiples of it)."""

@@ -98,8 +98,7 @@ def template_values(deployment: Deployment) -> dict[str, str]:
     folder = deployment.folder
     dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[deployment.dtype]
     sdxl = folder.family == "sdxl"
-    n = folder.num_down_residuals
-    residuals = [f"down_residual_{i}" for i in range(n)] + ["mid_residual"]
+    residuals = folder.residual_names
     return {
         "dtype": dtype,
         "extra_outputs_preprocessing": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if sdxl else "",

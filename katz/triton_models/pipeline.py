@@ -121,7 +121,7 @@ class Pipeline:
         self.family = folder.family
         make_scheduler(DEFAULT, folder.scheduler_config)  # imports diffusers at load, not on the first request
         self.num_residuals = folder.num_down_residuals
-        self.residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
+        self.residual_names = folder.residual_names
         self.device = torch.device(deployment.device)
         self.unet_shards = unet_model_names(deployment.unet_shards)
         self.latent_overlap = deployment.latent_overlap

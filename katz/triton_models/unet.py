@@ -84,24 +84,28 @@ def graph_metrics(engine) -> list[tuple[str, str, dict, float]]:
 class UNet:
     def __init__(self, deployment, call=None):
         self.deployment = deployment
-        self.call = call
         self.controlnets = None
-        n = deployment.folder.num_down_residuals
+        names = deployment.folder.residual_names
         if deployment.controlnet_mode == "service":
-            self.controlnets = BlsControlNets(call, n)
+            self.controlnets = BlsControlNets(call, names)
         elif deployment.controlnet_mode == "local":
             from katz.triton_models.controlnet import ControlNet
 
-            self.controlnets = LocalControlNets(ControlNet(deployment), n)
+            self.controlnets = LocalControlNets(ControlNet(deployment), names)
         elif deployment.controlnet_mode == "remote":
             self.controlnets = RemoteControlNets(
-                deployment.controlnet_url, deployment.controlnet_timeout_s, n,
+                deployment.controlnet_url, deployment.controlnet_timeout_s, names,
                 deployment.device, deployment.torch_dtype,
             )
         self.engine = engine_class(deployment, UNetEngine)(
             deployment.folder, deployment.device, deployment.torch_dtype
         )
         self.num_residuals = deployment.folder.num_down_residuals
+        # inline mode, loop requests: the controlnet model over BLS before each step
+        self._inline_controlnet = (
+            bls_controlnet(call, deployment.folder.residual_names, deployment.device)
+            if deployment.controlnet_mode == "inline" and call is not None else None
+        )
         module = getattr(self.engine, "unet", None)  # a torch engine's module (TensorRT engines: none)
         self._weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
@@ -210,8 +214,9 @@ class UNet:
     def _step(self, sample, timestep, hidden, cond, jobs=None, down=None, mid=None) -> torch.Tensor:
         """One UNet evaluation: ``sample [B, C, h, w]``, ``timestep [B, 1]`` float32 -> noise ``[B, C, h, w]``.
 
-        With ``jobs`` (ControlNet-as-a-Service) the ControlNets run on their own instances while this
-        instance runs the down and mid blocks; then the join and the up path. Otherwise ``down``/``mid``
+        With ``jobs`` (modes service, remote, local: :mod:`katz.controlnet_client`) the ControlNets are
+        submitted, then this instance runs the down and mid blocks (beside them, unless local); then the
+        join and the up path. Otherwise ``down``/``mid``
         are ControlNet residuals already computed (inline mode) or None."""
         if jobs:
             common = {"sample": sample, "timestep": timestep[:1].reshape(1), "encoder_hidden_states": hidden,
@@ -254,13 +259,11 @@ class UNet:
             return noise
 
         inline = None
-        if self.deployment.controlnet_mode == "inline" and self.call is not None:
-            residual_names = [f"down_residual_{i}" for i in range(self.num_residuals)] + ["mid_residual"]
-            over_bls = bls_controlnet(self.call, residual_names, device)
+        if self._inline_controlnet is not None:
 
             def inline(*args, **kwargs):
                 sync()
-                return over_bls(*args, **kwargs)
+                return self._inline_controlnet(*args, **kwargs)
 
         latents = run_loop(params, embeds, pooled, images, self.deployment.folder, unet=unet, controlnet=inline,
                            controlnet_in_unet=self.controlnets is not None)
