@@ -378,14 +378,12 @@ class ControlNetEngine:
         return list(down), mid
 
 
-def vae_compute_dtype(vae_config, dtype: torch.dtype) -> torch.dtype:
+def vae_compute_dtype(vae_config: dict, dtype: torch.dtype) -> torch.dtype:
     """The dtype the VAE runs in: float32 where the model asks for it (``force_upcast`` in its config,
-    as the SDXL VAE does: its activations overflow float16) and ``dtype`` is float16, as diffusers
-    decodes; otherwise ``dtype``. A VAE fixed for float16 (e.g. "sdxl-vae-fp16-fix") says
-    ``force_upcast: false`` and runs in float16."""
-    force = vae_config.get("force_upcast", False) if isinstance(vae_config, dict) else getattr(
-        vae_config, "force_upcast", False)
-    return torch.float32 if dtype == torch.float16 and force else dtype
+    :attr:`ModelFolder.vae_config`, as the SDXL VAE does: its activations overflow float16) and
+    ``dtype`` is float16, as diffusers decodes; otherwise ``dtype``. A VAE fixed for float16 (e.g.
+    "sdxl-vae-fp16-fix") says ``force_upcast: false`` and runs in float16."""
+    return torch.float32 if dtype == torch.float16 and vae_config.get("force_upcast", False) else dtype
 
 
 class VaeDecoderEngine:
