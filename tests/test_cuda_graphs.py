@@ -42,13 +42,14 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     from katz.lora import make_random_lora, read_lora_file, parse_lora
 
     unet, cn = _engines(folder, Acceleration(cuda_graphs=True))
-    assert len(unet._graphs["step"]) == 4 and len(unet._graphs["down"]) == 2
+    # one signature per batch: the step with residuals (a plain step replays it with zeros), down, up
+    assert len(unet._graphs["step"]) == 2 and len(unet._graphs["down"]) == 2 and len(unet._graphs["up"]) == 2
     torch.manual_seed(0)
     x = unet_example_inputs(folder, 2, SIZE, SIZE, "cuda", torch.float16)
     args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
     eager = unet._step(*args, None, None)
     graphed = unet(*args)
-    assert unet._graphs["step"].replays == 1
+    assert unet._graphs["step"].replays == 1 and unet._graphs["step"].eager_calls == 0
     torch.testing.assert_close(graphed, eager, rtol=0, atol=2e-3)
 
     # ControlNet residuals: graph == eager, and split down/up == whole step
@@ -83,7 +84,34 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     # a shape not captured at load runs eagerly (never captured on a request)
     y = unet_example_inputs(folder, 2, SIZE + 64, SIZE, "cuda", torch.float16)
     unet(y["sample"], y["timestep"], y["encoder_hidden_states"], y["added_cond"])
-    assert unet._graphs["step"].eager_calls == 1 and len(unet._graphs["step"]) == 4
+    assert unet._graphs["step"].eager_calls == 1 and len(unet._graphs["step"]) == 2
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_split_graphs_serve_plain_steps_with_zero_residuals(folder, compile_):
+    """ControlNet-as-a-Service captures down and up only: a step without ControlNets replays them
+    with zero residuals (nothing eager, no step graph); compiled, only the batches asked for compile."""
+    from katz.engines.torch_engines import UNetEngine, unet_example_inputs
+
+    unet = UNetEngine(folder, "cuda", torch.float16, accel=Acceleration(cuda_graphs=True, compile=compile_))
+    compiled_calls = []
+    unet._graphs["up"].fn = _counting(unet._graphs["up"].fn, compiled_calls)
+    unet.warm_up([(SIZE, SIZE)], batches=(1, 2), split=True, compile_batches=(2,))
+    assert len(unet._graphs["step"]) == 0 and len(unet._graphs["down"]) == 2 and len(unet._graphs["up"]) == 2
+    assert len(compiled_calls) == 3  # batch 2 only: two warm-up runs and the capture
+    for batch in (1, 2):
+        x = unet_example_inputs(folder, batch, SIZE, SIZE, "cuda", torch.float16)
+        args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
+        torch.testing.assert_close(unet(*args), unet._step(*args, None, None), rtol=0, atol=2e-3 if not compile_ else 1e-2)
+    assert unet._graphs["up"].replays == 2 and unet._graphs["down"].replays == 2
+    assert unet._graphs["step"].eager_calls == 0 and unet._graphs["up"].eager_calls == 0
+
+
+def _counting(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return counted
 
 
 @pytest.mark.parametrize("compile_vae", [False, True])
@@ -122,14 +150,14 @@ def test_request_through_local_ensemble_unchanged(folder):
         "control_images": np.array([control.getvalue()], object),
     }
     images = {}
-    for mode in ("inline", "service"):
+    for mode in ("inline", "service", "local"):
         for graphs in (False, True):
             dep = Deployment(folder.path, folder.controlnets, None, Limits(), device="cuda", dtype="float16",
                              controlnet_mode=mode, cuda_graphs=graphs, graph_sizes=[(SIZE, SIZE)])
             ens = LocalEnsemble(dep)
             images[mode, graphs] = np.asarray(ens.generate(dict(request))["image"], dtype=np.int16)
             if graphs:
-                assert ens.models["unet"].engine._graphs["step" if mode == "inline" else "down"].replays > 0
+                assert ens.models["unet"].engine._graphs["down" if mode == "service" else "step"].replays > 0
     ref = images["inline", False]
     for key, img in images.items():
         assert np.abs(img - ref).max() <= 2, key

@@ -109,12 +109,14 @@ class CudaGraphs:
         return _signature(leaves, spec) in self._graphs
 
     @torch.no_grad()
-    def capture(self, *args, warmup: int = 2, **kwargs) -> float:
-        """Record ``fn`` for the signature of these (example) arguments; returns the seconds taken.
+    def capture(self, *args, warmup: int = 2, compiled: bool = True, **kwargs) -> float:
+        """Record ``fn`` (``compiled`` False: ``eager``) for the signature of these (example)
+        arguments; returns the seconds taken.
 
         The function first runs ``warmup`` times on a side stream (cuBLAS/cuDNN choose their
         kernels, ``torch.compile`` compiles), then once under capture.
         """
+        fn = self.fn if compiled else self.eager
         start = time.perf_counter()
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = _signature(leaves, spec)
@@ -128,12 +130,12 @@ class CudaGraphs:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(warmup):
-                    self.fn(*s_args, **s_kwargs)
+                    fn(*s_args, **s_kwargs)
             torch.cuda.current_stream(device).wait_stream(side)
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self.fn(*s_args, **s_kwargs)
+                out = fn(*s_args, **s_kwargs)
             torch.cuda.synchronize(device)
             self._graphs[key] = (graph, [x for x in static if _is_tensor(x)], out)
         # The eager warm-up's memory was freed on the side stream, whose cached blocks no other stream

@@ -46,6 +46,11 @@ def unet_example_inputs(folder: ModelFolder, batch: int, height: int, width: int
     return x
 
 
+def _latent_key(x: torch.Tensor) -> tuple[int, int, int]:
+    """``(batch, h, w)`` of a latent-resolution tensor ``[B, C, h, w]``."""
+    return (x.shape[0], x.shape[-2], x.shape[-1])
+
+
 class UNetEngine:
     """The denoising UNet, with LoRAs merged on demand.
 
@@ -67,6 +72,9 @@ class UNetEngine:
         self.lora = LoraPatcher(self.unet, "unet")
         self.accel = accel if accel is not None and accel.active(self.device) else None
         self._graphs: dict[str, CudaGraphs] = {}
+        # (batch, h, w) of the latent -> how a step without ControlNets replays the captured
+        # residual signature: ("step" | "split", (zero down residuals, zero mid residual))
+        self._zero_residuals: dict[tuple[int, int, int], tuple[str, tuple[list[torch.Tensor], torch.Tensor]]] = {}
         self.warmup_s = 0.0  # graph capture (and compilation) at load
         if self.accel is not None and self.accel.channels_last:
             self.unet.to(memory_format=torch.channels_last)
@@ -80,38 +88,50 @@ class UNetEngine:
                     self._graphs[part] = fn
 
     def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (2,), residuals: bool = False,
-                split: bool = False) -> float:
+                split: bool = False, compile_batches: Sequence[int] | None = None) -> float:
         """Capture (and compile) the step for every ``(height, width)`` in pixels and batch size.
 
-        ``residuals``: also the step with ControlNet residuals (inline ControlNets); ``split``:
-        :meth:`down` and :meth:`up` (ControlNet-as-a-Service). Returns the seconds taken.
+        One signature per size and batch is captured, so compile time and the graphs' memory do not
+        double for ControlNet requests:
+
+        * ``residuals`` (ControlNets in this process: modes inline, local): the whole step with
+          ControlNet residuals; a step without ControlNets replays it with zero residuals
+          (``x + 0`` is exact).
+        * ``split`` (ControlNet-as-a-Service): :meth:`down` and :meth:`up` with residuals; a step
+          without ControlNets runs them with zero residuals.
+        * neither: the step without residuals.
+
+        ``compile_batches``: the batch sizes compiled when ``accel.compile`` is on (None: all);
+        the others are captured uncompiled (without graphs every batch is compiled, so that no
+        request compiles). Returns the seconds taken.
         """
         if self.accel is None:
             return 0.0
         start = time.perf_counter()
         for height, width in sizes:
             for batch in batches:
+                compiled = compile_batches is None or batch in compile_batches
                 x = unet_example_inputs(self.folder, batch, height, width, self.device, self.dtype)
                 args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
-                self._warm("step", *args, None, None)
-                if residuals or split:
-                    state = self._down(*args)
-                    down = [torch.randn_like(s) for s in state["skips"]]
-                    mid = torch.randn_like(state["sample"])
-                    if residuals:
-                        self._warm("step", *args, down, mid)
-                    if split:
-                        self._warm("down", *args)
-                        self._warm("up", state, down, mid)
-                        self._warm("up", state, None, None)
+                if not (residuals or split):
+                    self._warm("step", compiled, *args, None, None)
+                    continue
+                state = self._down(*args)
+                zeros = ([torch.zeros_like(s) for s in state["skips"]], torch.zeros_like(state["sample"]))
+                if residuals:
+                    self._warm("step", compiled, *args, *zeros)
+                if split:
+                    self._warm("down", compiled, *args)
+                    self._warm("up", compiled, state, *zeros)
+                self._zero_residuals[_latent_key(x["sample"])] = ("step" if residuals else "split", zeros)
         self.warmup_s += time.perf_counter() - start
         return time.perf_counter() - start
 
-    def _warm(self, part, *args):
+    def _warm(self, part, compiled, *args):
         fn = self._graphs[part]
         if isinstance(fn, CudaGraphs):
-            fn.capture(*args)
-        else:  # compiled, no graphs: compile now
+            fn.capture(*args, compiled=compiled)
+        else:  # compiled, no graphs: compile now (every batch: a request must never compile)
             fn(*args)
 
     def set_loras(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
@@ -132,6 +152,11 @@ class UNetEngine:
         SDXL ``added_cond = {text_embeds [B, P], time_ids [B, 6]}`` -> noise prediction ``[B, C, h, w]``."""
         down = list(down_residuals) if down_residuals is not None else None
         if self._graphs:
+            zero = self._zero_residuals.get(_latent_key(sample)) if down is None and mid_residual is None else None
+            if zero is not None and zero[0] == "split":
+                return self.up(self.down(sample, timestep, encoder_hidden_states, added_cond), *zero[1])
+            if zero is not None:
+                down, mid_residual = zero[1]
             out = self._graphs["step"](sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
             return out.clone(memory_format=torch.contiguous_format)
         return self._step(sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
@@ -165,6 +190,10 @@ class UNetEngine:
         """Add the ControlNet residuals (if any), run the up blocks and the output head."""
         down = list(down_residuals) if down_residuals is not None else None
         if self._graphs:
+            zero = self._zero_residuals.get(_latent_key(state["skips"][0])) if down is None and mid_residual is None \
+                else None
+            if zero is not None:
+                down, mid_residual = zero[1]
             return self._graphs["up"](state, down, mid_residual).clone(memory_format=torch.contiguous_format)
         return self._up(state, down, mid_residual)
 
@@ -299,9 +328,10 @@ class ControlNetEngine:
             net.controlnet_cond_embedding.graph_input = None
         return list(down), mid
 
-    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (2,)) -> float:
+    def warm_up(self, sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (2,),
+                compile_batches: Sequence[int] | None = None) -> float:
         """Capture (and compile) every resident ControlNet for each ``(height, width)`` in pixels
-        and batch size; returns the seconds taken."""
+        and batch size; ``compile_batches`` as :meth:`UNetEngine.warm_up`. Returns the seconds taken."""
         if self.accel is None:
             return 0.0
         start = time.perf_counter()
@@ -315,7 +345,7 @@ class ControlNetEngine:
                         feats = emb.inner(cond)
                     args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"], feats)
                     if isinstance(fn, CudaGraphs):
-                        fn.capture(*args)
+                        fn.capture(*args, compiled=compile_batches is None or batch in compile_batches)
                     else:
                         with torch.no_grad():
                             fn(*args)

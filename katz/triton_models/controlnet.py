@@ -12,7 +12,7 @@ from __future__ import annotations
 from katz.engines import engine_class
 from katz.engines.torch_engines import ControlNetEngine
 from katz.request import InvalidArgument
-from katz.triton_models.unet import added_cond, graph_metrics
+from katz.triton_models.unet import added_cond, compile_batches, graph_metrics
 
 
 def _key(inputs: dict) -> str | None:
@@ -33,7 +33,7 @@ class ControlNet:
             feature_cache_bytes=deployment.feature_cache_bytes,
         )
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
-            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2))
+            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2), compile_batches=compile_batches(deployment))
 
     def execute(self, inputs: dict) -> dict:
         name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()

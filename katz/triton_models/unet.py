@@ -69,6 +69,13 @@ def control_jobs(inputs: dict) -> list[ControlJob]:
     ]
 
 
+def compile_batches(deployment) -> tuple[int, ...]:
+    """The batch size whose UNet and ControlNet graphs are compiled when ``compile`` is on: 2 (the CFG
+    batch), or 1 where latent parallelism runs each CFG half on its own shard. Batch 1 of a single
+    shard (guidance scale 1) is captured uncompiled, which halves the compile time at load."""
+    return (1,) if deployment.unet_shards > 1 else (2,)
+
+
 def graph_metrics(engine) -> list[tuple[str, str, dict, float]]:
     """CUDA-graph replays and eager fallbacks (calls of a shape not captured at load) per graph."""
     out = []
@@ -111,8 +118,9 @@ class UNet:
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
             self.engine.warm_up(
                 deployment.accel.sizes, batches=(1, 2),
-                residuals=deployment.controlnet_mode == "inline" and bool(deployment.folder.controlnets),
-                split=deployment.controlnet_mode != "inline",
+                residuals=deployment.controlnet_mode in ("inline", "local") and bool(deployment.folder.controlnets),
+                split=deployment.controlnet_mode in ("service", "remote"),
+                compile_batches=compile_batches(deployment),
             )
         self.loras = LoraManager(
             deployment.loras,
@@ -215,13 +223,16 @@ class UNet:
         """One UNet evaluation: ``sample [B, C, h, w]``, ``timestep [B, 1]`` float32 -> noise ``[B, C, h, w]``.
 
         With ``jobs`` (modes service, remote, local: :mod:`katz.controlnet_client`) the ControlNets are
-        submitted, then this instance runs the down and mid blocks (beside them, unless local); then the
-        join and the up path. Otherwise ``down``/``mid``
-        are ControlNet residuals already computed (inline mode) or None."""
+        submitted, then this instance runs the down and mid blocks beside them; then the join and the
+        up path. In mode local the ControlNets' work is queued on this stream first and the step runs
+        whole. Otherwise ``down``/``mid`` are ControlNet residuals already computed (inline mode) or None."""
         if jobs:
             common = {"sample": sample, "timestep": timestep[:1].reshape(1), "encoder_hidden_states": hidden,
                       **(cond or {})}
             pending = self.controlnets.submit(jobs, common)
+            if not self.controlnets.cross_process:  # local: queued on this stream already; one whole step
+                down, mid = pending.result()
+                return self.engine(sample, timestep.reshape(-1), hidden, cond, down, mid)
             state = self.engine.down(sample, timestep.reshape(-1), hidden, cond)
             down, mid = pending.result()
             return self.engine.up(state, down, mid)
