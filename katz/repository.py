@@ -29,10 +29,11 @@ MODELS = (
     "controlnet",
     "vae_decoder",
     "postprocessing",
+    "png_encoder",
     "katz_stream",
 )
 # the ensemble's steps: each gets a bounded queue (Placement.queue_policy)
-QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing")
+QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing", "png_encoder")
 # models that run networks and take an instance group on GPU hosts
 GPU_MODELS = ("text_encoder", "katz_pipeline", "katz_stream", "unet", "controlnet", "vae_decoder")
 

@@ -84,7 +84,7 @@ def _in_background(fn):
 
 # ------------------------------------------------------------ admission
 def test_queue_policy_is_rendered_for_every_ensemble_step(hardened_server):
-    for model in ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing"):
+    for model in ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing", "png_encoder"):
         status, cfg = http_json(hardened_server, f"/v2/models/{model}/config")
         policy = cfg["dynamic_batching"]["default_queue_policy"]
         assert status == 200 and policy["max_queue_size"] == MAX_QUEUE and policy["timeout_action"] == "REJECT"

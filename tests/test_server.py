@@ -278,3 +278,50 @@ def test_bal_reports_the_patch_step(sdxl):
     r = infer(make_client(sdxl.http_url), _gen(steps=4, loras=["detail"], lora_k=2))
     assert 0 <= r.lora_applied_step <= 2
     assert infer(make_client(sdxl.http_url), _gen()).lora_applied_step == -1
+
+
+def _inference_count(server, model: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    lines = [l for l in text.splitlines() if l.startswith(f'nv_inference_count{{model="{model}"')]
+    assert lines, f"no nv_inference_count for {model}"
+    return sum(float(l.split()[-1]) for l in lines)
+
+
+def test_png_is_encoded_only_when_requested(sdxl):
+    """``png_encoder`` is its own ensemble step: a request for ``image`` alone does not run it."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(sdxl.http_url)
+    inputs = []
+    for name, value, dtype in (("prompt", np.array([b"a cat"], dtype=object), "BYTES"),
+                               ("seed", np.array([4], np.int64), "INT64"),
+                               ("steps", np.array([1], np.int32), "INT32")):
+        inputs.append(http.InferInput(name, list(value.shape), dtype))
+        inputs[-1].set_data_from_numpy(value)
+
+    def run(*outputs):
+        before = {m: _inference_count(sdxl, m) for m in ("postprocessing", "png_encoder")}
+        requested = [http.InferRequestedOutput(n) for n in outputs] or None
+        res = client.infer("katz", inputs, outputs=requested)
+        ran = {m: _inference_count(sdxl, m) - before[m] for m in before}
+        return res, ran
+
+    try:
+        image_only, ran = run("image")
+        assert ran == {"postprocessing": 1, "png_encoder": 0}, ran
+        assert image_only.as_numpy("png") is None and image_only.as_numpy("image").shape == (64, 64, 3)
+        everything, ran = run()  # no outputs named: all of them
+        assert ran == {"postprocessing": 1, "png_encoder": 1}, ran
+        png_only, ran = run("png")
+        assert ran == {"postprocessing": 1, "png_encoder": 1}, ran
+        assert png_only.as_numpy("image") is None
+    finally:
+        client.close()
+    pixels = image_only.as_numpy("image")
+    assert np.array_equal(everything.as_numpy("image"), pixels)
+    png = Image.open(io.BytesIO(bytes(png_only.as_numpy("png")[0])))
+    assert np.array_equal(np.asarray(png.convert("RGB")), pixels)
+    assert png.text["katz:seed"] == "4" and png.text["katz:steps"] == "1"
+    assert bytes(everything.as_numpy("png")[0]) == bytes(png_only.as_numpy("png")[0])

@@ -15,7 +15,8 @@ model                     job
 ``unet``                  one UNet evaluation, or a request's whole loop (LoRAs merged in)
 ``controlnet``            one ControlNet evaluation -> residuals
 ``vae_decoder``           latents -> image in [-1, 1]
-``postprocessing``        image -> uint8 [H, W, 3] and PNG bytes
+``postprocessing``        image -> uint8 [H, W, 3]
+``png_encoder``           uint8 image -> PNG bytes with the settings (run only when ``png`` is asked for)
 ========================  ==========================================================
 """
 
@@ -137,6 +138,8 @@ def create_model(role: str, params: dict[str, str], device: str, call=None):
         from katz.triton_models.vae_decoder import VaeDecoder as cls
     elif role == "postprocessing":
         from katz.triton_models.postprocessing import Postprocessing as cls
+    elif role == "png_encoder":
+        from katz.triton_models.postprocessing import PngEncoder as cls
     else:
         raise ValueError(f"unknown katz model role {role!r}")
     return cls(deployment)

@@ -18,6 +18,7 @@ ROLES = {
     "controlnet": "controlnet",
     "vae_decoder": "vae_decoder",
     "postprocessing": "postprocessing",
+    "png_encoder": "png_encoder",
 }
 
 
@@ -44,5 +45,6 @@ class LocalEnsemble:
         denoised = self.models["katz_pipeline"].execute({**text, **shared})
         latents = denoised["latents"]
         image = self.models["vae_decoder"].execute({"latents": latents})["image"]
-        post = self.models["postprocessing"].execute({"image": image, "params": pre["params"]})
-        return {**post, "seed": pre["seed"], "lora_applied_step": denoised["lora_applied_step"]}
+        pixels = self.models["postprocessing"].execute({"image": image})["image"]
+        png = self.models["png_encoder"].execute({"image": pixels, "params": pre["params"]})["png"]
+        return {"image": pixels, "png": png, "seed": pre["seed"], "lora_applied_step": denoised["lora_applied_step"]}

@@ -2,10 +2,10 @@
 
 It takes the same request tensors as the ``katz`` ensemble and runs the same
 steps — preprocessing → ``text_encoder`` → denoising loop → ``vae_decoder`` →
-``postprocessing`` — with the same classes, so its images are the ensemble's.
+``postprocessing`` → ``png_encoder`` — with the same classes, so its images are the ensemble's.
 Preprocessing (validation, tokenization, image decoding: CPU work) and the loop
 (:class:`katz.triton_models.pipeline.Pipeline`) run in this model's process; the
-networks and postprocessing are BLS calls to their own models. Preprocessing
+networks, postprocessing and the PNG encode are BLS calls to their own models. Preprocessing
 runs here because BLS loses the callee's error code (Triton 2.51 reports every
 BLS error as INTERNAL): a bad field must still come back as INVALID_ARG.
 
@@ -86,8 +86,10 @@ class Stream:
         )
         check("after denoising")
         image = self.call("vae_decoder", {"latents": denoised["latents"]}, ["image"])["image"]
-        post = self.call("postprocessing", {"image": image, "params": pre["params"]}, ["image", "png"])
+        pixels = self.call("postprocessing", {"image": image}, ["image"])["image"]
+        png = self.call("png_encoder", {"image": pixels, "params": pre["params"]}, ["png"])["png"]
         lora_step = denoised["lora_applied_step"]
         if not isinstance(lora_step, torch.Tensor):
             lora_step = torch.as_tensor(np.asarray(lora_step))
-        send({**post, "seed": pre["seed"], "lora_applied_step": lora_step.to(torch.int32).reshape(1)}, True)
+        final = {"image": pixels, "png": png, "seed": pre["seed"]}
+        send({**final, "lora_applied_step": lora_step.to(torch.int32).reshape(1)}, True)
