@@ -120,7 +120,8 @@ class RefitMap:
     @torch.no_grad()
     def merged_weight(entry: RefitEntry, base: torch.Tensor, items: Sequence[tuple[float, LoraLayer]]) -> torch.Tensor:
         """``base`` (engine layout) + the LoRAs ``items`` = [(scale, layer)], in the engine layout and
-        ``base``'s dtype, computed exactly as :class:`katz.lora.LoraPatcher` merges them."""
+        ``base``'s dtype: the sum :class:`katz.lora.LoraPatcher` forms (in float32, rounded once to
+        ``base``'s dtype), equal to its result up to the BLAS's summation order (a bit or two)."""
         cdt = torch.float64 if base.dtype == torch.float64 else torch.float32
         delta = entry.to_engine_layout(lora_delta(items, entry.torch_shape, cdt, base.device))
         return (base.to(cdt) + delta).to(base.dtype)
