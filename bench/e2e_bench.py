@@ -9,7 +9,8 @@
 3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, then
    ``--cases``: with the ControlNet, with a cold LoRA (a fresh file name per request, evicted from
    the page cache) at the server's default bound k and at k = 0, and with both the ControlNet and
-   a cold LoRA. Latency p50/p90 per case, ratios to diffusers.
+   a cold LoRA. Latency p50/p90 per case, ratios to diffusers. The client asks for the pixels only,
+   as diffusers returns them (``--png``: the PNG too).
 4. Orchestration overhead per step from the server's counters: the denoising loop's execute time
    (Triton's ``katz_pipeline`` compute time) minus the ``unet`` model's device time
    (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself, and that
@@ -197,7 +198,7 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
         "katz_e2e_step_breakdown_ms": {k: v / n / 1e3 for k, v in per_step.items()},
         "katz_e2e_stage_ms_per_request": {
             m: delta("nv_inference_compute_infer_duration_us", m) / requests / 1e3
-            for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing")
+            for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing", "png_encoder")
         },
     }
 
@@ -239,6 +240,9 @@ def main() -> None:
     p.add_argument("--profile", type=Path,
                    help="folder for Python profiles of the server's models over the plain requests "
                         "(KATZ_PROFILE_DIR, katz/profiling.py); prints the loop's and the UNet's top functions")
+    p.add_argument("--png", action="store_true",
+                   help="request the PNG too (default: the pixels only, as diffusers' baseline returns them; "
+                        "the PNG encode of a random-weight, noise-like 1024² image takes ~0.27 s)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -296,8 +300,9 @@ def main() -> None:
 
         def timed(request: Generation) -> float:
             t = time.perf_counter()
-            result = infer(client, request, "grpc")
-            assert result.png, "no image"
+            result = infer(client, request, "grpc", png=args.png)
+            assert result.image.shape == (request.height, request.width, 3), "no image"
+            assert result.png or not args.png, "no PNG"
             return time.perf_counter() - t
 
         def measure(case: str, run) -> None:

@@ -87,8 +87,10 @@ def make_client(url: str, protocol: str = "http", timeout: float = 600.0):
     raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
 
 
-def infer(client, request: Generation, protocol: str = "http", timeout: float = 600.0) -> Result:
-    """Run one generation; raises ``tritonclient.utils.InferenceServerException`` on errors."""
+def infer(client, request: Generation, protocol: str = "http", timeout: float = 600.0, png: bool = True) -> Result:
+    """Run one generation; raises ``tritonclient.utils.InferenceServerException`` on errors.
+
+    ``png`` False: request the pixels only; the server skips the PNG encode (``Result.png`` is empty)."""
     if protocol == "http":
         import tritonclient.http as mod
     else:
@@ -102,12 +104,13 @@ def infer(client, request: Generation, protocol: str = "http", timeout: float = 
         inp = mod.InferInput(name, list(arr.shape), _datatype(arr))
         inp.set_data_from_numpy(arr)
         inputs.append(inp)
-    outputs = [mod.InferRequestedOutput(n) for n in ("image", "png", "seed", "lora_applied_step")]
+    names = ("image", "png", "seed", "lora_applied_step") if png else ("image", "seed", "lora_applied_step")
+    outputs = [mod.InferRequestedOutput(n) for n in names]
     kwargs = {"client_timeout": timeout} if protocol == "grpc" else {}
     res = client.infer(MODEL, inputs, outputs=outputs, **kwargs)
     return Result(
         image=res.as_numpy("image"),
-        png=bytes(res.as_numpy("png").reshape(-1)[0]),
+        png=bytes(res.as_numpy("png").reshape(-1)[0]) if png else b"",
         seed=int(res.as_numpy("seed").reshape(-1)[0]),
         lora_applied_step=int(res.as_numpy("lora_applied_step").reshape(-1)[0]),
     )

@@ -59,6 +59,8 @@ def test_text_to_image_returns_png(sdxl, protocol):
     assert result.png.startswith(b"\x89PNG")
     assert np.array_equal(_png_pixels(result.png), result.image)
     assert result.seed == 11
+    pixels = infer(make_client(url, protocol), _gen(), protocol, png=False)  # the PNG encode skipped
+    assert pixels.png == b"" and np.array_equal(pixels.image, result.image) and pixels.seed == 11
 
 
 def test_http_and_grpc_agree_and_seed_is_returned(sdxl):
