@@ -265,6 +265,7 @@ def cmd_serve(args) -> int:
         exit_timeout=args.exit_timeout,
         gpus=tuple(sorted({g for gs in placement.gpus.values() for g in gs})),
         watchdog=not args.no_watchdog,
+        cuda_pool_bytes=server.cuda_pool_bytes(deployment.controlnet_mode),
     )
     cmd = server.command(install, repo, backends, opts)
     print(
