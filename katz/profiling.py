@@ -32,7 +32,7 @@ class ExecuteProfiler:
         self.path, self.every_s = Path(path), every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.profile = cProfile.Profile()
-        self._saved = 0.0
+        self._saved: float | None = None  # monotonic time of the last save; None: never (save after the first call)
 
     @classmethod
     def from_env(cls, model_name: str) -> "ExecuteProfiler | None":
@@ -45,7 +45,7 @@ class ExecuteProfiler:
             return fn(*args)
         finally:
             self.profile.disable()
-            if time.monotonic() - self._saved >= self.every_s:
+            if self._saved is None or time.monotonic() - self._saved >= self.every_s:
                 self.save()
 
     def save(self) -> None:

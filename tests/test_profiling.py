@@ -29,3 +29,15 @@ def test_profiles_accumulate_and_are_saved(tmp_path, monkeypatch):
     assert {k[2]: v[1] for k, v in pstats.Stats(str(prof.path)).stats.items()}["_work"] == 3
     assert "_work" in top([prof.path], limit=5)
     assert not list((tmp_path / "prof").glob("*.tmp"))
+
+
+def test_first_call_is_saved_on_a_machine_up_for_less_than_every_s(tmp_path, monkeypatch):
+    """``time.monotonic()`` counts from boot: a fresh CI machine is up for less than ``every_s``."""
+    import types
+
+    import katz.profiling
+
+    monkeypatch.setattr(katz.profiling, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
+    prof = ExecuteProfiler(tmp_path / "unet.1.prof", every_s=3600.0)
+    prof.run(_work, 10)
+    assert prof.path.exists()
