@@ -78,7 +78,8 @@ def bench_device() -> tuple[str, torch.dtype]:
 
 
 def kernel_profile(fn, top: int = 12) -> dict:
-    """GPU kernel time of one call of ``fn``, by kind (matmul/conv, attention, norm, other) and top kernels."""
+    """GPU kernel time of one call of ``fn``, by kind (matmul/conv, attention, norm, other; inductor's
+    generated Triton kernels as fused norm / fused other) and top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -96,6 +97,7 @@ def kernel_profile(fn, top: int = 12) -> dict:
         kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa", "cudnn_generated"))
                 else "matmul/conv" if any(k in name for k in ("gemm", "sm90", "cutlass", "conv", "xmma", "cublas",
                                                                "implicit", "wgrad", "dgrad", "fprop"))
+                else ("fused norm" if "norm" in name else "fused other") if name.startswith("triton_")  # inductor's
                 else "norm" if "norm" in name else "other")
         kinds[kind] = kinds.get(kind, 0.0) + ms
         rows.append((ms, kind, evt.key[:90], evt.count))
@@ -143,7 +145,8 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
         torch.cuda.empty_cache()
         if compile_variant:  # torch.compile (inductor default mode) + one CUDA graph, batch 2 only
             t0 = time.perf_counter()
-            graph = CudaGraphs(torch.compile(eng._step, dynamic=False), "unet.step.compiled", eager=eng._step)
+            compiled = torch.compile(eng._step, dynamic=False)
+            graph = CudaGraphs(compiled, "unet.step.compiled", eager=eng._step)
             graph.capture(*step_args, None, None)
             out["unet_compile_s"] = time.perf_counter() - t0
             out["unet_graph_compiled_ms"] = device_ms(lambda: graph(*step_args, None, None))
@@ -151,6 +154,12 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
             del graph
             print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
                   f"max |diff| {out['unet_compiled_max_abs_diff']:.2e})", flush=True)
+            # the compiled step's kernels (the same the graph replays; already compiled, so no recompile)
+            k = out["unet_compiled_kernels"] = kernel_profile(lambda: compiled(*step_args, None, None))
+            print(f"compiled UNet step GPU kernel time {k['total_ms']:.1f} ms by kind "
+                  f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
+            for row in k["top"]:
+                print(f"   {row[0]:7.2f} ms  {row[1]:12} x{row[3]:<4} {row[2]}")
     k = out["unet_eager_kernels"]
     print(f"UNet step GPU kernel time {k['total_ms']:.1f} ms by kind "
           f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
