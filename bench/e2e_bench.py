@@ -240,6 +240,10 @@ def main() -> None:
     p.add_argument("--profile", type=Path,
                    help="folder for Python profiles of the server's models over the plain requests "
                         "(KATZ_PROFILE_DIR, katz/profiling.py); prints the loop's and the UNet's top functions")
+    p.add_argument("--trace", type=Path,
+                   help="folder for torch.profiler traces of one extra plain request, untimed, in every model "
+                        "(KATZ_TRACE_DIR, katz/profiling.py): Chrome traces and the GPU's idle gaps with the host "
+                        "ops across each")
     p.add_argument("--png", action="store_true",
                    help="request the PNG too (default: the pixels only, as diffusers' baseline returns them; "
                         "the PNG encode of a random-weight, noise-like 1024² image takes ~0.27 s)")
@@ -277,6 +281,9 @@ def main() -> None:
     if args.profile:
         live_profiles = Path(tempfile.mkdtemp(prefix="katz-prof-"))
         env["KATZ_PROFILE_DIR"] = str(live_profiles)
+    if args.trace:  # each model's call of the request after the warm-up and the plain ones
+        env["KATZ_TRACE_DIR"] = str(args.trace.resolve())
+        env["KATZ_TRACE_AT"] = str(args.repeats + 2)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
@@ -344,6 +351,10 @@ def main() -> None:
         res.update(loop_overhead(before, after, args.repeats, args.steps))
         if live_profiles is not None:  # the warm-up and the plain requests (profiles are saved after execute)
             save_profiles(live_profiles, args.profile)
+        if args.trace:
+            timed(base)  # traced in every model (KATZ_TRACE_AT), not timed
+            for gaps in sorted(args.trace.glob("*.gaps.txt")):
+                print(f"--- {gaps.name}: {gaps.read_text().splitlines()[0]}", flush=True)
         checkpoint()
         cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
         n_cold = 0

@@ -11,6 +11,10 @@ thread is profiled (the denoising loop, a UNet step); from 3.12 cProfile sits on
 slows Python-heavy code down, so read shares of the time, not absolute figures.
 
     python -m katz.profiling /tmp/prof/katz_pipeline.*.prof   # the top functions by own time
+
+``KATZ_TRACE_DIR=<folder>`` (with ``KATZ_TRACE_AT``) instead records a :mod:`torch.profiler` trace
+of chosen ``execute()`` calls and lists the GPU's idle gaps in them with the host ops across each
+(:class:`ExecuteTrace`): the tool for time the GPU spends waiting inside the denoising loop.
 """
 
 from __future__ import annotations
@@ -53,6 +57,112 @@ class ExecuteProfiler:
         self.profile.dump_stats(str(tmp))
         os.replace(tmp, self.path)  # readers never see half a file
         self._saved = time.monotonic()
+
+
+TRACE_ENV, TRACE_AT_ENV = "KATZ_TRACE_DIR", "KATZ_TRACE_AT"
+
+
+class ExecuteTrace:
+    """A :mod:`torch.profiler` trace (CPU ops, CUDA runtime calls and kernels) of chosen
+    ``execute()`` calls of one model instance: where the GPU waits for the host.
+
+    With ``KATZ_TRACE_DIR=<folder>`` (and ``KATZ_TRACE_AT=3,5``: which calls, counted from 1 per
+    instance; default 3, past a warm-up request) in the server's environment, each traced call writes
+    ``<folder>/<model>.<pid>.call<n>.json.gz`` (Chrome trace: Perfetto, chrome://tracing) and
+    ``....gaps.txt``: the GPU's idle gaps of at least ``min_gap_us`` during the call, each with the
+    host ops that ran across it (:func:`gpu_gaps`). A traced call is slower (the profiler's own
+    cost) and ends with a device synchronisation, so a benchmark traces a request it does not time.
+    """
+
+    def __init__(self, folder: Path, model_name: str, at: set[int], min_gap_us: float = 100.0):
+        self.folder, self.model_name, self.at, self.min_gap_us = Path(folder), model_name, set(at), min_gap_us
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.calls = 0
+
+    @classmethod
+    def from_env(cls, model_name: str) -> "ExecuteTrace | None":
+        folder = os.environ.get(TRACE_ENV)
+        if not folder:
+            return None
+        at = {int(n) for n in os.environ.get(TRACE_AT_ENV, "3").split(",") if n.strip()}
+        return cls(Path(folder), model_name, at)
+
+    def run(self, fn, *args):
+        self.calls += 1
+        if self.calls not in self.at:
+            return fn(*args)
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, with_stack=True) as prof:
+            out = fn(*args)
+            if cuda:
+                torch.cuda.synchronize()
+        self.save(prof, self.calls)
+        return out
+
+    def save(self, prof, call: int) -> Path:
+        import gzip
+        import tempfile
+
+        stem = self.folder / f"{self.model_name}.{os.getpid()}.call{call}"
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(raw))
+            with open(raw, "rb") as src, gzip.open(f"{stem}.json.gz", "wb") as dst:
+                dst.write(src.read())
+        kernels, host = [], []
+        for evt in prof.events():
+            span = (evt.time_range.start, evt.time_range.end)
+            if str(evt.device_type).endswith("CUDA"):
+                kernels.append(span)
+            else:
+                host.append((*span, evt.name, _katz_frames(getattr(evt, "stack", None) or [])))
+        gaps = gpu_gaps(kernels, host, self.min_gap_us)
+        path = Path(f"{stem}.gaps.txt")
+        path.write_text(format_gaps(gaps, kernels))
+        return path
+
+
+def _katz_frames(stack) -> str:
+    frames = [f for f in stack if "katz/" in f or "diffusers/" in f]
+    return " <- ".join(frames[:3])
+
+
+def gpu_gaps(kernels, host, min_us: float = 100.0) -> list[dict]:
+    """The GPU's idle gaps between ``kernels`` (``(start_us, end_us)`` in any order) of at least
+    ``min_us``, each as ``{"start_us", "us", "host"}``: the ``host`` ops (``(start_us, end_us, name,
+    where)``) that overlap the gap, longest overlap first (``[(name, where, overlap_us), ...]``)."""
+    if not kernels:
+        return []
+    spans = sorted(kernels)
+    gaps, busy_until = [], spans[0][1]
+    for start, end in spans[1:]:
+        if start - busy_until >= min_us:
+            gaps.append((busy_until, start))
+        busy_until = max(busy_until, end)
+    out = []
+    for g0, g1 in gaps:
+        ops = [(name, where, min(e, g1) - max(s, g0)) for s, e, name, where in host if s < g1 and e > g0]
+        ops.sort(key=lambda o: -o[2])
+        out.append({"start_us": g0 - spans[0][0], "us": g1 - g0, "host": ops})
+    return out
+
+
+def format_gaps(gaps: list[dict], kernels, limit: int = 40) -> str:
+    """:func:`gpu_gaps` as text: totals, then the ``limit`` longest gaps with their host ops."""
+    if not kernels:
+        return "no GPU kernels in this call\n"
+    span = max(e for _, e in kernels) - min(s for s, _ in kernels)
+    idle = sum(g["us"] for g in gaps)
+    lines = [f"GPU span {span / 1e3:.1f} ms, {len(gaps)} idle gaps, {idle / 1e3:.1f} ms idle in all"]
+    for g in sorted(gaps, key=lambda g: -g["us"])[:limit]:
+        lines.append(f"{g['us'] / 1e3:8.3f} ms idle at +{g['start_us'] / 1e3:.1f} ms:")
+        for name, where, us in g["host"][:6]:
+            lines.append(f"      {us / 1e3:8.3f} ms  {name}  {where}")
+    return "\n".join(lines) + "\n"
 
 
 def top(paths, limit: int = 20, sort: str = "tottime") -> str:

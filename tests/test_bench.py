@@ -20,7 +20,7 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     out = tmp_path / "e2e.json"
     proc = subprocess.run(
         [sys.executable, "bench/e2e_bench.py", "--preset", "tiny-sdxl", "--steps", "2", "--repeats", "1",
-         "--serve-args", "--torch-threads 1", "--profile", str(tmp_path / "prof"), "--paired", "--out", str(out)],
+         "--serve-args", "--torch-threads 1", "--profile", str(tmp_path / "prof"), "--trace", str(tmp_path / "trace"), "--paired", "--out", str(out)],
         cwd=ROOT, env=dict(os.environ, KATZ_CACHE=str(cache_root.parent)), capture_output=True, text=True,
         timeout=840,
     )
@@ -45,6 +45,11 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     assert "_call" in (tmp_path / "prof" / "katz_pipeline.txt").read_text()
     unet_profile = (tmp_path / "prof" / "unet.txt").read_text()
     assert "execute_batch" in unet_profile and "denoise" in unet_profile
+    # --trace: one untimed plain request traced in the models (one file each; no kernels on the CPU)
+    unet_trace = list((tmp_path / "trace").glob("unet.*.call3.gaps.txt"))
+    assert len(unet_trace) == 1 and unet_trace[0].read_text() == "no GPU kernels in this call\n"
+    assert unet_trace[0].with_name(unet_trace[0].name.replace(".gaps.txt", ".json.gz")).stat().st_size > 0
+    assert f"--- {unet_trace[0].name}" in proc.stdout
     # per case: the loop's time, the UNet's GPU time, the LoRA wait and switch per request
     per_request = res["katz_e2e_cold_lora_bal_per_request_ms"]
     assert per_request["loop_ms"] >= per_request["unet_device_ms"] > 0 and per_request["lora_switch_ms"] > 0

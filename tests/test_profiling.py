@@ -41,3 +41,33 @@ def test_first_call_is_saved_on_a_machine_up_for_less_than_every_s(tmp_path, mon
     prof = ExecuteProfiler(tmp_path / "unet.1.prof", every_s=3600.0)
     prof.run(_work, 10)
     assert prof.path.exists()
+
+
+def test_gpu_gaps_name_the_host_ops_across_each_idle_gap():
+    from katz.profiling import format_gaps, gpu_gaps
+
+    kernels = [(0, 50), (40, 100), (400, 500), (520, 600), (1600, 1700)]  # µs; overlapping ones merge
+    host = [(90, 420, "cudaStreamSynchronize", "denoise.py(150): denoise"), (0, 2000, "execute", ""),
+            (700, 1500, "aten::randn", "")]
+    gaps = gpu_gaps(kernels, host, min_us=100)
+    assert [(g["start_us"], g["us"]) for g in gaps] == [(100, 300), (600, 1000)]  # 500 -> 520 is too short
+    assert gaps[0]["host"][0] == ("cudaStreamSynchronize", "denoise.py(150): denoise", 300)
+    assert [o[0] for o in gaps[1]["host"]] == ["execute", "aten::randn"]
+    text = format_gaps(gaps, kernels)
+    assert text.startswith("GPU span 1.7 ms, 2 idle gaps, 1.3 ms idle in all")
+    assert text.index("1.000 ms idle at +0.6 ms") < text.index("0.300 ms idle at +0.1 ms")
+    assert gpu_gaps([], host) == [] and format_gaps([], []) == "no GPU kernels in this call\n"
+
+
+def test_execute_trace_records_only_the_chosen_calls(tmp_path, monkeypatch):
+    from katz.profiling import ExecuteTrace
+
+    monkeypatch.delenv("KATZ_TRACE_DIR", raising=False)
+    assert ExecuteTrace.from_env("unet") is None
+    monkeypatch.setenv("KATZ_TRACE_DIR", str(tmp_path))
+    monkeypatch.setenv("KATZ_TRACE_AT", "2")
+    trace = ExecuteTrace.from_env("unet")
+    assert [trace.run(_work, 100) for _ in range(3)] == [_work(100)] * 3
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(".call2." in f for f in files), files
+    assert any(f.endswith(".json.gz") for f in files) and any(f.endswith(".gaps.txt") for f in files)

@@ -7,6 +7,7 @@ GPU tensors cross the boundary through DLPack, never through host copies.
 """
 
 import faulthandler
+import functools
 import json
 import signal
 import traceback
@@ -26,7 +27,7 @@ from katz.triton_models import (
     error_kind,
     is_out_of_memory,
 )
-from katz.profiling import ExecuteProfiler
+from katz.profiling import ExecuteProfiler, ExecuteTrace
 
 # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log (a stuck
 # instance says where it is stuck; the tests do it when a server does not come up).
@@ -67,6 +68,7 @@ class TritonPythonModel:
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
         self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/profiling.py)
+        self._trace = ExecuteTrace.from_env(self.model_name)  # KATZ_TRACE_DIR, KATZ_TRACE_AT (katz/profiling.py)
         self._publish_metrics()  # the memory held after load (weights, CUDA graphs) before any request
 
     def _call(self, model_name, inputs, output_names):
@@ -139,9 +141,12 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"{self.model_name}: could not end a stream: {send_exc}")
 
     def execute(self, requests):
+        run = self._execute
+        if self._trace is not None:
+            run = functools.partial(self._trace.run, run)
         if self._profiler is not None:
-            return self._profiler.run(self._execute, requests)
-        return self._execute(requests)
+            return self._profiler.run(run, requests)
+        return run(requests)
 
     def _execute(self, requests):
         if hasattr(self.model, "execute_stream"):
