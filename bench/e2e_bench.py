@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, diffusers_baseline, prepare  # noqa: E402
 from katz.lora_readahead import evict  # noqa: E402
+from katz.repository import QUEUED_MODELS  # noqa: E402
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
@@ -198,7 +199,7 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
         "katz_e2e_step_breakdown_ms": {k: v / n / 1e3 for k, v in per_step.items()},
         "katz_e2e_stage_ms_per_request": {
             m: delta("nv_inference_compute_infer_duration_us", m) / requests / 1e3
-            for m in ("preprocessing", "text_encoder", "katz_pipeline", "unet", "vae_decoder", "postprocessing", "png_encoder")
+            for m in (*QUEUED_MODELS, "unet")  # the ensemble's steps and the UNet the loop calls
         },
     }
 

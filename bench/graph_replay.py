@@ -1,8 +1,8 @@
 """Does replaying one CUDA graph step after step leave the GPU idle between the replays?
 
 The denoising loop replays the UNet step's graph once per step with a few small kernels (CFG,
-scheduler) between replays. This measures, on a stand-in step of ``--kernels`` kernels of about
-``--step-ms`` in all, over ``--steps`` steps:
+scheduler) between replays. This measures, on a stand-in step of ``--kernels`` kernels
+(matmuls of side ``--width`` and GELUs), over ``--steps`` steps:
 
 * ``one``: the same graph replayed every step (as the engine does);
 * ``two``: two graphs of the same step, captured into one memory pool, replayed in turn.

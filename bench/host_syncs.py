@@ -23,12 +23,6 @@ import numpy as np
 import torch
 
 
-def _site(stack) -> str:
-    """The innermost frames of ``stack`` in katz or diffusers, as ``file:line`` (innermost last)."""
-    ours = [f for f in stack if "/katz/" in f.filename or "/diffusers/" in f.filename]
-    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:])) or "?"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny-sdxl")
@@ -45,6 +39,7 @@ def main() -> None:
     from katz.client import Generation
     from katz.model_folder import ModelFolder, discover_controlnets
     from katz.presets import ensure_preset
+    from katz.profiling import katz_frames
     from katz.request import Limits
     from katz.triton_models.deployment import Deployment
     from katz.triton_models.local import LocalEnsemble
@@ -77,7 +72,8 @@ def main() -> None:
     sites: Counter = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
-        sites[(current[0], _site(traceback.extract_stack()[:-1]), str(message).split("\n")[0][:80])] += 1
+        stack = [f"{f.filename}({f.lineno}): {f.name}" for f in reversed(traceback.extract_stack()[:-1])]
+        sites[(current[0], katz_frames(stack) or "?", str(message).split("\n")[0][:80])] += 1
 
     shown = warnings.showwarning
     warnings.showwarning = record

@@ -104,31 +104,26 @@ class ExecuteTrace:
         return out
 
     def save(self, prof, call: int) -> Path:
-        import gzip
-        import tempfile
-
         stem = self.folder / f"{self.model_name}.{os.getpid()}.call{call}"
-        with tempfile.TemporaryDirectory() as tmp:
-            raw = Path(tmp) / "trace.json"
-            prof.export_chrome_trace(str(raw))
-            with open(raw, "rb") as src, gzip.open(f"{stem}.json.gz", "wb") as dst:
-                dst.write(src.read())
+        prof.export_chrome_trace(f"{stem}.json.gz")  # torch gzips a .gz path itself
         kernels, host = [], []
         for evt in prof.events():
             span = (evt.time_range.start, evt.time_range.end)
             if str(evt.device_type).endswith("CUDA"):
                 kernels.append(span)
             else:
-                host.append((*span, evt.name, _katz_frames(getattr(evt, "stack", None) or [])))
+                host.append((*span, evt.name, katz_frames(getattr(evt, "stack", None) or [])))
         gaps = gpu_gaps(kernels, host, self.min_gap_us)
         path = Path(f"{stem}.gaps.txt")
         path.write_text(format_gaps(gaps, kernels))
         return path
 
 
-def _katz_frames(stack) -> str:
-    frames = [f for f in stack if "katz/" in f or "diffusers/" in f]
-    return " <- ".join(frames[:3])
+def katz_frames(stack: list[str], limit: int = 3) -> str:
+    """The first ``limit`` frames of ``stack`` (``"/path/file.py(line): function"``, innermost first,
+    as torch.profiler lists them) in katz or diffusers, as ``file.py(line): function <- ...``."""
+    frames = [Path(f).name for f in stack if "/katz/" in f or "/diffusers/" in f]
+    return " <- ".join(frames[:limit])
 
 
 def gpu_gaps(kernels, host, min_us: float = 100.0) -> list[dict]:
