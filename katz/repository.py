@@ -14,6 +14,7 @@ from pathlib import Path
 from string import Template
 
 from katz.triton_models.deployment import Deployment
+from katz.triton_models.denoising import loop_place
 from katz.triton_models.pipeline import unet_model_names
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +54,9 @@ class Placement:
         default = 2 if model == "katz_pipeline" else 1
         return self.counts.get(model, default)
 
-    def instance_group(self, model: str) -> str:
-        on_gpu = model in GPU_MODELS or model.startswith("unet_")  # unet_1, ...: latent-parallel shards
+    def instance_group(self, model: str, host: frozenset[str] = frozenset()) -> str:
+        """``host``: models that run on the host on a GPU deployment too (:func:`host_models`)."""
+        on_gpu = (model in GPU_MODELS or model.startswith("unet_")) and model not in host  # unet_1, ...: shards
         if self.device == "cpu" or not on_gpu:
             return f"{{ kind: KIND_CPU count: {self.count(model)} }}"
         gpus = ", ".join(str(g) for g in self.gpus.get(model, [0]))
@@ -72,6 +74,15 @@ class Placement:
             f"default_timeout_microseconds: {int(self.queue_timeout_s * 1e6)} allow_timeout_override: true "
             f"max_queue_size: {max(self.max_queue_size, 0)} }} }}\n"
         )
+
+
+def host_models(deployment: Deployment) -> frozenset[str]:
+    """Models of :data:`GPU_MODELS` that need no GPU in this deployment: ``katz_pipeline`` when the
+    denoising loop runs inside the ``unet`` model (:func:`katz.triton_models.denoising.loop_place`),
+    where it only forwards the text embeddings to the UNet and the latents to the VAE (a GPU instance
+    would hold a CUDA context, ~0.55 GB per instance, for nothing)."""
+    return frozenset({"katz_pipeline"}) if loop_place(deployment.loop, deployment.unet_shards) == "unet" \
+        else frozenset()
 
 
 def _quote(value: str) -> str:
@@ -147,6 +158,7 @@ def render_repository(
         shutil.rmtree(out)
     common = template_values(deployment)
     params = _parameters(deployment.to_parameters())
+    host = host_models(deployment)
     targets = []  # (template, model name): the UNet template renders one model per latent-parallel shard
     for model in models:
         names = unet_model_names(deployment.unet_shards) if model == "unet" else [model]
@@ -157,7 +169,7 @@ def render_repository(
         values.update(
             unet_name=model,
             parameters=params,
-            instance_group=placement.instance_group(model),
+            instance_group=placement.instance_group(model, host),
             cpu_count=str(placement.count(model)),
             extra_inputs=common.get(f"extra_inputs_{model}", ""),
             extra_outputs=common.get(f"extra_outputs_{model}", ""),

@@ -11,11 +11,11 @@ from katz.request import Limits
 from katz.triton_models.deployment import Deployment
 
 
-def _deployment(path, dtype="float32"):
+def _deployment(path, dtype="float32", **settings):
     from katz.model_folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
-    return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype)
+    return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype, **settings)
 
 
 def _configs(repo):
@@ -71,8 +71,14 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert cfgs["preprocessing"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert cfgs["unet"].input[0].data_type == model_config_pb2.TYPE_FP16
     # GPU models take GPU tensors as they come (the Python backend would copy every input to the host)
-    for name in ("unet", "controlnet", "katz_pipeline", "vae_decoder", "text_encoder"):
+    for name in ("unet", "controlnet", "katz_stream", "vae_decoder", "text_encoder"):
         assert cfgs[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no", name
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs["preprocessing"].parameters
+    # the loop runs inside the unet model (one shard): katz_pipeline only forwards, on the host
+    assert cfgs["katz_pipeline"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs["katz_pipeline"].parameters
+    looping = _configs(render_repository(_deployment(preset_dir("tiny-sdxl"), dtype="float16", loop="pipeline"),
+                                         tmp_path / "looping", placement))
+    assert looping["katz_pipeline"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     cpu_cfgs = _configs(render_repository(dep, tmp_path / "cpu", Placement(device="cpu")))
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu_cfgs["unet"].parameters

@@ -72,10 +72,14 @@ class TritonPythonModel:
         self._publish_metrics()  # the memory held after load (weights, CUDA graphs) before any request
 
     def _call(self, model_name, inputs, output_names):
+        extra = {}
+        if self.device == "cpu":  # a host instance (no CUDA context): GPU models answer in host memory
+            extra["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         request = pb_utils.InferenceRequest(
             model_name=model_name,
             inputs=[_to_triton(k, v) for k, v in inputs.items() if v is not None],
             requested_output_names=list(output_names),
+            **extra,
         )
         response = request.exec()
         if response.has_error():

@@ -68,6 +68,27 @@ class Acceleration:
         return torch.compile(fn, dynamic=False)
 
 
+_PROCESS_POOLS: dict[int, tuple[object, threading.Lock]] = {}
+
+
+def process_pool(device) -> tuple[object, threading.Lock]:
+    """The CUDA-graph memory pool of this process on ``device`` and the lock its replays take.
+
+    The engines of one process (the UNet and, in ``local`` ControlNet mode, the ControlNets) capture
+    into this one pool, so their graphs' scratch memory is shared instead of added up: a graph's
+    intermediate tensors are dead once its replay is done, and the next graph may reuse them. That
+    needs replays that never overlap: a Triton instance (one process) runs one request at a time,
+    its graphs replay in order on the device's current stream, and the lock keeps two threads from
+    interleaving one replay's input copies with another's. (Each graph's outputs stay allocated for
+    good, so no graph writes over another's outputs.)
+    """
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _PROCESS_POOLS:
+        _PROCESS_POOLS[index] = (torch.cuda.graph_pool_handle(), threading.Lock())
+    return _PROCESS_POOLS[index]
+
+
 def _is_tensor(x) -> bool:
     return isinstance(x, torch.Tensor)
 

@@ -18,7 +18,7 @@ import torch
 
 from katz.lora import LoraPatcher, LoraWeights
 from katz.model_folder import ModelFolder
-from katz.engines.cuda_graphs import Acceleration, CudaGraphs
+from katz.engines.cuda_graphs import Acceleration, CudaGraphs, process_pool
 from katz.engines.unet_split import unet_down, unet_up
 from katz.text_encoding import PromptEncoder
 
@@ -79,7 +79,7 @@ class UNetEngine:
         if self.accel is not None and self.accel.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         if self.accel is not None:
-            pool, lock = torch.cuda.graph_pool_handle(), threading.Lock()
+            pool, lock = process_pool(self.device)
             for part, eager in (("step", self._step), ("down", self._down), ("up", self._up)):
                 fn = self.accel.compiled(eager)
                 if self.accel.cuda_graphs:
@@ -281,7 +281,7 @@ class ControlNetEngine:
     ):
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.accel = accel if accel is not None and accel.active(self.device) else None
-        self._pool = torch.cuda.graph_pool_handle() if self.accel is not None else None
+        self._pool, self._pool_lock = process_pool(self.device) if self.accel is not None else (None, None)
         self._graphs: dict[str, CudaGraphs] = {}
         self.warmup_s = 0.0  # graph capture (and compilation) at load
         self.names = set(folder.controlnets)
@@ -308,8 +308,8 @@ class ControlNetEngine:
         if self.accel is not None and name in self.resident:  # nets loaded on demand run eagerly
             eager = functools.partial(self._graph_body, net)
             fn = self.accel.compiled(eager)
-            self._graphs[name] = CudaGraphs(fn, f"controlnet.{name}", self._pool, eager=eager) \
-                if self.accel.cuda_graphs else fn
+            self._graphs[name] = (CudaGraphs(fn, f"controlnet.{name}", self._pool, self._pool_lock, eager=eager)
+                                  if self.accel.cuda_graphs else fn)
         evictable = [n for n in self.nets if n not in self.resident and n != name]
         while evictable and sum(self._size(n_) for n_ in self.nets.values()) > self.cache_bytes:
             self.nets.pop(evictable.pop(0))
@@ -447,7 +447,7 @@ class VaeDecoderEngine:
             self.compiled = accel.compile_vae
 
     def _fast_decode(self, fn, graphs: bool):
-        return CudaGraphs(fn, "vae.decode", eager=self._decode) if graphs else fn
+        return CudaGraphs(fn, "vae.decode", *process_pool(self.device), eager=self._decode) if graphs else fn
 
     @torch.no_grad()
     def warm_up(self, sizes: Sequence[tuple[int, int]]) -> float:
