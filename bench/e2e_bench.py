@@ -72,14 +72,15 @@ def gpu_memory_used_gb() -> float:
 def memory_by_model(apps_csv: str, cmdlines: dict[int, str]) -> dict[str, float]:
     """GB of GPU memory per Katz model from ``nvidia-smi --query-compute-apps=pid,used_memory
     --format=csv,noheader,nounits`` output and the processes' command lines (``pid -> cmdline``):
-    a Python backend stub names its model's folder (``.../<model>/1/model.py``); other processes
-    count as ``other:<executable>``."""
+    a Python backend stub names its model's folder (``.../<model>/1/model.py``); this benchmark's own
+    process (diffusers, the client) counts as ``bench``, other processes as ``other:<executable>``."""
     out: dict[str, float] = {}
     for line in apps_csv.strip().splitlines():
         pid_s, mib = (x.strip() for x in line.split(",")[:2])
         cmd = cmdlines.get(int(pid_s), "")
         m = re.search(r"([^/\s]+)/\d+/model\.py", cmd)
         name = m.group(1) if m else "other:" + (Path(cmd.split()[0]).name if cmd else pid_s)
+        name = "bench" if int(pid_s) == os.getpid() else name
         out[name] = out.get(name, 0.0) + float(mib) * 1024**2 / 1e9
     return out
 
@@ -384,6 +385,8 @@ def main() -> None:
             save_profiles(live_profiles, args.profile / "all_cases", ("unet",), "all cases")
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
         res["katz_e2e_gpu_memory_by_model_gb"] = gpu_memory_by_model() if on_gpu else {}
+        res["katz_e2e_server_gpu_memory_gb"] = sum(  # the server's processes (nvidia-smi), without this one
+            v for k, v in res["katz_e2e_gpu_memory_by_model_gb"].items() if k != "bench")
         res["katz_e2e_torch_memory_gb"] = torch_memory(metrics(ports["metrics"]))
     finally:
         server.terminate()
@@ -421,8 +424,10 @@ def main() -> None:
           f"{res['katz_e2e_overhead_per_step_ms']:.2f} ms/step "
           f"({100 * res['katz_e2e_overhead_per_step_ms'] / res['katz_e2e_unet_step_ms']:.1f}% of the step)")
     print(f"a step's time, ms: { {k: round(v, 2) for k, v in res['katz_e2e_step_breakdown_ms'].items()} }")
+    server_gb = res.get("katz_e2e_server_gpu_memory_gb", float("nan"))
     print(f"GPU memory in use with the server loaded (nvidia-smi, all processes): "
-          f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB; diffusers' peak allocation "
+          f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB, the server's processes {server_gb:.1f} GB; "
+          f"diffusers' peak allocation "
           f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")
     if res["katz_e2e_gpu_memory_by_model_gb"]:
         print(f"  by process: { {k: round(v, 2) for k, v in sorted(res['katz_e2e_gpu_memory_by_model_gb'].items())} }")

@@ -85,6 +85,24 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
+def pinned_free(snapshot: dict, top: int) -> list[dict]:
+    """Segments of the default pool with the most free bytes: torch's ``empty_cache`` returns only
+    whole free segments, so the live blocks in each (their frames) keep the free rest reserved."""
+    from katz.profiling import katz_frames
+
+    out = []
+    for seg in snapshot["segments"]:
+        if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0):
+            continue
+        live = [b for b in seg["blocks"] if b["state"] == "active_allocated"]
+        where = sorted({katz_frames([f"{f['filename']}({f['line']}): {f['name']}" for f in b.get("frames", [])],
+                                    limit=3) or "(no Python frame)" for b in live})
+        out.append({"segment_mb": seg["total_size"] / 1e6, "free_mb": (seg["total_size"] - seg["active_size"]) / 1e6,
+                    "live_blocks": len(live), "live_mb": seg["active_size"] / 1e6, "where": where[:3]})
+    out.sort(key=lambda r: -r["free_mb"])
+    return out[:top]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
@@ -149,6 +167,7 @@ def main() -> None:
         "allocated_gb": torch.cuda.memory_allocated() / GB, "reserved_gb": torch.cuda.memory_reserved() / GB,
         "captures": captures, "pools_gb": {k: {m: v / GB for m, v in row.items()} for k, row in pools(snapshot).items()},
         "largest_graph_allocations": largest_graph_allocations(snapshot, args.top),
+        "pinned_free": pinned_free(snapshot, args.top),
     }
     print(f"{res['device']}: {args.model} ({args.controlnet_mode}, compile={args.compile}, pool per engine="
           f"{args.pool_per_engine}) loaded in {load_s:.0f} s; allocated {res['allocated_gb']:.2f} GB, reserved "
@@ -163,6 +182,10 @@ def main() -> None:
     print("largest allocations in graph pools:")
     for a in res["largest_graph_allocations"]:
         print(f"  {a['mb']:>8.1f} MB  {a['where']}")
+    print("default-pool segments with the most free bytes (kept by their live blocks):")
+    for r in res["pinned_free"]:
+        print(f"  {r['segment_mb']:>8.1f} MB segment, {r['free_mb']:>8.1f} MB free, {r['live_blocks']} live blocks "
+              f"({r['live_mb']:.1f} MB): {'; '.join(r['where'])}")
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
 

@@ -94,7 +94,7 @@ class ExecuteTrace:
         import torch
         from torch.profiler import ProfilerActivity, profile
 
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_initialized()  # a host-only model gets no CUDA context from being traced
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, with_stack=True) as prof:
             out = fn(*args)
@@ -106,16 +106,17 @@ class ExecuteTrace:
     def save(self, prof, call: int) -> Path:
         stem = self.folder / f"{self.model_name}.{os.getpid()}.call{call}"
         prof.export_chrome_trace(f"{stem}.json.gz")  # torch gzips a .gz path itself
-        kernels, host = [], []
+        kernels, names, host = [], [], []
         for evt in prof.events():
             span = (evt.time_range.start, evt.time_range.end)
             if str(evt.device_type).endswith("CUDA"):
                 kernels.append(span)
+                names.append(evt.name)
             else:
                 host.append((*span, evt.name, katz_frames(getattr(evt, "stack", None) or [])))
         gaps = gpu_gaps(kernels, host, self.min_gap_us)
         path = Path(f"{stem}.gaps.txt")
-        path.write_text(format_gaps(gaps, kernels))
+        path.write_text(format_gaps(gaps, kernels) + format_kernels(kernels, names))
         return path
 
 
@@ -157,6 +158,23 @@ def format_gaps(gaps: list[dict], kernels, limit: int = 40) -> str:
         lines.append(f"{g['us'] / 1e3:8.3f} ms idle at +{g['start_us'] / 1e3:.1f} ms:")
         for name, where, us in g["host"][:6]:
             lines.append(f"      {us / 1e3:8.3f} ms  {name}  {where}")
+    return "\n".join(lines) + "\n"
+
+
+def format_kernels(kernels, names, limit: int = 25) -> str:
+    """The GPU's busy time by kernel name (``kernels``: ``(start_us, end_us)``, ``names`` alike), as
+    text: where the GPU time of a call goes, graph-replayed kernels included."""
+    if not kernels:
+        return ""
+    totals: dict[str, list[float]] = {}
+    for (start, end), name in zip(kernels, names):
+        row = totals.setdefault(name, [0.0, 0])
+        row[0] += end - start
+        row[1] += 1
+    busy = sum(t for t, _ in totals.values())
+    lines = [f"GPU busy {busy / 1e3:.1f} ms in {len(kernels)} kernels; by kernel (ms, count):"]
+    for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]:
+        lines.append(f"  {us / 1e3:9.2f} {n:6d}  {name[:110]}")
     return "\n".join(lines) + "\n"
 
 

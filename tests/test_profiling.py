@@ -59,6 +59,17 @@ def test_gpu_gaps_name_the_host_ops_across_each_idle_gap():
     assert gpu_gaps([], host) == [] and format_gaps([], []) == "no GPU kernels in this call\n"
 
 
+def test_kernel_totals_rank_kernels_by_their_gpu_time():
+    from katz.profiling import format_kernels
+
+    kernels = [(0, 50), (60, 100), (100, 400), (500, 510)]
+    text = format_kernels(kernels, ["gemm", "add", "gemm", "add"])
+    lines = text.splitlines()
+    assert lines[0] == "GPU busy 0.4 ms in 4 kernels; by kernel (ms, count):"
+    assert lines[1].split() == ["0.35", "2", "gemm"] and lines[2].split() == ["0.05", "2", "add"]
+    assert format_kernels([], []) == ""
+
+
 def test_execute_trace_records_only_the_chosen_calls(tmp_path, monkeypatch):
     from katz.profiling import ExecuteTrace
 
