@@ -103,6 +103,18 @@ def pinned_free(snapshot: dict, top: int) -> list[dict]:
     return out[:top]
 
 
+def free_states(snapshot: dict) -> dict[str, float]:
+    """GB of the default pool's blocks that hold no live tensor, by allocator state (``inactive``:
+    free; ``active_pending_free``: freed, waiting for a stream event before it can be reused)."""
+    out: dict[str, float] = defaultdict(float)
+    for seg in snapshot["segments"]:
+        if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0):
+            for b in seg["blocks"]:
+                if b["state"] != "active_allocated":
+                    out[b["state"]] += b["size"] / GB
+    return dict(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
@@ -168,7 +180,10 @@ def main() -> None:
         "captures": captures, "pools_gb": {k: {m: v / GB for m, v in row.items()} for k, row in pools(snapshot).items()},
         "largest_graph_allocations": largest_graph_allocations(snapshot, args.top),
         "pinned_free": pinned_free(snapshot, args.top),
+        "free_blocks_by_state_gb": free_states(snapshot),
     }
+    torch.cuda.empty_cache()
+    res["reserved_after_empty_cache_gb"] = torch.cuda.memory_reserved() / GB
     print(f"{res['device']}: {args.model} ({args.controlnet_mode}, compile={args.compile}, pool per engine="
           f"{args.pool_per_engine}) loaded in {load_s:.0f} s; allocated {res['allocated_gb']:.2f} GB, reserved "
           f"{res['reserved_gb']:.2f} GB, weights {res['weights_gb']:.2f} GB")
@@ -182,6 +197,8 @@ def main() -> None:
     print("largest allocations in graph pools:")
     for a in res["largest_graph_allocations"]:
         print(f"  {a['mb']:>8.1f} MB  {a['where']}")
+    print(f"default pool's non-live blocks by state (GB): {res['free_blocks_by_state_gb']}; reserved after one more "
+          f"empty_cache: {res['reserved_after_empty_cache_gb']:.2f} GB")
     print("default-pool segments with the most free bytes (kept by their live blocks):")
     for r in res["pinned_free"]:
         print(f"  {r['segment_mb']:>8.1f} MB segment, {r['free_mb']:>8.1f} MB free, {r['live_blocks']} live blocks "
