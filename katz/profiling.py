@@ -20,6 +20,8 @@ of chosen ``execute()`` calls and lists the GPU's idle gaps in them with the hos
 from __future__ import annotations
 
 import cProfile
+import gzip
+import json
 import os
 import pstats
 import sys
@@ -116,7 +118,9 @@ class ExecuteTrace:
                 host.append((*span, evt.name, katz_frames(getattr(evt, "stack", None) or [])))
         gaps = gpu_gaps(kernels, host, self.min_gap_us)
         path = Path(f"{stem}.gaps.txt")
-        path.write_text(format_gaps(gaps, kernels) + format_kernels(kernels, names))
+        with gzip.open(f"{stem}.json.gz", "rt") as f:
+            launches = launch_summary(json.load(f))
+        path.write_text(format_gaps(gaps, kernels) + format_kernels(kernels, names) + launches)
         return path
 
 
@@ -175,6 +179,68 @@ def format_kernels(kernels, names, limit: int = 25) -> str:
     lines = [f"GPU busy {busy / 1e3:.1f} ms in {len(kernels)} kernels; by kernel (ms, count):"]
     for name, (us, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:limit]:
         lines.append(f"  {us / 1e3:9.2f} {n:6d}  {name[:110]}")
+    return "\n".join(lines) + "\n"
+
+
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _enclosing(spans: list[tuple[float, float, str]], points: list[float]) -> list[str | None]:
+    """For each time in ``points`` (sorted), the innermost of ``spans`` (``(start, end, name)``, one
+    thread's nested ranges) that contains it, or None."""
+    spans = sorted(spans, key=lambda s: (s[0], -s[1]))
+    out, stack, i = [], [], 0
+    for t in points:
+        while i < len(spans) and spans[i][0] <= t:
+            stack.append(spans[i])
+            i += 1
+        while stack and stack[-1][1] < t:
+            stack.pop()
+        inner = [s for s in stack if s[0] <= t <= s[1]]
+        out.append(inner[-1][2] if inner else None)
+    return out
+
+
+def launch_summary(trace: dict, limit: int = 20) -> str:
+    """Where a Chrome trace's GPU time was launched from, as text: the GPU time of work replayed
+    from CUDA graphs (``cudaGraphLaunch``) against work launched one by one, and for the latter the
+    ``limit`` biggest sources by (innermost Katz / diffusers frame, innermost op). ``trace``: a
+    :mod:`torch.profiler` Chrome trace (``{"traceEvents": [...]}``) with CUDA activity."""
+    events = trace.get("traceEvents", [])
+    runtime = {e["args"]["correlation"]: e for e in events
+               if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    gpu = [e for e in events if e.get("cat") in GPU_CATS and "dur" in e]
+    if not gpu:
+        return ""
+    by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "python_function") and "dur" in e:
+            name = e["name"] if e["cat"] == "cpu_op" else katz_frames([e["name"]], limit=1)
+            if name:
+                by_thread.setdefault((e["pid"], e["tid"], e["cat"]), []).append((e["ts"], e["ts"] + e["dur"], name))
+    graph_us, direct = 0.0, {}
+    launches: dict = {}  # (pid, tid) -> [(ts, gpu_us)]
+    for e in gpu:
+        launch = runtime.get(e.get("args", {}).get("correlation"))
+        if launch is not None and "GraphLaunch" in launch["name"]:
+            graph_us += e["dur"]
+            continue
+        key = (launch["pid"], launch["tid"]) if launch is not None else None
+        launches.setdefault(key, []).append((launch["ts"] if launch is not None else 0.0, e["dur"]))
+    for key, items in launches.items():
+        items.sort()
+        points = [t for t, _ in items]
+        ops = _enclosing(by_thread.get((*key, "cpu_op"), []), points) if key else [None] * len(items)
+        frames = _enclosing(by_thread.get((*key, "python_function"), []), points) if key else [None] * len(items)
+        for (_, us), op, frame in zip(items, ops, frames):
+            row = direct.setdefault((frame or "-", op or "-"), [0.0, 0])
+            row[0] += us
+            row[1] += 1
+    direct_us = sum(v[0] for v in direct.values())
+    lines = [f"GPU time replayed from CUDA graphs {graph_us / 1e3:.1f} ms; launched one by one "
+             f"{direct_us / 1e3:.1f} ms, by source (ms, count, frame, op):"]
+    for (frame, op), (us, n) in sorted(direct.items(), key=lambda kv: -kv[1][0])[:limit]:
+        lines.append(f"  {us / 1e3:9.2f} {n:6d}  {frame}  {op}")
     return "\n".join(lines) + "\n"
 
 

@@ -82,3 +82,26 @@ def test_execute_trace_records_only_the_chosen_calls(tmp_path, monkeypatch):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and all(".call2." in f for f in files), files
     assert any(f.endswith(".json.gz") for f in files) and any(f.endswith(".gaps.txt") for f in files)
+
+
+def test_launch_summary_splits_graph_replays_from_single_launches():
+    from katz.profiling import launch_summary
+
+    host = {"pid": 1, "tid": 1}
+    trace = {"traceEvents": [
+        {"cat": "python_function", "name": "/x/katz/denoise.py(10): step", "ts": 0, "dur": 100, **host},
+        {"cat": "cpu_op", "name": "aten::mul", "ts": 5, "dur": 10, **host},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 6, "dur": 2, "args": {"correlation": 1}, **host},
+        {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 20, "dur": 5, "args": {"correlation": 2}, **host},
+        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 200, "dur": 5, "args": {"correlation": 3}, **host},
+        {"cat": "kernel", "name": "mul", "pid": 0, "tid": 7, "ts": 10, "dur": 30, "args": {"correlation": 1}},
+        {"cat": "kernel", "name": "gemm", "pid": 0, "tid": 7, "ts": 40, "dur": 500, "args": {"correlation": 2}},
+        {"cat": "kernel", "name": "gelu", "pid": 0, "tid": 7, "ts": 540, "dur": 500, "args": {"correlation": 2}},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "pid": 0, "tid": 7, "ts": 1100, "dur": 20,
+         "args": {"correlation": 3}},
+    ]}
+    lines = launch_summary(trace).splitlines()
+    assert lines[0].startswith("GPU time replayed from CUDA graphs 1.0 ms; launched one by one 0.1 ms")
+    assert lines[1].split() == ["0.03", "1", "denoise.py(10):", "step", "aten::mul"]
+    assert lines[2].split() == ["0.02", "1", "-", "-"]  # outside any Katz frame and op
+    assert launch_summary({"traceEvents": []}) == ""

@@ -65,6 +65,8 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         self.device = device
         self.model = create_model(params["role"], params, device, call=self._call)
+        if device != "cpu":  # hand back what loading left cached and free (warm-up's eager runs)
+            torch.cuda.empty_cache()
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
         self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/profiling.py)
