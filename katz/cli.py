@@ -92,6 +92,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="folder for compiled kernels kept between starts (default: torch's)")
     p.add_argument("--channels-last", action="store_true",
                    help="torch engines on GPUs: UNet and ControlNet weights in channels-last layout")
+    p.add_argument("--fp8", action="store_true",
+                   help="torch engines on GPUs of compute capability 8.9+ (Ada, Hopper): the UNet's and ControlNets' "
+                        "transformer linears multiply in float8 e4m3 with per-tensor scales (faster with --compile; "
+                        "its image divergence is in bench/RESULTS.md)")
     p.add_argument("--graph-sizes", default=None,
                    help="image sizes HxW captured as CUDA graphs at load, comma-separated (default: the model's "
                         "default size); other sizes run eagerly")
@@ -157,6 +161,16 @@ def build_deployment(args):
     )
     if args.engine == "tensorrt" and args.engine_dir is None:
         raise SystemExit("katz: --engine tensorrt needs --engine-dir (the folder `katz build-engines --out` wrote)")
+    if args.fp8:
+        from katz.engines.fp8 import fp8_capable
+
+        if args.engine != "torch":
+            raise SystemExit("katz: --fp8 is for the torch engines (a TensorRT engine's precision is set when it is built)")
+        gpus = {int(g) for spec in (args.gpus, args.unet_gpus or "", getattr(args, "controlnet_gpus", None) or "")
+                for g in spec.split(",") if g.strip()} or {0}
+        if device != "cuda" or not all(fp8_capable(f"cuda:{g}") for g in gpus):
+            raise SystemExit("katz: --fp8 needs GPUs with float8 tensor cores (CUDA compute capability 8.9+: "
+                             "Ada, Hopper or newer)")
     return Deployment(
         model_dir=folder.path,
         controlnets=folder.controlnets,
@@ -189,6 +203,7 @@ def build_deployment(args):
         compile=args.compile,
         compile_vae=args.compile_vae,
         channels_last=args.channels_last,
+        fp8=args.fp8,
         compile_cache=args.compile_cache.resolve() if args.compile_cache else None,
         graph_sizes=parse_sizes(args.graph_sizes, 8) if args.graph_sizes else None,
     )

@@ -33,7 +33,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -503,9 +503,13 @@ class LoraPatcher:
     Thread-safe (one lock per patcher).
     """
 
-    def __init__(self, module: torch.nn.Module, component: str):
+    def __init__(self, module: torch.nn.Module, component: str,
+                 on_change: Callable[[list[torch.nn.Module]], None] | None = None):
         self.module = module
         self.component = component
+        # called with the modules whose weights a merge or restore rewrote, after it (e.g. to
+        # re-quantize their float8 copies: katz.engines.fp8.requantize)
+        self.on_change = on_change
         self._index = _ModuleIndex(module)
         self._pristine: dict[str, torch.Tensor] = {}
         self.pristine_bytes = 0  # device memory of the pristine copies (they are kept for good)
@@ -642,6 +646,7 @@ class LoraPatcher:
                 _merge_into(weight, base, items)
         for key, members in groups.items():
             _merge_group(members, alpha=key[-1])
+        self._changed([*stale, *by_module])
         # one host sync for the whole merge; find the culprit only on failure
         if all_finite(merged):
             return
@@ -673,7 +678,12 @@ class LoraPatcher:
         with self._lock, torch.no_grad():
             paths = list(self._pristine)
             copy_all([self._index.modules[p].weight for p in paths], [self._pristine[p] for p in paths])
+            self._changed(paths)
             self._current = ()
+
+    def _changed(self, paths: Sequence[str]) -> None:
+        if self.on_change is not None and paths:
+            self.on_change([self._index.modules[p] for p in paths])
 
 
 def _merge_into(weight: torch.Tensor, base: torch.Tensor, items: Sequence[tuple[float, LoraLayer]]) -> None:

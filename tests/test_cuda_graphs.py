@@ -161,3 +161,47 @@ def test_request_through_local_ensemble_unchanged(folder):
     ref = images["inline", False]
     for key, img in images.items():
         assert np.abs(img - ref).max() <= 2, key
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_fp8_engines_match_eager_follow_loras_and_restore_exactly(folder, tmp_path, compile_):
+    """--fp8: the UNet's and ControlNets' transformer linears in float8, captured (and compiled) like the
+    float16 ones; a LoRA merged after capture re-quantizes into the graph's buffers, restore is exact."""
+    from katz.engines.fp8 import Fp8Linear, fp8_capable
+    from katz.engines.torch_engines import UNetEngine, unet_example_inputs
+    from katz.lora import make_random_lora, parse_lora, read_lora_file
+
+    if not fp8_capable("cuda"):
+        pytest.skip("this GPU has no float8 tensor cores")
+    unet, cn = _engines(folder, Acceleration(cuda_graphs=True, compile=compile_, fp8=True))
+    assert unet.fp8 and any(isinstance(m, Fp8Linear) for m in unet.unet.modules())
+    name = sorted(cn.names)[0]
+    assert any(isinstance(m, Fp8Linear) for m in cn.nets[name].modules())
+    torch.manual_seed(0)
+    x = unet_example_inputs(folder, 2, SIZE, SIZE, "cuda", torch.float16)
+    args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
+    atol = 1e-2 if compile_ else 2e-3
+    graphed = unet(*args).clone()
+    torch.testing.assert_close(graphed, unet._step(*args, None, None), rtol=0, atol=atol)
+    fp16 = UNetEngine(folder, "cuda", torch.float16)  # the same weights, no float8
+    ref = fp16._step(*args, None, None)
+    rel = float((graphed.float() - ref.float()).norm() / ref.float().norm())
+    assert 0 < rel < 0.1, rel
+
+    image = torch.rand(1, 3, SIZE, SIZE, device="cuda", dtype=torch.float16).expand(2, -1, -1, -1)
+    down, mid = cn(name, *args, image, 1.0, "img-1")
+    with torch.no_grad():
+        e_down, e_mid = cn.nets[name](args[0], args[1], encoder_hidden_states=args[2], controlnet_cond=image,
+                                      conditioning_scale=1.0, added_cond_kwargs=args[3], return_dict=False)
+    for a, b in zip(down + [mid], list(e_down) + [e_mid]):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+    lora_file = tmp_path / "l.safetensors"
+    make_random_lora(lora_file, fp16.unet, {}, rank=4, seed=3, fmt="peft")
+    lora = parse_lora(read_lora_file(lora_file, "l"), "l", folder.family)
+    unet.set_loras([(lora, 1.0)])
+    with_lora = unet(*args).clone()
+    torch.testing.assert_close(with_lora, unet._step(*args, None, None), rtol=0, atol=atol)
+    assert (with_lora - graphed).abs().max() > 1e-2
+    unet.set_loras([])
+    assert torch.equal(unet(*args), graphed)

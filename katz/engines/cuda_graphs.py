@@ -45,6 +45,8 @@ class Acceleration:
     start reuses it. ``sizes``: image sizes ``(height, width)`` in pixels captured at load
     (None: the model's default size); other sizes run eagerly. ``channels_last``: the UNet's and
     ControlNets' weights in channels-last layout (cuDNN convolutions without layout conversions).
+    ``fp8``: the UNet's and ControlNets' transformer linears multiply in float8 e4m3
+    (:mod:`katz.engines.fp8`; GPUs of compute capability 8.9+, pays with ``compile``).
     """
 
     cuda_graphs: bool = True
@@ -53,9 +55,24 @@ class Acceleration:
     compile_cache: Path | None = None
     sizes: list[tuple[int, int]] | None = None
     channels_last: bool = False  # UNet and ControlNets in channels-last layout
+    fp8: bool = False  # UNet and ControlNets: transformer linears in float8 (katz.engines.fp8)
 
     def active(self, device: torch.device) -> bool:
-        return device.type == "cuda" and (self.cuda_graphs or self.compile)
+        return device.type == "cuda" and (self.cuda_graphs or self.compile or self.fp8)
+
+    def quantize(self, module: torch.nn.Module, device: torch.device) -> bool:
+        """With ``fp8``: swap ``module``'s transformer linears for float8 ones; returns whether it did.
+        Raises on a GPU without float8 tensor cores."""
+        if not self.fp8:
+            return False
+        from katz.engines.fp8 import fp8_capable, quantize_linears
+
+        if not fp8_capable(device):
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+            raise ValueError(f"fp8 needs a GPU with float8 tensor cores (compute capability 8.9+: Ada, "
+                             f"Hopper or newer), not {name}")
+        quantize_linears(module)
+        return True
 
     def compiled(self, fn: Callable, on: bool | None = None) -> Callable:
         """``fn`` under ``torch.compile`` when asked for (``on``; default: ``compile``), with static

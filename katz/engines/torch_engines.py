@@ -19,6 +19,7 @@ import torch
 from katz.lora import LoraPatcher, LoraWeights
 from katz.model_folder import ModelFolder
 from katz.engines.cuda_graphs import Acceleration, CudaGraphs, process_pool
+from katz.engines.fp8 import requantize
 from katz.engines.unet_split import unet_down, unet_up
 from katz.text_encoding import PromptEncoder
 
@@ -69,8 +70,11 @@ class UNetEngine:
         self.folder = folder
         self.device, self.dtype = torch.device(device), dtype
         self.unet = folder.load_unet(device, dtype)
-        self.lora = LoraPatcher(self.unet, "unet")
         self.accel = accel if accel is not None and accel.active(self.device) else None
+        # float8 transformer linears (before the patcher indexes the modules); a LoRA merge
+        # re-quantizes the float8 copies of the weights it rewrote
+        self.fp8 = self.accel is not None and self.accel.quantize(self.unet, self.device)
+        self.lora = LoraPatcher(self.unet, "unet", on_change=requantize if self.fp8 else None)
         self._graphs: dict[str, CudaGraphs] = {}
         # (batch, h, w) of the latent -> how a step without ControlNets replays the captured
         # residual signature: ("step" | "split", (zero down residuals, zero mid residual))
@@ -301,6 +305,8 @@ class ControlNetEngine:
     def _load(self, name: str):
         net = self.folder.load_controlnet(name, self.device, self.dtype)
         net.controlnet_cond_embedding = _CachedCondEmbedding(net.controlnet_cond_embedding, self.features, name)
+        if self.accel is not None:
+            self.accel.quantize(net, self.device)
         if self.accel is not None and self.accel.channels_last:
             net.to(memory_format=torch.channels_last)
         self.nets[name] = net

@@ -56,6 +56,7 @@ class Deployment:
     compile_cache: Path | None = None  # where compiled kernels are kept between starts
     graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
     channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
+    fp8: bool = False  # torch engines on GPUs (8.9+): UNet/ControlNet transformer linears in float8 (engines.fp8)
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
@@ -88,6 +89,7 @@ class Deployment:
             "compile_cache": str(self.compile_cache or ""),
             "graph_sizes": json.dumps(self.graph_sizes),
             "channels_last": "1" if self.channels_last else "0",
+            "fp8": "1" if self.fp8 else "0",
         }
 
     @classmethod
@@ -123,6 +125,7 @@ class Deployment:
             graph_sizes=[tuple(x) for x in json.loads(params.get("graph_sizes", "null"))]
             if json.loads(params.get("graph_sizes", "null")) else None,
             channels_last=params.get("channels_last", "0") == "1",
+            fp8=params.get("fp8", "0") == "1",
         )
         if dep.unet_shards < 1:
             raise ValueError(f"unet_shards must be >= 1, not {dep.unet_shards}")
@@ -138,6 +141,8 @@ class Deployment:
             raise ValueError(f"engine must be torch or tensorrt, not {dep.engine!r}")
         if dep.engine == "tensorrt" and dep.engine_dir is None:
             raise ValueError("engine tensorrt needs engine_dir (the folder `katz build-engines --out` wrote)")
+        if dep.fp8 and dep.engine != "torch":
+            raise ValueError("fp8 is for the torch engines, not engine tensorrt")
         if dep.torch_threads > 0:
             torch.set_num_threads(dep.torch_threads)
         return dep
@@ -160,7 +165,7 @@ class Deployment:
             cuda_graphs=self.cuda_graphs, compile=self.compile, compile_vae=self.compile_vae,
             compile_cache=self.compile_cache,
             sizes=self.graph_sizes or [(self.folder.default_size, self.folder.default_size)],
-            channels_last=self.channels_last,
+            channels_last=self.channels_last, fp8=self.fp8,
         )
 
     @property

@@ -114,7 +114,9 @@ class UNet:
             if deployment.controlnet_mode == "inline" and call is not None else None
         )
         module = getattr(self.engine, "unet", None)  # a torch engine's module (TensorRT engines: none)
-        self._weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) if module else 0
+        # parameters and buffers (with --fp8: the float8 copies of the transformer linears)
+        self._weight_bytes = sum(t.numel() * t.element_size()
+                                 for t in (*module.parameters(), *module.buffers())) if module else 0
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
             self.engine.warm_up(
                 deployment.accel.sizes, batches=(1, 2),
