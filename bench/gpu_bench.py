@@ -15,6 +15,7 @@ Prints one table of ratios to the diffusers baseline and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -105,18 +106,18 @@ def kernel_profile(fn, top: int = 12) -> dict:
     return {"total_ms": sum(kinds.values()), "by_kind_ms": kinds, "top": rows[:top]}
 
 
-def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
-    """Where the UNet step's GPU time goes (kernel profile), and two candidate speed-ups:
-    channels-last layout and torch.compile (each with a CUDA graph, as the engine runs)."""
+def layout_variants(eng, step_args) -> dict:
+    """Where the UNet step's GPU time goes (eager kernel profile), and two layout candidates, each with a
+    CUDA graph as the engine runs: channels-last weights and cuDNN autotuning."""
+    import copy
+
+    from katz.engines.cuda_graphs import CudaGraphs
+
     out: dict = {}
     with torch.no_grad():
         out["unet_eager_kernels"] = kernel_profile(lambda: eng._step(*step_args, None, None))
         # the UNet in channels-last layout (no NCHW<->NHWC conversions around cuDNN convolutions), on a copy:
         # converting the engine's own weights would leave its captured graphs reading the old storage
-        import copy
-
-        from katz.engines.cuda_graphs import CudaGraphs
-
         ref = eng._step(*step_args, None, None)
         unet_cl = copy.deepcopy(eng.unet).to(memory_format=torch.channels_last)
 
@@ -143,30 +144,166 @@ def engine_variants(eng, step_args, compile_variant: bool = False) -> dict:
         finally:
             torch.backends.cudnn.benchmark = was
         torch.cuda.empty_cache()
-        if compile_variant:  # torch.compile (inductor default mode) + one CUDA graph, batch 2 only
-            t0 = time.perf_counter()
-            compiled = torch.compile(eng._step, dynamic=False)
-            graph = CudaGraphs(compiled, "unet.step.compiled", eager=eng._step)
-            graph.capture(*step_args, None, None)
-            out["unet_compile_s"] = time.perf_counter() - t0
-            out["unet_graph_compiled_ms"] = device_ms(lambda: graph(*step_args, None, None))
-            out["unet_compiled_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
-            del graph
-            print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
-                  f"max |diff| {out['unet_compiled_max_abs_diff']:.2e})", flush=True)
-            # the compiled step's kernels (the same the graph replays; already compiled, so no recompile)
-            k = out["unet_compiled_kernels"] = kernel_profile(lambda: compiled(*step_args, None, None))
-            print(f"compiled UNet step GPU kernel time {k['total_ms']:.1f} ms by kind "
-                  f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
-            for row in k["top"]:
-                print(f"   {row[0]:7.2f} ms  {row[1]:12} x{row[3]:<4} {row[2]}")
-    k = out["unet_eager_kernels"]
-    print(f"UNet step GPU kernel time {k['total_ms']:.1f} ms by kind "
+    print_kernels("UNet step", out["unet_eager_kernels"])
+    print(f"UNet graph, channels-last: {out['unet_graph_channels_last_ms']:.1f} ms "
+          f"(max |diff| to NCHW {out['unet_channels_last_max_abs_diff']:.2e})", flush=True)
+    return out
+
+
+def print_kernels(what: str, k: dict) -> None:
+    print(f"{what} GPU kernel time {k['total_ms']:.1f} ms by kind "
           f"{ {a: round(b, 1) for a, b in k['by_kind_ms'].items()} }", flush=True)
     for row in k["top"]:
         print(f"   {row[0]:7.2f} ms  {row[1]:12} x{row[3]:<4} {row[2]}")
-    print(f"UNet graph, channels-last: {out['unet_graph_channels_last_ms']:.1f} ms "
-          f"(max |diff| to NCHW {out['unet_channels_last_max_abs_diff']:.2e})", flush=True)
+
+
+def compiled_graph(fn, args: tuple, name: str, eager=None) -> tuple[object, float]:
+    """``fn`` under torch.compile (inductor default mode) captured as one CUDA graph for ``args``;
+    returns ``(graph, seconds to compile and capture)``."""
+    from katz.engines.cuda_graphs import CudaGraphs
+
+    t0 = time.perf_counter()
+    graph = CudaGraphs(torch.compile(fn, dynamic=False), name, eager=eager or fn)
+    graph.capture(*args)
+    return graph, time.perf_counter() - t0
+
+
+def compile_variant(eng, step_args) -> dict:
+    """The UNet step compiled (inductor default mode) + one CUDA graph (batch 2), and its kernels."""
+    out: dict = {}
+    with torch.no_grad():
+        ref = eng._step(*step_args, None, None)
+        graph, out["unet_compile_s"] = compiled_graph(eng._step, (*step_args, None, None), "unet.step.compiled")
+        out["unet_graph_compiled_ms"] = device_ms(lambda: graph(*step_args, None, None))
+        out["unet_compiled_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
+        print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
+              f"max |diff| {out['unet_compiled_max_abs_diff']:.2e})", flush=True)
+        # the compiled step's kernels (the same the graph replays; already compiled, so no recompile)
+        out["unet_compiled_kernels"] = kernel_profile(lambda: graph.fn(*step_args, None, None))
+        print_kernels("compiled UNet step", out["unet_compiled_kernels"])
+        del graph
+        torch.cuda.empty_cache()
+    return out
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _float32(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t,
+                                        tree)
+
+
+@contextlib.contextmanager
+def eager_modules(eng, cne, unet, controlnets: dict):
+    """Run the in-process ensemble's UNet engine ``eng`` with ``unet`` and its ControlNet engine ``cne`` with
+    ``controlnets`` (name -> net), eagerly (no captured graphs), for the length of the block."""
+    saved = eng.unet, eng._graphs, dict(cne.nets), cne._graphs
+    eng.unet, eng._graphs, cne._graphs = unet, {}, {}
+    cne.nets.update(controlnets)
+    try:
+        yield
+    finally:
+        eng.unet, eng._graphs, cne._graphs = saved[0], saved[1], saved[3]
+        cne.nets.clear()
+        cne.nets.update(saved[2])
+
+
+def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict) -> dict:
+    """Float8 transformer linears (:mod:`katz.engines.fp8`) on copies of the engines' UNet and ControlNet:
+
+    * the UNet step (batch 2) and the ControlNet step, each with a CUDA graph and compiled + graph,
+      against float16 compiled + graph (measured here unless the compile variant ran);
+    * the divergence: one step's noise prediction (relative L2 error of float16 and of float8 against a
+      float32 copy of the UNet; the ControlNet's residuals against float16), and whole requests
+      (``requests``: name -> request, run eagerly with float16 and with float8 modules) as PSNR of the
+      uint8 images and their largest pixel difference.
+    """
+    import copy
+    import functools
+
+    from bench.bal_quality import psnr
+    from katz.engines.cuda_graphs import CudaGraphs
+    from katz.engines.fp8 import quantize_linears
+    from katz.engines.torch_engines import ControlNetEngine
+
+    out: dict = {}
+
+    def timed(name, fn, args, compile_):
+        if compile_:
+            graph, out[f"{name}_compile_s"] = compiled_graph(fn, args, name)
+        else:
+            graph = CudaGraphs(fn, name)
+            graph.capture(*args)
+        ms = out[f"{name}_ms"] = device_ms(lambda: graph(*args))
+        result = graph(*args)
+        print(f"{name}: {ms:.1f} ms" + (f" (compile {out[f'{name}_compile_s']:.0f} s)" if compile_ else ""), flush=True)
+        return graph, result
+
+    with torch.no_grad():
+        # ---- UNet
+        ref = eng._step(*step_args, None, None)
+        unet32 = copy.deepcopy(eng.unet).float()
+        a32 = _float32(step_args)
+        ref32 = unet32(a32[0], a32[1], encoder_hidden_states=a32[2], added_cond_kwargs=a32[3], return_dict=False)[0]
+        del unet32
+        torch.cuda.empty_cache()
+        unet8 = copy.deepcopy(eng.unet)
+        out["fp8_unet_linears"] = len(quantize_linears(unet8))
+
+        def step8(sample, t, hidden, added):
+            return unet8(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+        out8 = step8(*step_args)
+        out["unet_fp16_rel_err_to_fp32"] = _rel_err(ref, ref32)
+        out["unet_fp8_rel_err_to_fp32"] = _rel_err(out8, ref32)
+        out["unet_fp8_rel_err_to_fp16"] = _rel_err(out8, ref)
+        print(f"UNet step's noise prediction, relative L2 error to float32: float16 {out['unet_fp16_rel_err_to_fp32']:.2e}, "
+              f"float8 {out['unet_fp8_rel_err_to_fp32']:.2e} ({out['fp8_unet_linears']} linears)", flush=True)
+        graph, _ = timed("unet_graph_fp8", step8, step_args, False)
+        del graph
+        if "unet_graph_compiled_ms" not in res:
+            graph, _ = timed("unet_graph_compiled", eng._step, (*step_args, None, None), True)
+            del graph
+        graph, _ = timed("unet_graph_fp8_compiled", step8, step_args, True)
+        out["unet_fp8_compiled_kernels"] = kernel_profile(lambda: graph.fn(*step_args))
+        print_kernels("compiled float8 UNet step", out["unet_fp8_compiled_kernels"])
+        del graph
+        torch.cuda.empty_cache()
+
+        # ---- ControlNet (the engine's graph body: features in, residuals at scale 1 out)
+        name = sorted(cne.nets)[0]
+        net = cne.nets[name]
+        feats = net.controlnet_cond_embedding.inner(img)
+        cn_args = (*step_args, feats)
+        net8 = copy.deepcopy(net)
+        out["fp8_controlnet_linears"] = len(quantize_linears(net8))
+        body16 = functools.partial(ControlNetEngine._graph_body, net)
+        body8 = functools.partial(ControlNetEngine._graph_body, net8)
+        graph, (down16, mid16) = timed("controlnet_graph_compiled", body16, cn_args, True)
+        down16, mid16 = [d.clone() for d in down16], mid16.clone()
+        del graph
+        graph, _ = timed("controlnet_graph_fp8", body8, cn_args, False)
+        del graph
+        graph, (down8, mid8) = timed("controlnet_graph_fp8_compiled", body8, cn_args, True)
+        out["controlnet_fp8_rel_err_to_fp16"] = max(_rel_err(a, b) for a, b in zip([*down8, mid8], [*down16, mid16]))
+        del graph
+        torch.cuda.empty_cache()
+
+    # ---- whole requests, eagerly, float16 vs float8 modules (the same seeds, the same everything else)
+    for case, req in requests.items():
+        with eager_modules(eng, cne, eng.unet, {}):
+            a = np.asarray(ens.generate(dict(req))["image"])
+        with eager_modules(eng, cne, unet8, {name: net8}):
+            b = np.asarray(ens.generate(dict(req))["image"])
+        out[f"fp8_{case}_image_psnr_db"] = psnr(a, b)
+        out[f"fp8_{case}_image_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+        print(f"float8 vs float16 image, {case} request: PSNR {out[f'fp8_{case}_image_psnr_db']:.1f} dB, "
+              f"largest pixel difference {out[f'fp8_{case}_image_max_abs_diff']}", flush=True)
+    del unet8, net8
+    torch.cuda.empty_cache()
     return out
 
 
@@ -369,12 +506,26 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="Katz engines eager")
     p.add_argument("--compile", action="store_true", help="Katz engines: torch.compile before graph capture")
-    p.add_argument("--compile-variant", action="store_true",
-                   help="also time the UNet step compiled (inductor) + CUDA graph (compiles for minutes)")
+    p.add_argument("--variants", default="layout,vae",
+                   help="comma-separated engine variants to measure: layout (the UNet step's eager kernels, "
+                        "channels-last, cuDNN autotuning), vae (the VAE decode's kernels, cuDNN autotuning, "
+                        "channels-last, bf16, one graph), compile (the UNet step compiled + graph and its kernels; "
+                        "with vae also the VAE decode), fp8 (float8 transformer linears: UNet and ControlNet step "
+                        "with a graph and compiled + graph, their error, and the image divergence of a plain and "
+                        "a ControlNet request); none: no variant")
+    p.add_argument("--compile-variant", action="store_true", help="add compile to --variants (compiles for minutes)")
     p.add_argument("--only-engines", action="store_true",
                    help="stop after the per-component engine timings (no request-level runs)")
     args = p.parse_args()
+    variants = {v for v in args.variants.split(",") if v and v != "none"} | ({"compile"} if args.compile_variant else set())
+    unknown = variants - {"layout", "vae", "compile", "fp8"}
+    if unknown:
+        p.error(f"unknown --variants {', '.join(sorted(unknown))}")
     folder, lora_dir, control, prompt, res = prepare(args)
+
+    def save() -> None:  # after every part, so a run cut off at the device limit keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=2))
     diffusers_baseline(folder, lora_dir, args, control, prompt, res, requests=not args.only_engines)
 
     # ---------------------------------------------------------------- Katz
@@ -414,8 +565,16 @@ def main() -> None:
         res["katz_vae_decode_ms"] = device_ms(lambda: vae(x["sample"][:1]), warmup=1, repeats=3)
     res["katz_unet_tflops"] = UNET_STEP_TFLOP / res["katz_unet_step_ms"] * 1e3
     res["katz_warmup_s"] = {"unet": eng.warmup_s, "controlnet": cne.warmup_s, "vae_decoder": vae.warmup_s}
-    res.update(engine_variants(eng, step_args, args.compile_variant))
-    res.update(vae_variants(vae, x["sample"][:1], args.compile_variant))
+    save()
+    if "layout" in variants:
+        res.update(layout_variants(eng, step_args))
+        save()
+    if "compile" in variants:
+        res.update(compile_variant(eng, step_args))
+        save()
+    if "vae" in variants:
+        res.update(vae_variants(vae, x["sample"][:1], "compile" in variants))
+        save()
     print(f"Katz engines: UNet step {res['katz_unet_step_ms']:.1f} ms (eager {res['katz_unet_step_eager_ms']:.1f}, "
           f"graph vs eager max |diff| {res['katz_unet_graph_max_abs_diff']:.2e}; down {res['katz_unet_down_ms']:.1f} "
           f"+ up {res['katz_unet_up_ms']:.1f}), ControlNet step {res['katz_controlnet_step_ms']:.1f} ms, "
@@ -423,10 +582,6 @@ def main() -> None:
     print(f"ratios to diffusers eager: UNet {res['katz_unet_step_ms'] / res['unet_step_ms']:.2f}, "
           f"ControlNet {res['katz_controlnet_step_ms'] / res['controlnet_step_ms']:.2f}, "
           f"VAE {res['katz_vae_decode_ms'] / res['vae_decode_ms']:.2f}", flush=True)
-    if args.only_engines:
-        if args.out:
-            args.out.write_text(json.dumps(res, indent=2))
-        return
     import io
 
     buf = io.BytesIO()
@@ -437,6 +592,17 @@ def main() -> None:
              "steps": np.array([args.steps], np.int32)}
         r.update(extra)
         return r
+
+    cn_req = dict(controlnets=np.array([b"canny"], object), control_images=np.array([buf.getvalue()], object))
+    if "fp8" in variants:
+        res.update(fp8_variants(ens, eng, cne, step_args, img, {"plain": req(), "controlnet": req(**cn_req)}, res))
+        print(f"float8 ratios to diffusers eager: UNet step {res['unet_graph_fp8_compiled_ms'] / res['unet_step_ms']:.2f} "
+              f"(float16 compiled {res['unet_graph_compiled_ms'] / res['unet_step_ms']:.2f}), ControlNet step "
+              f"{res['controlnet_graph_fp8_compiled_ms'] / res['controlnet_step_ms']:.2f} (float16 compiled "
+              f"{res['controlnet_graph_compiled_ms'] / res['controlnet_step_ms']:.2f})", flush=True)
+        save()
+    if args.only_engines:
+        return
 
     # per-model time inside one request (synchronized), to see where Katz spends it
     stage_s: dict[str, float] = {}
@@ -453,7 +619,6 @@ def main() -> None:
     res["katz_stage_s"] = dict(stage_s)
     print("Katz per-model seconds in one plain request:", {k: round(v, 3) for k, v in stage_s.items()}, flush=True)
 
-    cn_req = dict(controlnets=np.array([b"canny"], object), control_images=np.array([buf.getvalue()], object))
     ens.generate(req(steps=np.array([2], np.int32)))  # warm-up
     res["katz_plain_s"] = wall(lambda: ens.generate(req()), args.repeats)
     res["katz_controlnet_s"] = wall(lambda: ens.generate(req(**cn_req)), args.repeats)
@@ -503,8 +668,7 @@ def main() -> None:
           f"Katz BAL +{(res['katz_cold_lora_bal_s'] / res['katz_plain_s'] - 1) * 100:.1f}% "
           f"(LoRA load {res['katz_lora_load_s_mean']:.2f}s, in from steps {res['katz_bal_applied_steps']})")
     print(f"peak GPU memory: diffusers {res['diffusers_peak_gb']:.1f} GB, Katz {res['katz_peak_gb']:.1f} GB")
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=2))
+    save()
 
 
 if __name__ == "__main__":

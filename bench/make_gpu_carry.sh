@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the folders bench/gpu_host_setup.sh installs from (run here, in the repo root, with the
-# dev venv made by `make install`); both folders are git-ignored (.git/info/exclude).
+# dev venv made by `make install`); both folders are git-ignored (.gitignore).
 set -euo pipefail
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 DL="python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
