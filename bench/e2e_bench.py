@@ -427,8 +427,8 @@ def main() -> None:
     server_gb = res.get("katz_e2e_server_gpu_memory_gb", float("nan"))
     print(f"GPU memory in use with the server loaded (nvidia-smi, all processes): "
           f"{res['katz_e2e_gpu_memory_used_gb']:.1f} GB, the server's processes {server_gb:.1f} GB; "
-          f"diffusers' peak allocation "
-          f"{res.get('diffusers_peak_gb', float('nan')):.1f} GB")
+          f"diffusers' peak allocation {res.get('diffusers_peak_gb', float('nan')):.1f} GB, "
+          f"reserved {res.get('diffusers_peak_reserved_gb', float('nan')):.1f} GB (+ its CUDA context)")
     if res["katz_e2e_gpu_memory_by_model_gb"]:
         print(f"  by process: { {k: round(v, 2) for k, v in sorted(res['katz_e2e_gpu_memory_by_model_gb'].items())} }")
     if res.get("katz_e2e_torch_memory_gb"):

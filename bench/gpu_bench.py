@@ -443,6 +443,9 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     if getattr(args, "cases", None) is None or "controlnet_cold_lora" in args.cases:
         res["diffusers_controlnet_cold_lora_s"] = wall(cold_lora(pipe, image=control), args.repeats)
     res["diffusers_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+    # what the process held at its peak (torch's cache included; its CUDA context comes on top), the
+    # figure comparable to a server process's nvidia-smi memory
+    res["diffusers_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9 if device == "cuda" else float("nan")
     print(f"diffusers: plain {res['diffusers_plain_s']:.2f}s, ControlNet {res['diffusers_controlnet_s']:.2f}s, "
           f"cold LoRA {res['diffusers_cold_lora_s']:.2f}s", flush=True)
     del pipe, plain, cn
