@@ -211,8 +211,10 @@ def eager_modules(eng, cne, unet, controlnets: dict):
         cne.nets.update(saved[2])
 
 
-def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict) -> dict:
-    """Float8 transformer linears (:mod:`katz.engines.fp8`) on copies of the engines' UNet and ControlNet:
+def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwise: bool = False,
+                 controlnet: bool = True) -> dict:
+    """Float8 transformer linears (:mod:`katz.engines.fp8`; ``rowwise``: per-row/channel scales, keys end
+    in ``_row``) on copies of the engines' UNet and (``controlnet``) ControlNet:
 
     * the UNet step (batch 2) and the ControlNet step, each with a CUDA graph and compiled + graph,
       against float16 compiled + graph (measured here unless the compile variant ran);
@@ -230,6 +232,7 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict) -> di
     from katz.engines.torch_engines import ControlNetEngine
 
     out: dict = {}
+    tag = "_row" if rowwise else ""
 
     def timed(name, fn, args, compile_):
         if compile_:
@@ -251,57 +254,64 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict) -> di
         del unet32
         torch.cuda.empty_cache()
         unet8 = copy.deepcopy(eng.unet)
-        out["fp8_unet_linears"] = len(quantize_linears(unet8))
+        out[f"fp8{tag}_unet_linears"] = len(quantize_linears(unet8, rowwise))
 
         def step8(sample, t, hidden, added):
             return unet8(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
         out8 = step8(*step_args)
         out["unet_fp16_rel_err_to_fp32"] = _rel_err(ref, ref32)
-        out["unet_fp8_rel_err_to_fp32"] = _rel_err(out8, ref32)
-        out["unet_fp8_rel_err_to_fp16"] = _rel_err(out8, ref)
+        out[f"unet_fp8{tag}_rel_err_to_fp32"] = _rel_err(out8, ref32)
+        out[f"unet_fp8{tag}_rel_err_to_fp16"] = _rel_err(out8, ref)
         print(f"UNet step's noise prediction, relative L2 error to float32: float16 {out['unet_fp16_rel_err_to_fp32']:.2e}, "
-              f"float8 {out['unet_fp8_rel_err_to_fp32']:.2e} ({out['fp8_unet_linears']} linears)", flush=True)
-        graph, _ = timed("unet_graph_fp8", step8, step_args, False)
+              f"float8{tag} {out[f'unet_fp8{tag}_rel_err_to_fp32']:.2e} ({out[f'fp8{tag}_unet_linears']} linears)",
+              flush=True)
+        graph, _ = timed(f"unet_graph_fp8{tag}", step8, step_args, False)
         del graph
         if "unet_graph_compiled_ms" not in res:
             graph, _ = timed("unet_graph_compiled", eng._step, (*step_args, None, None), True)
             del graph
-        graph, _ = timed("unet_graph_fp8_compiled", step8, step_args, True)
-        out["unet_fp8_compiled_kernels"] = kernel_profile(lambda: graph.fn(*step_args))
-        print_kernels("compiled float8 UNet step", out["unet_fp8_compiled_kernels"])
+        graph, _ = timed(f"unet_graph_fp8{tag}_compiled", step8, step_args, True)
+        out[f"unet_fp8{tag}_compiled_kernels"] = kernel_profile(lambda: graph.fn(*step_args))
+        print_kernels(f"compiled float8{tag} UNet step", out[f"unet_fp8{tag}_compiled_kernels"])
         del graph
         torch.cuda.empty_cache()
 
         # ---- ControlNet (the engine's graph body: features in, residuals at scale 1 out)
         name = sorted(cne.nets)[0]
-        net = cne.nets[name]
-        feats = net.controlnet_cond_embedding.inner(img)
-        cn_args = (*step_args, feats)
-        net8 = copy.deepcopy(net)
-        out["fp8_controlnet_linears"] = len(quantize_linears(net8))
-        body16 = functools.partial(ControlNetEngine._graph_body, net)
-        body8 = functools.partial(ControlNetEngine._graph_body, net8)
-        graph, (down16, mid16) = timed("controlnet_graph_compiled", body16, cn_args, True)
-        down16, mid16 = [d.clone() for d in down16], mid16.clone()
-        del graph
-        graph, _ = timed("controlnet_graph_fp8", body8, cn_args, False)
-        del graph
-        graph, (down8, mid8) = timed("controlnet_graph_fp8_compiled", body8, cn_args, True)
-        out["controlnet_fp8_rel_err_to_fp16"] = max(_rel_err(a, b) for a, b in zip([*down8, mid8], [*down16, mid16]))
-        del graph
-        torch.cuda.empty_cache()
+        net8 = None
+        if controlnet:
+            net = cne.nets[name]
+            feats = net.controlnet_cond_embedding.inner(img)
+            cn_args = (*step_args, feats)
+            net8 = copy.deepcopy(net)
+            out[f"fp8{tag}_controlnet_linears"] = len(quantize_linears(net8, rowwise))
+            body16 = functools.partial(ControlNetEngine._graph_body, net)
+            body8 = functools.partial(ControlNetEngine._graph_body, net8)
+            if "controlnet_graph_compiled_ms" not in res:
+                graph, (down16, mid16) = timed("controlnet_graph_compiled", body16, cn_args, True)
+            else:
+                graph, (down16, mid16) = None, body16(*cn_args)
+            down16, mid16 = [d.clone() for d in down16], mid16.clone()
+            del graph
+            graph, _ = timed(f"controlnet_graph_fp8{tag}", body8, cn_args, False)
+            del graph
+            graph, (down8, mid8) = timed(f"controlnet_graph_fp8{tag}_compiled", body8, cn_args, True)
+            out[f"controlnet_fp8{tag}_rel_err_to_fp16"] = max(
+                _rel_err(a, b) for a, b in zip([*down8, mid8], [*down16, mid16]))
+            del graph
+            torch.cuda.empty_cache()
 
     # ---- whole requests, eagerly, float16 vs float8 modules (the same seeds, the same everything else)
     for case, req in requests.items():
         with eager_modules(eng, cne, eng.unet, {}):
             a = np.asarray(ens.generate(dict(req))["image"])
-        with eager_modules(eng, cne, unet8, {name: net8}):
+        with eager_modules(eng, cne, unet8, {name: net8} if net8 is not None else {}):
             b = np.asarray(ens.generate(dict(req))["image"])
-        out[f"fp8_{case}_image_psnr_db"] = psnr(a, b)
-        out[f"fp8_{case}_image_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-        print(f"float8 vs float16 image, {case} request: PSNR {out[f'fp8_{case}_image_psnr_db']:.1f} dB, "
-              f"largest pixel difference {out[f'fp8_{case}_image_max_abs_diff']}", flush=True)
+        out[f"fp8{tag}_{case}_image_psnr_db"] = psnr(a, b)
+        out[f"fp8{tag}_{case}_image_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+        print(f"float8{tag} vs float16 image, {case} request: PSNR {out[f'fp8{tag}_{case}_image_psnr_db']:.1f} dB, "
+              f"largest pixel difference {out[f'fp8{tag}_{case}_image_max_abs_diff']}", flush=True)
     del unet8, net8
     torch.cuda.empty_cache()
     return out
@@ -517,6 +527,9 @@ def main() -> None:
                         "with a graph and compiled + graph, their error, and the image divergence of a plain and "
                         "a ControlNet request); none: no variant")
     p.add_argument("--compile-variant", action="store_true", help="add compile to --variants (compiles for minutes)")
+    p.add_argument("--fp8-rowwise", action="store_true",
+                   help="the fp8 variant with per-row (input) and per-channel (weight) scales instead of per tensor")
+    p.add_argument("--fp8-unet-only", action="store_true", help="the fp8 variant without the ControlNet's steps")
     p.add_argument("--only-engines", action="store_true",
                    help="stop after the per-component engine timings (no request-level runs)")
     args = p.parse_args()
@@ -598,11 +611,15 @@ def main() -> None:
 
     cn_req = dict(controlnets=np.array([b"canny"], object), control_images=np.array([buf.getvalue()], object))
     if "fp8" in variants:
-        res.update(fp8_variants(ens, eng, cne, step_args, img, {"plain": req(), "controlnet": req(**cn_req)}, res))
-        print(f"float8 ratios to diffusers eager: UNet step {res['unet_graph_fp8_compiled_ms'] / res['unet_step_ms']:.2f} "
-              f"(float16 compiled {res['unet_graph_compiled_ms'] / res['unet_step_ms']:.2f}), ControlNet step "
-              f"{res['controlnet_graph_fp8_compiled_ms'] / res['controlnet_step_ms']:.2f} (float16 compiled "
-              f"{res['controlnet_graph_compiled_ms'] / res['controlnet_step_ms']:.2f})", flush=True)
+        tag = "_row" if args.fp8_rowwise else ""
+        res.update(fp8_variants(ens, eng, cne, step_args, img, {"plain": req(), "controlnet": req(**cn_req)}, res,
+                                rowwise=args.fp8_rowwise, controlnet=not args.fp8_unet_only))
+        ratios = [f"UNet step {res[f'unet_graph_fp8{tag}_compiled_ms'] / res['unet_step_ms']:.2f} (float16 compiled "
+                  f"{res['unet_graph_compiled_ms'] / res['unet_step_ms']:.2f})"]
+        if not args.fp8_unet_only:
+            ratios.append(f"ControlNet step {res[f'controlnet_graph_fp8{tag}_compiled_ms'] / res['controlnet_step_ms']:.2f} "
+                          f"(float16 compiled {res['controlnet_graph_compiled_ms'] / res['controlnet_step_ms']:.2f})")
+        print(f"float8{tag} ratios to diffusers eager: {', '.join(ratios)}", flush=True)
         save()
     if args.only_engines:
         return

@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-from katz.engines.fp8 import FP8, Fp8Linear, fp8_targets, quantize, quantize_linears, requantize, tensor_scale
+from katz.engines.fp8 import (FP8, Fp8Linear, fp8_targets, quantize, quantize_linears, requantize, row_scale,
+                              tensor_scale)
 from katz.lora import LoraPatcher, make_random_lora, parse_lora, read_lora_file
 from katz.presets import _unet_sdxl
 
@@ -20,14 +21,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def test_fp8_linear_is_close_to_the_linear_it_replaces():
+def _weight_quantized(m) -> torch.Tensor:
+    """What ``m.weight`` quantizes to, as bytes."""
+    scale = row_scale(m.weight) if m.rowwise else tensor_scale(m.weight)
+    return quantize(m.weight, scale).view(torch.uint8)
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fp8_linear_is_close_to_the_linear_it_replaces(rowwise):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48)
-    fp8 = Fp8Linear.from_linear(lin)
+    fp8 = Fp8Linear.from_linear(lin, rowwise)
     assert fp8.weight is lin.weight and fp8.bias is lin.bias  # shared, not copied
-    assert fp8.weight_fp8.dtype == FP8
-    assert torch.equal(fp8.weight_fp8.view(torch.uint8),
-                       quantize(lin.weight, tensor_scale(lin.weight)).view(torch.uint8))
+    assert fp8.weight_fp8.dtype == FP8 and fp8.weight_scale.shape == ((1, 48) if rowwise else ())
+    assert torch.equal(fp8.weight_fp8.view(torch.uint8), _weight_quantized(fp8))
     x = torch.randn(3, 5, 64)
     with torch.no_grad():
         y, ref = fp8(x), lin(x)
@@ -80,11 +87,12 @@ def test_quantize_linears_converts_the_transformer_linears_only(unet):
     assert torch.isfinite(out).all() and 0 < _rel(out, ref) < 0.1
 
 
-def test_lora_merges_requantize_and_the_base_comes_back_bit_exact(unet, tmp_path):
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_lora_merges_requantize_and_the_base_comes_back_bit_exact(unet, tmp_path, rowwise):
     import copy
 
     net = copy.deepcopy(unet)
-    quantize_linears(net)
+    quantize_linears(net, rowwise)
     fp8s = {n: m for n, m in net.named_modules() if isinstance(m, Fp8Linear)}
     before = {n: (m.weight_fp8.clone(), m.weight_scale.clone()) for n, m in fp8s.items()}
     base_out = _step(net, _inputs(net))
@@ -104,8 +112,7 @@ def test_lora_merges_requantize_and_the_base_comes_back_bit_exact(unet, tmp_path
                                                               before[n][0].view(torch.uint8))]
     assert changed  # the LoRA's layers re-quantized from their merged float weights ...
     for n in changed:
-        m = fp8s[n]
-        assert torch.equal(m.weight_fp8.view(torch.uint8), quantize(m.weight, tensor_scale(m.weight)).view(torch.uint8))
+        assert torch.equal(fp8s[n].weight_fp8.view(torch.uint8), _weight_quantized(fp8s[n]))
     assert _rel(_step(net, _inputs(net)), base_out) > 1e-3  # ... and the step sees them
     patcher.apply([(lora, 0.5)])
     patcher.apply([])

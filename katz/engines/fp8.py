@@ -55,6 +55,11 @@ def tensor_scale(x: torch.Tensor) -> torch.Tensor:
     return (x.abs().amax().float() / FP8_MAX).clamp(min=_MIN_SCALE)
 
 
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-row scales ``max_j |x[i, j]| / 448`` of a 2-D ``x`` as float32 ``[rows, 1]``."""
+    return (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x / scale`` rounded to float8 e4m3 (clamped to its finite range)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -63,13 +68,20 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Fp8Linear(torch.nn.Linear):
     """``nn.Linear`` that multiplies in float8; ``weight`` (and ``bias``) keep their dtype.
 
-    Buffers: ``weight_fp8 [out, in]`` float8 e4m3 and ``weight_scale`` (float32, 0-d), made from
+    Buffers: ``weight_fp8 [out, in]`` float8 e4m3 and ``weight_scale`` (float32), made from
     ``weight`` by :meth:`requantize` (call it after changing ``weight``; :func:`requantize` does
     it for many modules at once). ``in_features`` and ``out_features`` must be multiples of 16.
+
+    ``rowwise``: one scale per output channel of the weight (``weight_scale [1, out]``) and per
+    row (token) of the input, instead of one per tensor (0-d): finer, and the input's scales
+    come from a per-row reduction that fuses with the cast (cuBLAS writes such a product in
+    bfloat16, converted to the input's dtype).
     """
 
+    rowwise = False
+
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Fp8Linear":
+    def from_linear(cls, linear: torch.nn.Linear, rowwise: bool = False) -> "Fp8Linear":
         """An Fp8Linear sharing ``linear``'s weight and bias parameters."""
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"fp8 linears need in/out features that are multiples of 16, "
@@ -80,7 +92,9 @@ class Fp8Linear(torch.nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         w = linear.weight
         new.register_buffer("weight_fp8", torch.empty(w.shape, dtype=FP8, device=w.device), persistent=False)
-        new.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=w.device), persistent=False)
+        new.rowwise = rowwise
+        new.register_buffer("weight_scale", torch.ones((1, w.shape[0]) if rowwise else (), dtype=torch.float32,
+                                                       device=w.device), persistent=False)
         new.requantize()
         return new
 
@@ -92,17 +106,18 @@ class Fp8Linear(torch.nn.Linear):
         """``x [..., in]`` -> ``[..., out]`` in ``x``'s dtype."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        sx = tensor_scale(x2)
-        fused_bias = self.bias is not None and x.dtype in (torch.float16, torch.bfloat16)
+        sx = row_scale(x2) if self.rowwise else tensor_scale(x2)
+        out_dtype = torch.bfloat16 if self.rowwise else x.dtype
+        fused_bias = self.bias is not None and out_dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16)
         y = torch._scaled_mm(quantize(x2, sx).contiguous(), self.weight_fp8.t(), scale_a=sx,
                              scale_b=self.weight_scale, bias=self.bias.to(x.dtype) if fused_bias else None,
-                             out_dtype=x.dtype, use_fast_accum=FAST_ACCUM)
+                             out_dtype=out_dtype, use_fast_accum=FAST_ACCUM).to(x.dtype)
         if self.bias is not None and not fused_bias:  # cuBLAS fuses no bias into a float32 output
             y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fp8=e4m3"
+        return f"{super().extra_repr()}, fp8=e4m3 {'rowwise' if self.rowwise else 'per tensor'}"
 
 
 _REQUANT_SCRATCH_BYTES = 128 << 20  # float16 scratch per batch of weights in requantize
@@ -115,7 +130,14 @@ def requantize(modules: Iterable[torch.nn.Module]) -> None:
 
     Deterministic: the same weight always gives the same bytes (a restored base weight
     re-quantizes to what it was at load)."""
-    mods = [m for m in modules if isinstance(m, Fp8Linear)]
+    modules = list(modules)
+    mods = [m for m in modules if isinstance(m, Fp8Linear) and not m.rowwise]
+    for m in modules:
+        if isinstance(m, Fp8Linear) and m.rowwise:
+            w = m.weight.detach()
+            scale = row_scale(w)  # [out, 1]
+            m.weight_fp8.copy_(quantize(w, scale))
+            m.weight_scale.copy_(scale.t())
     start = 0
     while start < len(mods):
         batch, size = [], 0
@@ -142,14 +164,14 @@ def fp8_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
-def quantize_linears(module: torch.nn.Module) -> list[str]:
+def quantize_linears(module: torch.nn.Module, rowwise: bool = False) -> list[str]:
     """Swap the transformer linears of ``module`` for :class:`Fp8Linear` (sharing their weights);
     returns their paths. Do it before anything indexes the modules (a LoRA patcher, a compile)."""
     done = []
     for name, linear in fp8_targets(module):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Fp8Linear.from_linear(linear))
+        setattr(parent, child, Fp8Linear.from_linear(linear, rowwise))
         done.append(name)
     return done
 
