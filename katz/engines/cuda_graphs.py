@@ -46,7 +46,7 @@ class Acceleration:
     (None: the model's default size); other sizes run eagerly. ``channels_last``: the UNet's and
     ControlNets' weights in channels-last layout (cuDNN convolutions without layout conversions).
     ``fp8``: the UNet's and ControlNets' transformer linears multiply in float8 e4m3
-    (:mod:`katz.engines.fp8`; GPUs of compute capability 8.9+, pays with ``compile``).
+    (:mod:`katz.engines.fp8`; GPUs of compute capability 8.9+; on an H200 no faster than float16 compiled).
     """
 
     cuda_graphs: bool = True

@@ -19,7 +19,12 @@ The float16 weight stays the module's ``weight`` parameter: LoRAs are merged the
 the float8 copy of the modules a merge touched, in place, so captured CUDA graphs read the new
 values. A restored base weight re-quantizes to the very bytes it had at load.
 
-The image divergence this costs is measured by ``bench/gpu_bench.py --variants fp8`` (RESULTS).
+Measured by ``bench/gpu_bench.py --variants fp8`` on an H200 (bench/RESULTS.md, sixth session), the
+SDXL 1024² step compiled + graph is **no faster** than float16 (32.9 vs 32.8 ms): the float8 GEMMs
+save ~6 ms and the inputs' quantization (a whole-tensor max, then a cast, both reading the input)
+costs as much; rowwise scales were slower (36.3 ms). The images move by PSNR ~31 dB (random weights).
+Cheaper quantization (scales fixed ahead, so the cast fuses into the producing kernel) is what
+would make it pay.
 """
 
 from __future__ import annotations
