@@ -179,4 +179,3 @@ def quantize_linears(module: torch.nn.Module, rowwise: bool = False) -> list[str
         setattr(parent, child, Fp8Linear.from_linear(linear, rowwise))
         done.append(name)
     return done
-
