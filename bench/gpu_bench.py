@@ -217,7 +217,7 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
     in ``_row``) on copies of the engines' UNet and (``controlnet``) ControlNet:
 
     * the UNet step (batch 2) and the ControlNet step, each with a CUDA graph and compiled + graph,
-      against float16 compiled + graph (measured here unless the compile variant ran);
+      against float16 compiled + graph (:func:`compile_variant` here unless it ran already);
     * the divergence: one step's noise prediction (relative L2 error of float16 and of float8 against a
       float32 copy of the UNet; the ControlNet's residuals against float16), and whole requests
       (``requests``: name -> request, run eagerly with float16 and with float8 modules) as PSNR of the
@@ -268,9 +268,8 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
               flush=True)
         graph, _ = timed(f"unet_graph_fp8{tag}", step8, step_args, False)
         del graph
-        if "unet_graph_compiled_ms" not in res:
-            graph, _ = timed("unet_graph_compiled", eng._step, (*step_args, None, None), True)
-            del graph
+        if "unet_graph_compiled_ms" not in res:  # float16 compiled + graph in this run, unless measured already
+            out.update(compile_variant(eng, step_args))
         graph, _ = timed(f"unet_graph_fp8{tag}_compiled", step8, step_args, True)
         out[f"unet_fp8{tag}_compiled_kernels"] = kernel_profile(lambda: graph.fn(*step_args))
         print_kernels(f"compiled float8{tag} UNet step", out[f"unet_fp8{tag}_compiled_kernels"])
