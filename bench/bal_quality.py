@@ -64,11 +64,11 @@ def main() -> None:
                    help="simulated load time (s); must exceed k steps so the LoRA comes in exactly at k")
     args = p.parse_args()
 
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.presets import ensure_preset
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.models.presets import ensure_preset
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     model_dir = args.model_dir or ensure_preset(args.preset)
     folder = ModelFolder(model_dir, discover_controlnets(Path(model_dir) / "controlnets"))

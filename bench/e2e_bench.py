@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, diffusers_baseline, prepare  # noqa: E402
-from katz.lora_readahead import evict  # noqa: E402
-from katz.repository import QUEUED_MODELS  # noqa: E402
+from katz.lora.readahead import evict  # noqa: E402
+from katz.deploy.repository import QUEUED_MODELS  # noqa: E402
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
@@ -208,7 +208,7 @@ def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
 def save_profiles(live: Path, dest: Path, models=("katz_pipeline", "unet"), what="the plain requests") -> None:
     """Copy the models' profiles as they are now into ``dest`` and print the ``models``' top functions
     by cumulative and by own time (cProfile inflates Python-heavy code: read the shares)."""
-    from katz.profiling import top
+    from katz.serving.profiling import top
 
     dest.mkdir(parents=True, exist_ok=True)
     for f in live.glob("*.prof"):
@@ -241,10 +241,10 @@ def main() -> None:
                         "median ratio to the plain request just before it (resolves a few %% despite drift)")
     p.add_argument("--profile", type=Path,
                    help="folder for Python profiles of the server's models over the plain requests "
-                        "(KATZ_PROFILE_DIR, katz/profiling.py); prints the loop's and the UNet's top functions")
+                        "(KATZ_PROFILE_DIR, katz/serving/profiling.py); prints the loop's and the UNet's top functions")
     p.add_argument("--trace", type=Path,
                    help="folder for torch.profiler traces of one extra plain request, untimed, in every model "
-                        "(KATZ_TRACE_DIR, katz/profiling.py): Chrome traces and the GPU's idle gaps with the host "
+                        "(KATZ_TRACE_DIR, katz/serving/profiling.py): Chrome traces and the GPU's idle gaps with the host "
                         "ops across each")
     p.add_argument("--png", action="store_true",
                    help="request the PNG too (default: the pixels only, as diffusers' baseline returns them; "

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sdxl_random import build, write_lora  # noqa: E402
-from katz.lora_readahead import evict  # noqa: E402
+from katz.lora.readahead import evict  # noqa: E402
 
 UNET_STEP_TFLOP = 13.5  # SDXL UNet, batch 2, 1024² (issue 7's count)
 
@@ -111,7 +111,7 @@ def layout_variants(eng, step_args) -> dict:
     CUDA graph as the engine runs: channels-last weights and cuDNN autotuning."""
     import copy
 
-    from katz.engines.cuda_graphs import CudaGraphs
+    from katz.engines.torch.cuda_graphs import CudaGraphs
 
     out: dict = {}
     with torch.no_grad():
@@ -160,7 +160,7 @@ def print_kernels(what: str, k: dict) -> None:
 def compiled_graph(fn, args: tuple, name: str, eager=None) -> tuple[object, float]:
     """``fn`` under torch.compile (inductor default mode) captured as one CUDA graph for ``args``;
     returns ``(graph, seconds to compile and capture)``."""
-    from katz.engines.cuda_graphs import CudaGraphs
+    from katz.engines.torch.cuda_graphs import CudaGraphs
 
     t0 = time.perf_counter()
     graph = CudaGraphs(torch.compile(fn, dynamic=False), name, eager=eager or fn)
@@ -213,7 +213,7 @@ def eager_modules(eng, cne, unet, controlnets: dict):
 
 def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwise: bool = False,
                  controlnet: bool = True) -> dict:
-    """Float8 transformer linears (:mod:`katz.engines.fp8`; ``rowwise``: per-row/channel scales, keys end
+    """Float8 transformer linears (:mod:`katz.engines.torch.experimental.fp8`; ``rowwise``: per-row/channel scales, keys end
     in ``_row``) on copies of the engines' UNet and (``controlnet``) ControlNet:
 
     * the UNet step (batch 2) and the ControlNet step, each with a CUDA graph and compiled + graph,
@@ -227,9 +227,9 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
     import functools
 
     from bench.bal_quality import psnr
-    from katz.engines.cuda_graphs import CudaGraphs
-    from katz.engines.fp8 import quantize_linears
-    from katz.engines.torch_engines import ControlNetEngine
+    from katz.engines.torch.cuda_graphs import CudaGraphs
+    from katz.engines.torch.experimental.fp8 import quantize_linears
+    from katz.engines.torch.engines import ControlNetEngine
 
     out: dict = {}
     tag = "_row" if rowwise else ""
@@ -322,7 +322,7 @@ def vae_variants(vae_engine, latents: torch.Tensor, compile_variant: bool = Fals
     one CUDA graph, and (``compile_variant``) torch.compile + CUDA graph. ``latents``: ``[1, 4, h, w]``."""
     import copy
 
-    from katz.engines.cuda_graphs import CudaGraphs
+    from katz.engines.torch.cuda_graphs import CudaGraphs
 
     out: dict = {}
     vae = vae_engine.vae
@@ -385,8 +385,8 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     both unless ``args.cases`` leaves that case out); into ``res``."""
     import diffusers
 
-    from katz.engines.torch_engines import unet_example_inputs
-    from katz.model_folder import ModelFolder
+    from katz.engines.torch.engines import unet_example_inputs
+    from katz.models.folder import ModelFolder
 
     device, dtype = bench_device()
     model_folder = ModelFolder(folder)
@@ -473,8 +473,8 @@ def prepare(args) -> tuple[Path, Path, object, str, dict]:
                  "python": platform.python_version()}
     t0 = time.perf_counter()
     if getattr(args, "preset", None):  # a tiny preset: the CPU smoke run; LoRAs copied to a folder of its own
-        from katz.model_folder import ModelFolder
-        from katz.presets import ensure_preset
+        from katz.models.folder import ModelFolder
+        from katz.models.presets import ensure_preset
 
         folder = ensure_preset(args.preset)
         args.size = args.size or ModelFolder(folder).default_size
@@ -544,10 +544,10 @@ def main() -> None:
     diffusers_baseline(folder, lora_dir, args, control, prompt, res, requests=not args.only_engines)
 
     # ---------------------------------------------------------------- Katz
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     mf = ModelFolder(folder, discover_controlnets(folder / "controlnets"))
     dep = Deployment(mf.path, mf.controlnets, lora_dir, Limits(default_width=args.size, default_height=args.size),
@@ -560,7 +560,7 @@ def main() -> None:
     unet = ens.models["unet"]
 
     # ---------------------------------------------------------------- Katz engines alone
-    from katz.engines.torch_engines import unet_example_inputs
+    from katz.engines.torch.engines import unet_example_inputs
 
     eng = unet.engine
     x = unet_example_inputs(mf, 2, args.size, args.size, "cuda", torch.float16)

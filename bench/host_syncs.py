@@ -1,6 +1,6 @@
 """Which host synchronisations one request makes inside the Katz models, on a GPU host.
 
-Runs the ensemble in this process (:mod:`katz.triton_models.local`: the model classes Triton runs,
+Runs the ensemble in this process (:mod:`katz.serving.local`: the model classes Triton runs,
 BLS calls made direct) on a tiny preset or a model folder, serves one request to warm up, then one
 more under ``torch.cuda.set_sync_debug_mode("warn")`` and prints each call site that made the host
 wait for the GPU (the Katz and diffusers frames of its stack), with the model whose ``execute()``
@@ -37,12 +37,12 @@ def main() -> None:
     from PIL import Image
 
     from katz.client import Generation
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.presets import ensure_preset
-    from katz.profiling import katz_frames
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.models.presets import ensure_preset
+    from katz.serving.profiling import katz_frames
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     path = args.model_dir or ensure_preset(args.preset)
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

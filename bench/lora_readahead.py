@@ -7,7 +7,7 @@ Writes issue 3's benchmark LoRA (rank 64 on every attention projection of the fu
 each from a cold page cache (the file's pages evicted with POSIX_FADV_DONTNEED):
 
 * stock: ``safetensors.torch.load_file`` (what diffusers' ``load_lora_weights`` reads with);
-* Katz's loader read (``katz.lora_file.read_lora_bytes``, the UNet's tensors, parallel preadv);
+* Katz's loader read (``katz.lora.safetensors.read_lora_bytes``, the UNet's tensors, parallel preadv);
 * the same read once the readahead has finished (a request that waited in the queue);
 * the same read with the readahead started ``--head-start-ms`` before it (no queue: the head
   start is the text encoders' time, ~26 ms for SDXL on an H100).
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sdxl_random import write_lora  # noqa: E402
-from katz.lora_file import read_lora_bytes  # noqa: E402
-from katz.lora_readahead import LoraReadahead, evict, resident_fraction  # noqa: E402
+from katz.lora.safetensors import read_lora_bytes  # noqa: E402
+from katz.lora.readahead import LoraReadahead, evict, resident_fraction  # noqa: E402
 
 
 def make_cold(path: Path) -> float | None:

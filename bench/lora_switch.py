@@ -4,8 +4,8 @@
     python bench/lora_switch.py --preset tiny-sdxl --repeats 2   # CPU smoke run (no figures)
 
 Two LoRAs of :func:`bench.sdxl_random.write_lora`'s kind (every attention projection) are loaded
-through :class:`katz.lora_manager.LoraManager` as the server loads them, then
-:class:`katz.lora.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
+through :class:`katz.lora.manager.LoraManager` as the server loads them, then
+:class:`katz.lora.weights.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
 switch: the host time until ``apply`` returns (what the denoising loop waits for) and until the GPU
 has finished it, and one switch under the torch profiler (CUDA kernels launched, the top host ops).
 Prints a table and writes ``--out`` JSON.
@@ -26,17 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, sync  # noqa: E402
-from katz.lora import LoraPatcher, make_random_lora  # noqa: E402
-from katz.lora_manager import LoraManager  # noqa: E402
-from katz.lora_store import LoraStore  # noqa: E402
+from katz.lora.weights import LoraPatcher, make_random_lora  # noqa: E402
+from katz.lora.manager import LoraManager  # noqa: E402
+from katz.lora.store import LoraStore  # noqa: E402
 
 
 def build_unet(preset: str | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     if preset:
-        from katz.model_folder import ModelFolder
-        from katz.presets import ensure_preset
+        from katz.models.folder import ModelFolder
+        from katz.models.presets import ensure_preset
 
         return ModelFolder(ensure_preset(preset)).load_unet(device, dtype)
     from bench.sdxl_random import UNET

@@ -1,10 +1,10 @@
 """Where a model process's GPU memory goes after load, on a GPU host.
 
 Builds one model (``--model``: ``unet``, ``vae_decoder``, ``text_encoder``) as ``katz serve`` does
-(:func:`katz.triton_models.create_model`: weights, the ControlNets of local mode, CUDA graphs
+(:func:`katz.serving.create_model`: weights, the ControlNets of local mode, CUDA graphs
 captured at load), in this process, with torch's memory history on, and prints:
 
-* per graph capture (:meth:`katz.engines.cuda_graphs.CudaGraphs.capture`): the bytes it added to
+* per graph capture (:meth:`katz.engines.torch.cuda_graphs.CudaGraphs.capture`): the bytes it added to
   the reserved and the allocated memory, and its peak above the allocated bytes before it;
 * per memory pool after load (torch's default pool and each CUDA-graph pool): reserved bytes, the
   bytes held by live tensors (active) and the free blocks the pool keeps (a graph pool's free blocks
@@ -14,7 +14,7 @@ captured at load), in this process, with torch's memory history on, and prints:
     python bench/model_memory.py [--model unet] [--controlnet-mode local] [--compile] [--out memory.json]
 
 ``--pool-per-engine`` gives each engine a graph pool of its own, as Katz did before
-:func:`katz.engines.cuda_graphs.process_pool` (the comparison for the ControlNets of local mode).
+:func:`katz.engines.torch.cuda_graphs.process_pool` (the comparison for the ControlNets of local mode).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def pools(snapshot: dict) -> dict[str, dict[str, float]]:
 
 def largest_graph_allocations(snapshot: dict, top: int) -> list[dict]:
     """The ``top`` largest allocations in segments of graph pools, with their frames."""
-    from katz.profiling import katz_frames
+    from katz.serving.profiling import katz_frames
 
     private = set()
     for seg in snapshot["segments"]:
@@ -88,7 +88,7 @@ def weight_bytes(model) -> int:
 def pinned_free(snapshot: dict, top: int) -> list[dict]:
     """Segments of the default pool with the most free bytes: torch's ``empty_cache`` returns only
     whole free segments, so the live blocks in each (their frames) keep the free rest reserved."""
-    from katz.profiling import katz_frames
+    from katz.serving.profiling import katz_frames
 
     out = []
     for seg in snapshot["segments"]:
@@ -131,10 +131,10 @@ def main() -> None:
 
     from bench.sdxl_random import build
     from katz.engines import cuda_graphs
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models import create_model
-    from katz.triton_models.deployment import Deployment
+    from katz.serving import create_model
+    from katz.deployment import Deployment
 
     path = build(args.model_dir)
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

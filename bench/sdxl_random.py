@@ -57,7 +57,7 @@ def build(out: Path, device: str = "cuda", with_controlnet: bool = True) -> Path
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from katz.presets import write_tokenizer
+    from katz.models.presets import write_tokenizer
 
     out = Path(out)
     if (out / ".complete").exists():
@@ -109,8 +109,8 @@ def write_lora(path: Path, rank: int = 64, dtype: str = "float16") -> Path:
     """
     from diffusers import UNet2DConditionModel
 
-    from katz.lora import make_random_lora
-    from katz.lora_file import read_header
+    from katz.lora.weights import make_random_lora
+    from katz.lora.safetensors import read_header
 
     path = Path(path)
     want = getattr(torch, dtype)

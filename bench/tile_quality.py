@@ -4,7 +4,7 @@
     python bench/tile_quality.py --model-dir DIR --size 1024 --steps 30 --device cuda --overlaps 8,16,32
     python bench/tile_quality.py --shards 4 --guidance 5           # CFG halves x 2 bands each
 
-Runs Katz's model classes in one process (:class:`katz.triton_models.local.LocalEnsemble`),
+Runs Katz's model classes in one process (:class:`katz.serving.local.LocalEnsemble`),
 one shard against ``--shards`` shards, and prints for each overlap (latent pixels) the bands
 one row is cut into, the least overlap they have (the asked one rounded up to the UNet's
 alignment), the share of the latent each shard computes, and PSNR (dB), SSIM and
@@ -27,10 +27,10 @@ from bench.bal_quality import PROMPTS, psnr, ssim  # noqa: E402
 
 
 def ensemble(model_dir: Path, size: int, shards: int, device: str):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(model_dir, discover_controlnets(Path(model_dir) / "controlnets"))
     dep = Deployment(folder.path, folder.controlnets, None,
@@ -88,7 +88,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    from katz.presets import ensure_preset
+    from katz.models.presets import ensure_preset
 
     dirs = [args.model_dir] if args.model_dir else [ensure_preset(n) for n in args.preset or ("tiny-sdxl", "tiny-sd15")]
     for model_dir in dirs:

@@ -105,11 +105,11 @@ def build_deployment(args):
     """Resolve the model folder, ControlNets, LoRA store and limits; fail before any server starts."""
     import torch
 
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.presets import DEFAULT_PRESET, ensure_preset
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.models.presets import DEFAULT_PRESET, ensure_preset
     from katz.request import Limits
-    from katz.triton_models.denoising import loop_place
-    from katz.triton_models.deployment import Deployment
+    from katz.diffusion.loop import loop_place
+    from katz.deployment import Deployment
 
     model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
     controlnets = discover_controlnets(Path(model_dir) / "controlnets")
@@ -162,7 +162,7 @@ def build_deployment(args):
     if args.engine == "tensorrt" and args.engine_dir is None:
         raise SystemExit("katz: --engine tensorrt needs --engine-dir (the folder `katz build-engines --out` wrote)")
     if args.fp8:
-        from katz.engines.fp8 import fp8_capable
+        from katz.engines.torch.experimental.fp8 import fp8_capable
 
         if args.engine != "torch":
             raise SystemExit("katz: --fp8 is for the torch engines (a TensorRT engine's precision is set when it is built)")
@@ -183,7 +183,7 @@ def build_deployment(args):
         lora_device_cache_bytes=args.lora_device_cache_mb << 20,
         lora_load_delay_s=args.lora_load_delay,
         lora_readahead=args.lora_readahead,
-        # one channel per rendered repository: this server's preprocessing -> its UNets (katz.lora_hints)
+        # one channel per rendered repository: this server's preprocessing -> its UNets (katz.lora.hints)
         lora_hints=secrets.token_hex(8) if args.lora_hints else "",
         unet_shards=unet_shards,
         latent_overlap=args.tile_overlap,
@@ -223,7 +223,7 @@ def parse_sizes(spec: str, multiple: int) -> list[tuple[int, int]]:
 
 
 def _placement(args, deployment):
-    from katz.repository import Placement
+    from katz.deploy.repository import Placement
 
     def ids(spec):
         return [int(g) for g in spec.split(",") if g.strip()] if deployment.device == "cuda" else []
@@ -232,7 +232,7 @@ def _placement(args, deployment):
     placement_gpus = {m: gpus for m in ("text_encoder", "katz_pipeline", "katz_stream", "unet", "vae_decoder")}
     placement_gpus["controlnet"] = ids(args.controlnet_gpus) if args.controlnet_gpus else gpus
     if args.unet_gpus:  # one shard per GPU: unet on the first, unet_1 on the second, ...
-        from katz.triton_models.pipeline import unet_model_names
+        from katz.serving.pipeline import unet_model_names
 
         for name, gpu in zip(unet_model_names(deployment.unet_shards), ids(args.unet_gpus)):
             placement_gpus[name] = [gpu]
@@ -247,7 +247,7 @@ def _placement(args, deployment):
 
 
 def cmd_render(args) -> int:
-    from katz.repository import render_repository
+    from katz.deploy.repository import render_repository
 
     deployment = build_deployment(args)
     out = render_repository(deployment, args.out, _placement(args, deployment))
@@ -256,10 +256,10 @@ def cmd_render(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from katz import server
-    from katz.model_folder import ModelFolderError
-    from katz.presets import PresetCacheError
-    from katz.repository import MODELS, render_repository
+    from katz.deploy import server
+    from katz.models.folder import ModelFolderError
+    from katz.models.presets import PresetCacheError
+    from katz.deploy.repository import MODELS, render_repository
 
     try:
         deployment = build_deployment(args)
@@ -364,7 +364,7 @@ def cmd_generate(args) -> int:
     client = make_client(args.url, args.protocol, args.timeout)
     try:
         if args.protocol == "grpc" and args.stream:  # per-step progress bar from katz_stream
-            from katz.streaming import ProgressBar, stream_generate
+            from katz.client.streaming import ProgressBar, stream_generate
 
             bar = ProgressBar(f"generating on {args.url} ")
             try:
@@ -402,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--only", choices=("controlnet",),
                        help="serve only the ControlNet model: a ControlNet server for --controlnet-mode remote")
     serve.add_argument("--no-watchdog", action="store_true",
-                       help="do not reload models whose instance process died (katz.watchdog)")
+                       help="do not reload models whose instance process died (katz.deploy.watchdog)")
     serve.add_argument("--exit-timeout", type=int, default=30,
                        help="seconds to let in-flight requests finish on shutdown")
     serve.add_argument("--workdir", type=Path, help="where the repository is rendered (default: a temp folder)")
@@ -435,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
                           "--no-stream sends one request to the katz ensemble")
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gen.set_defaults(func=cmd_generate)
-    from katz import perf, traces  # `katz perf`, `katz trace`
+    from katz.tools import perf, traces  # `katz perf`, `katz trace`
 
     perf.add_parsers(sub)
     traces.add_parsers(sub)

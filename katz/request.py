@@ -13,7 +13,7 @@ seed                   INT64      [1]       optional, 0 <= seed < 2**63; absent 
 steps                  INT32      [1]       optional, 1..max_steps
 guidance_scale         FP32       [1]       optional, 0..max_guidance; <= 1 turns CFG off
 width, height          INT32      [1]       optional, multiples of 8, 8..max
-scheduler              BYTES      [1]       optional, see :mod:`katz.schedulers`
+scheduler              BYTES      [1]       optional, see :mod:`katz.diffusion.schedulers`
 controlnets            BYTES      [n]       ControlNet names
 control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
 controlnet_scales      FP32       [n]       optional, default 1.0 each
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from katz.schedulers import scheduler_names
+from katz.diffusion.schedulers import scheduler_names
 
 INPUT_FIELDS = (
     "prompt",

@@ -27,7 +27,7 @@ def cache_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def preset_dir(cache_root):
-    from katz.presets import ensure_preset
+    from katz.models.presets import ensure_preset
 
     def get(name: str) -> Path:
         return ensure_preset(name, cache_root)

@@ -179,7 +179,7 @@ def triton_pid(server) -> int:
 
 
 def stubs(server, model: str | None = None):
-    from katz.watchdog import stub_processes
+    from katz.deploy.watchdog import stub_processes
 
     return [s for s in stub_processes(triton_pid(server)) if model is None or s.model == model]
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from katz.lora import LoraError
+from katz.lora.weights import LoraError
 from katz.request import Limits
-from katz.triton_models.deployment import Deployment
-from katz.triton_models.local import LocalEnsemble
+from katz.deployment import Deployment
+from katz.serving.local import LocalEnsemble
 
 STEPS = 6
 
 
 def _ensemble(preset_path, lora_dir, delay=0.0, hints="", loop="auto"):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     limits = Limits(default_width=64, default_height=64)
@@ -88,7 +88,7 @@ def test_bal_image_differs_only_by_the_early_steps(slow):
 
 
 def test_hint_from_preprocessing_loads_the_lora_before_the_first_step(preset_dir, lora_dir):
-    """preprocessing names the request's LoRA to the UNet's loader (katz.lora_hints) as it arrives:
+    """preprocessing names the request's LoRA to the UNet's loader (katz.lora.hints) as it arrives:
     a request that then waits (queue, text encoding) long enough gets its LoRA from step 0."""
     import secrets
     import time

@@ -40,7 +40,7 @@ def test_e2e_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     # --paired: a plain request before each other request, and each case's ratio to it
     for case in CASES[1:]:
         assert len(res[f"katz_e2e_{case}_plain_all_s"]) == 1 and res[f"katz_e2e_{case}_paired_ratio"] > 0
-    # --profile: the loop's and the UNet's Python profiles, summarised (katz/profiling.py); the loop
+    # --profile: the loop's and the UNet's Python profiles, summarised (katz/serving/profiling.py); the loop
     # runs in the UNet's process (--loop unet, the default with one UNet shard)
     assert "_call" in (tmp_path / "prof" / "katz_pipeline.txt").read_text()
     unet_profile = (tmp_path / "prof" / "unet.txt").read_text()

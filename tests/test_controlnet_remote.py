@@ -33,10 +33,10 @@ def _gen(**kw):
 
 
 def _local(preset_path, req: Generation):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     dep = Deployment(folder.path, folder.controlnets, preset_path / "loras",

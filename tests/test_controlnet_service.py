@@ -18,10 +18,10 @@ STEPS = 5
 
 
 def _ensemble(preset_path, mode="inline", **kw):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     limits = Limits(default_width=64, default_height=64, default_guidance=5.0)
@@ -63,8 +63,8 @@ def service(sdxl):
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
 def test_split_unet_equals_the_whole_forward(preset_dir, preset):
-    from katz.engines.torch_engines import UNetEngine
-    from katz.model_folder import ModelFolder
+    from katz.engines.torch.engines import UNetEngine
+    from katz.models.folder import ModelFolder
 
     folder = ModelFolder(preset_dir(preset))
     engine = UNetEngine(folder)
@@ -136,8 +136,8 @@ def test_windows_skip_controlnets_outside_them(sdxl):
 def test_multi_controlnet_with_windows_matches_diffusers(sdxl, mode, inline, service, local):
     import diffusers
 
-    from katz.model_folder import ModelFolder
-    from katz.schedulers import make_scheduler
+    from katz.models.folder import ModelFolder
+    from katz.diffusion.schedulers import make_scheduler
 
     ens = {"inline": inline, "service": service, "local": local}[mode]
     ours = ens.generate(_req(n=2, scales=[0.8, 0.5], starts=[0.0, 0.2], ends=[0.6, 1.0]))["image"]
@@ -178,8 +178,8 @@ def test_controlnet_model_cache_is_bounded(sdxl, tmp_path):
     """Non-resident ControlNets load on demand and are evicted beyond the byte budget."""
     import shutil
 
-    from katz.engines.torch_engines import ControlNetEngine
-    from katz.model_folder import ModelFolder
+    from katz.engines.torch.engines import ControlNetEngine
+    from katz.models.folder import ModelFolder
 
     for name in ("a", "b", "c"):
         shutil.copytree(sdxl / "controlnets" / "canny", tmp_path / name)

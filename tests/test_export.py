@@ -18,7 +18,7 @@ from katz.cli import main
 from katz.export.common import Shape, ShapeRanges, export_graph
 from katz.export.manifest import ExportManifest, graphs_for
 from katz.export.onnx_check import check_export, check_graph, rel_l2
-from katz.export.refit_map import RefitMap, build_refit_map, lora_targets, plan_lora, verify_values
+from katz.lora.refit_map import RefitMap, build_refit_map, lora_targets, plan_lora, verify_values
 from katz.export.tensorrt_build import (
     EngineManifest,
     EngineMismatch,
@@ -27,11 +27,11 @@ from katz.export.tensorrt_build import (
     compatibility_problems,
     required_ranges,
 )
-from katz.lora import LoraError, LoraLayer, LoraPatcher, LoraWeights, parse_lora, read_lora_file
-from katz.model_folder import ModelFolder, discover_controlnets
-from katz.repository import MODELS, Placement, render_repository
+from katz.lora.weights import LoraError, LoraLayer, LoraPatcher, LoraWeights, parse_lora, read_lora_file
+from katz.models.folder import ModelFolder, discover_controlnets
+from katz.deploy.repository import MODELS, Placement, render_repository
 from katz.request import Limits
-from katz.triton_models.deployment import Deployment
+from katz.deployment import Deployment
 
 PRESETS = ["tiny-sdxl", "tiny-sd15"]
 
@@ -288,7 +288,7 @@ def test_lora_refit_through_the_map_equals_the_pytorch_merge(exported):
 
 
 def test_lora_with_targets_the_engine_cannot_refit_fails_naming_them(exported):
-    from katz.triton_models import is_user_error
+    from katz.serving import is_user_error
 
     out, folder = exported("tiny-sdxl")
     refit = RefitMap.load(out / "unet.refit.json")
@@ -372,7 +372,7 @@ def test_engine_compatibility_is_checked_with_a_rebuild_hint(exported, tmp_path)
 def test_deployment_selects_the_engine(preset_dir, tmp_path):
     from katz.engines import engine_class
     from katz.engines import tensorrt_engines as trt_engines  # imports without TensorRT
-    from katz.engines.torch_engines import UNetEngine, VaeDecoderEngine
+    from katz.engines.torch.engines import UNetEngine, VaeDecoderEngine
 
     folder = _folder(preset_dir("tiny-sdxl"))
     dep = Deployment(folder.path, folder.controlnets, None, Limits(), engine="tensorrt", engine_dir=tmp_path)
@@ -395,7 +395,7 @@ def test_deployment_selects_the_engine(preset_dir, tmp_path):
 
 
 def test_tensorrt_engines_need_a_cuda_device(exported, tmp_path):
-    from katz.engines.tensorrt_engines import VaeDecoderEngine
+    from katz.engines.tensorrt.engine import VaeDecoderEngine
 
     out, folder = exported("tiny-sdxl")
     engines = _fake_engines(tmp_path / "engines", out)

@@ -1,4 +1,4 @@
-"""katz.engines.fp8: float8 transformer linears (CPU here; the GPU path is in test_cuda_graphs.py).
+"""katz.engines.torch.experimental.fp8: float8 transformer linears (CPU here; the GPU path is in test_cuda_graphs.py).
 
 The float8 matmul must stay close to the float16/32 one, convert exactly the transformer linears,
 follow LoRA merges, and a restored base must re-quantize to the bytes it had at load.
@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 
-from katz.engines.fp8 import (FP8, Fp8Linear, fp8_targets, quantize, quantize_linears, requantize, row_scale,
+from katz.engines.torch.experimental.fp8 import (FP8, Fp8Linear, fp8_targets, quantize, quantize_linears, requantize, row_scale,
                               tensor_scale)
-from katz.lora import LoraPatcher, make_random_lora, parse_lora, read_lora_file
-from katz.presets import _unet_sdxl
+from katz.lora.weights import LoraPatcher, make_random_lora, parse_lora, read_lora_file
+from katz.models.presets import _unet_sdxl
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,9 +123,9 @@ def test_lora_merges_requantize_and_the_base_comes_back_bit_exact(unet, tmp_path
 
 
 def test_fp8_is_refused_where_it_cannot_run():
-    from katz.engines.cuda_graphs import Acceleration
+    from katz.engines.torch.cuda_graphs import Acceleration
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
+    from katz.deployment import Deployment
 
     with pytest.raises(ValueError, match="float8 tensor cores"):
         Acceleration(fp8=True).quantize(torch.nn.Linear(16, 16), torch.device("cpu"))

@@ -317,8 +317,8 @@ def server_base_image(server):
 @settings(max_examples=500, deadline=None, database=None)
 @given(name=st.text(max_size=300) | st.sampled_from(HOSTILE_NAMES))
 def test_lora_names_never_leave_the_store(name):
-    from katz.lora import LoraError
-    from katz.lora_store import LoraStore
+    from katz.lora.weights import LoraError
+    from katz.lora.store import LoraStore
     from katz.request import InvalidArgument
 
     store_dir = Path("/srv/katz-loras")

@@ -1,5 +1,5 @@
 """Latent parallelism: the CFG halves on two UNet shards give the image of one UNet;
-latent bands on more shards than CFG halves give an image close to it (katz.tiling)."""
+latent bands on more shards than CFG halves give an image close to it (katz.parallel.tiling)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import control_png
 STEPS = 4
 
 
-# ------------------------------------------------------------------ band geometry and blend (katz.tiling)
+# ------------------------------------------------------------------ band geometry and blend (katz.parallel.tiling)
 PLANS = [  # (latent height, width, bands asked for, overlap, alignment)
     (16, 16, 2, 8, 4), (32, 32, 2, 16, 4), (128, 128, 2, 16, 4), (128, 128, 4, 16, 4), (128, 96, 3, 16, 8),
     (64, 128, 4, 16, 8), (96, 160, 5, 12, 8), (32, 32, 2, 0, 4), (40, 32, 2, 6, 4), (128, 128, 8, 8, 8),
@@ -21,7 +21,7 @@ PLANS = [  # (latent height, width, bands asked for, overlap, alignment)
 
 @pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
 def test_bands_cover_the_latent_aligned_with_the_overlap(h, w, count, overlap, align):
-    from katz.tiling import plan_tiles
+    from katz.parallel.tiling import plan_tiles
 
     tiles = plan_tiles(h, w, count, overlap, align)
     axis, length = (2, h) if h >= w else (3, w)
@@ -38,7 +38,7 @@ def test_bands_cover_the_latent_aligned_with_the_overlap(h, w, count, overlap, a
 
 @pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
 def test_blend_weights_are_a_partition_of_unity_with_linear_ramps(h, w, count, overlap, align):
-    from katz.tiling import blend_weights, plan_tiles
+    from katz.parallel.tiling import blend_weights, plan_tiles
 
     tiles = plan_tiles(h, w, count, overlap, align)
     weights = blend_weights(tiles)
@@ -59,7 +59,7 @@ def test_blend_weights_are_a_partition_of_unity_with_linear_ramps(h, w, count, o
 
 @pytest.mark.parametrize("h, w, count, overlap, align", PLANS)
 def test_blending_the_crops_of_one_tensor_gives_it_back(h, w, count, overlap, align):
-    from katz.tiling import blend, plan_tiles
+    from katz.parallel.tiling import blend, plan_tiles
 
     x = torch.randn(2, 4, h, w)
     tiles = plan_tiles(h, w, count, overlap, align)
@@ -69,7 +69,7 @@ def test_blending_the_crops_of_one_tensor_gives_it_back(h, w, count, overlap, al
 
 
 def test_crops_follow_the_scale_of_residuals_and_control_images():
-    from katz.tiling import plan_tiles
+    from katz.parallel.tiling import plan_tiles
 
     tile = plan_tiles(32, 16, 2, 8, 4)[1]  # rows 12..31 of 32
     assert (tile.axis, tile.start, tile.size) == (2, 12, 20)
@@ -83,7 +83,7 @@ def test_crops_follow_the_scale_of_residuals_and_control_images():
 
 
 def test_a_latent_too_small_or_not_aligned_is_not_split_further():
-    from katz.tiling import plan_tiles
+    from katz.parallel.tiling import plan_tiles
 
     assert [(t.start, t.size) for t in plan_tiles(8, 8, 2, 16, 4)] == [(0, 8)]  # no two bands smaller than 8
     assert [(t.start, t.size) for t in plan_tiles(16, 16, 2, 16, 4)] == [(0, 16)]
@@ -95,7 +95,7 @@ def test_a_latent_too_small_or_not_aligned_is_not_split_further():
 @pytest.mark.parametrize("args, message", [((16, 16, 0, 8, 4), "count"), ((16, 16, 2, -1, 4), "overlap"),
                                            ((16, 16, 2, 8, 0), "alignment")])
 def test_bad_band_arguments_are_refused(args, message):
-    from katz.tiling import plan_tiles
+    from katz.parallel.tiling import plan_tiles
 
     with pytest.raises(ValueError, match=message):
         plan_tiles(*args)
@@ -103,17 +103,17 @@ def test_bad_band_arguments_are_refused(args, message):
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
 def test_alignment_is_the_unet_downsampling_factor(preset_dir, preset):
-    from katz.model_folder import ModelFolder
+    from katz.models.folder import ModelFolder
 
     folder = ModelFolder(preset_dir(preset))
     assert folder.unet_downsampling_factor == 2 ** (len(folder.unet_config["down_block_types"]) - 1) == 4
 
 
 def _ensemble(preset_path, shards, mode="inline", delay=0.0, size=64):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.local import LocalEnsemble
+    from katz.deployment import Deployment
+    from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     dep = Deployment(folder.path, folder.controlnets, preset_path / "loras",
@@ -196,11 +196,11 @@ def test_repository_renders_one_model_per_shard(preset_dir, tmp_path, shards):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from katz.model_folder import ModelFolder
-    from katz.repository import Placement, render_repository
+    from katz.models.folder import ModelFolder
+    from katz.deploy.repository import Placement, render_repository
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.pipeline import unet_model_names
+    from katz.deployment import Deployment
+    from katz.serving.pipeline import unet_model_names
 
     folder = ModelFolder(preset_dir("tiny-sdxl"))
     dep = Deployment(folder.path, {}, None, Limits(), dtype="float16", unet_shards=shards, latent_overlap=8)
@@ -369,7 +369,7 @@ def _last_band_wins(preds, tiles):
 def test_the_tolerance_catches_a_broken_blend(ensembles, monkeypatch, bug, shards, guidance, bound):
     from dataclasses import replace
 
-    import katz.triton_models.pipeline as pipeline
+    import katz.serving.pipeline as pipeline
 
     if bug == "no-blend":
         monkeypatch.setattr(pipeline, "blend", _last_band_wins)

@@ -1,4 +1,4 @@
-"""katz.lora: parsing, exact merge/restore, and agreement with diffusers' load_lora_weights + fuse_lora."""
+"""katz.lora.weights: parsing, exact merge/restore, and agreement with diffusers' load_lora_weights + fuse_lora."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from katz.lora import (
+from katz.lora.weights import (
     LoraError,
     LoraLayer,
     LoraPatcher,
@@ -24,7 +24,7 @@ from katz.lora import (
     parse_lora,
     read_lora_file,
 )
-from katz.presets import _scheduler, _text_encoder, _unet_sd15, _unet_sdxl, _vae, write_tokenizer
+from katz.models.presets import _scheduler, _text_encoder, _unet_sd15, _unet_sdxl, _vae, write_tokenizer
 
 RANK = 4
 
@@ -141,7 +141,7 @@ def _attn_paths(unet):
 
 
 def _expected(base_w, items):
-    """base + sum(scale * alpha/r * up @ down) in float32 (reference, independent of katz.lora)."""
+    """base + sum(scale * alpha/r * up @ down) in float32 (reference, independent of katz.lora.weights)."""
     delta = torch.zeros_like(base_w, dtype=torch.float32)
     for scale, layer in items:
         factor = 1.0 if layer.alpha is None else layer.alpha / layer.rank
@@ -503,7 +503,7 @@ def test_merge_costs_a_few_kernels_per_shape_and_plans_are_cached(sd15):
 def test_grouped_merge_equals_the_per_layer_merge(sd15, monkeypatch):
     """Batches of any size (small scratch: many batches; a shape with one layer: addmm) give the
     weights the per-layer float64 sum gives, rounded once to float32."""
-    import katz.lora as lora_mod
+    import katz.lora.weights as lora_mod
 
     unet = copy.deepcopy(sd15["unet"])
     paths = _attn_paths(unet)
@@ -705,7 +705,7 @@ def test_validate_and_failed_apply_leave_base(sd15, tmp_path):
 
 def test_store_reads_only_the_requested_components(preset_dir):
     """The text-encoder model reads just its part of a file; a UNet-only file gives it nothing."""
-    from katz.lora_store import LoraStore
+    from katz.lora.store import LoraStore
 
     store = LoraStore(preset_dir("tiny-sdxl") / "loras", "sdxl")
     full = store.get("detail")

@@ -1,4 +1,4 @@
-"""katz.lora_file (the strict safetensors reader) and the LoRA manager's load path on a CPU device.
+"""katz.lora.safetensors (the strict safetensors reader) and the LoRA manager's load path on a CPU device.
 
 The manager runs the same code on CUDA; only the staging buffer's pinning, the side stream and
 record_stream are CUDA-only.
@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import katz.lora_file as lf
-from katz.lora import LoraError, LoraPatcher, parse_lora, read_lora_file
-from katz.lora_manager import LoraManager, finite_flag, first_non_finite
-from katz.lora_store import LoraStore
+import katz.lora.safetensors as lf
+from katz.lora.weights import LoraError, LoraPatcher, parse_lora, read_lora_file
+from katz.lora.manager import LoraManager, finite_flag, first_non_finite
+from katz.lora.store import LoraStore
 from test_lora import _raises  # (LoraError raised, every needle in its message) -> message
 
 
@@ -326,7 +326,7 @@ def test_manager_host_hit_skips_disk_and_parsing(tmp_path, monkeypatch):
         m.get(["a"])
         m.wait_idle()  # the host tier is filled after the load's waiters were let go
         assert len(m.host.items) == 1 and m.stats.host_fill_seconds > 0
-        import katz.lora_manager as lm
+        import katz.lora.manager as lm
 
         def no(*args, **kw):
             raise AssertionError("read or parsed again")

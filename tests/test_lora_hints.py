@@ -1,4 +1,4 @@
-"""katz.lora_hints: preprocessing's LoRA names reach every UNet instance's loader, best effort."""
+"""katz.lora.hints: preprocessing's LoRA names reach every UNet instance's loader, best effort."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import secrets
 import socket
 import time
 
-from katz.lora_hints import SLOTS, HintListener, HintSender, _address
+from katz.lora.hints import SLOTS, HintListener, HintSender, _address
 
 
 def _wait(pred, timeout=5.0):
@@ -74,10 +74,10 @@ def test_all_slots_taken_leaves_a_listener_deaf_not_failing():
 def test_manager_hint_starts_loads_but_not_behind_a_long_queue(preset_dir, tmp_path):
     import shutil
 
-    from katz.engines.torch_engines import UNetEngine
-    from katz.lora_manager import LoraManager
-    from katz.lora_store import LoraStore
-    from katz.model_folder import ModelFolder
+    from katz.engines.torch.engines import UNetEngine
+    from katz.lora.manager import LoraManager
+    from katz.lora.store import LoraStore
+    from katz.models.folder import ModelFolder
 
     preset = preset_dir("tiny-sd15")
     folder = ModelFolder(preset)

@@ -1,4 +1,4 @@
-"""Page-cache readahead of requested LoRA files (katz.lora_readahead) and its use in preprocessing."""
+"""Page-cache readahead of requested LoRA files (katz.lora.readahead) and its use in preprocessing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from katz.lora_readahead import LoraReadahead, evict, missing_chunks, resident_fraction
+from katz.lora.readahead import LoraReadahead, evict, missing_chunks, resident_fraction
 
 MB = 1 << 20
 
@@ -93,10 +93,10 @@ def test_a_path_waiting_is_queued_once(tmp_path):
 
 # ---------------------------------------------------------------- preprocessing
 def _preprocessing(preset_path: Path, lora_dir: Path, readahead: bool = True):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.preprocessing import Preprocessing
+    from katz.deployment import Deployment
+    from katz.serving.preprocessing import Preprocessing
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     dep = Deployment(folder.path, folder.controlnets, lora_dir, Limits(), lora_readahead=readahead)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from katz import perf
+from katz.tools import perf
 
 import tooling_support
 

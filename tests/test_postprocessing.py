@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from katz.triton_models import create_model
-from katz.triton_models.postprocessing import PNG_TEXT_KEYS, PngEncoder, Postprocessing
+from katz.serving import create_model
+from katz.serving.postprocessing import PNG_TEXT_KEYS, PngEncoder, Postprocessing
 
 
 def _params(**values) -> np.ndarray:
@@ -47,9 +47,9 @@ def test_png_encoder_writes_only_the_settings_it_has():
 
 
 def test_roles_build_both_models(preset_dir):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
+    from katz.deployment import Deployment
 
     path = preset_dir("tiny-sd15")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

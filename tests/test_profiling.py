@@ -1,10 +1,10 @@
-"""katz.profiling: the per-model cProfile a server keeps under KATZ_PROFILE_DIR."""
+"""katz.serving.profiling: the per-model cProfile a server keeps under KATZ_PROFILE_DIR."""
 
 from __future__ import annotations
 
 import pstats
 
-from katz.profiling import ExecuteProfiler, top
+from katz.serving.profiling import ExecuteProfiler, top
 
 
 def _work(n: int) -> int:
@@ -35,16 +35,16 @@ def test_first_call_is_saved_on_a_machine_up_for_less_than_every_s(tmp_path, mon
     """``time.monotonic()`` counts from boot: a fresh CI machine is up for less than ``every_s``."""
     import types
 
-    import katz.profiling
+    import katz.serving.profiling
 
-    monkeypatch.setattr(katz.profiling, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
+    monkeypatch.setattr(katz.serving.profiling, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
     prof = ExecuteProfiler(tmp_path / "unet.1.prof", every_s=3600.0)
     prof.run(_work, 10)
     assert prof.path.exists()
 
 
 def test_gpu_gaps_name_the_host_ops_across_each_idle_gap():
-    from katz.profiling import format_gaps, gpu_gaps
+    from katz.serving.profiling import format_gaps, gpu_gaps
 
     kernels = [(0, 50), (40, 100), (400, 500), (520, 600), (1600, 1700)]  # µs; overlapping ones merge
     host = [(90, 420, "cudaStreamSynchronize", "denoise.py(150): denoise"), (0, 2000, "execute", ""),
@@ -60,7 +60,7 @@ def test_gpu_gaps_name_the_host_ops_across_each_idle_gap():
 
 
 def test_kernel_totals_rank_kernels_by_their_gpu_time():
-    from katz.profiling import format_kernels
+    from katz.serving.profiling import format_kernels
 
     kernels = [(0, 50), (60, 100), (100, 400), (500, 510)]
     text = format_kernels(kernels, ["gemm", "add", "gemm", "add"])
@@ -71,7 +71,7 @@ def test_kernel_totals_rank_kernels_by_their_gpu_time():
 
 
 def test_execute_trace_records_only_the_chosen_calls(tmp_path, monkeypatch):
-    from katz.profiling import ExecuteTrace
+    from katz.serving.profiling import ExecuteTrace
 
     monkeypatch.delenv("KATZ_TRACE_DIR", raising=False)
     assert ExecuteTrace.from_env("unet") is None
@@ -85,11 +85,11 @@ def test_execute_trace_records_only_the_chosen_calls(tmp_path, monkeypatch):
 
 
 def test_launch_summary_splits_graph_replays_from_single_launches():
-    from katz.profiling import launch_summary
+    from katz.serving.profiling import launch_summary
 
     host = {"pid": 1, "tid": 1}
     trace = {"traceEvents": [
-        {"cat": "python_function", "name": "/x/katz/denoise.py(10): step", "ts": 0, "dur": 100, **host},
+        {"cat": "python_function", "name": "/x/katz/diffusion/denoise.py(10): step", "ts": 0, "dur": 100, **host},
         {"cat": "cpu_op", "name": "aten::mul", "ts": 5, "dur": 10, **host},
         {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 6, "dur": 2, "args": {"correlation": 1}, **host},
         {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 20, "dur": 5, "args": {"correlation": 2}, **host},

@@ -157,7 +157,7 @@ def test_killed_instance_fails_the_request_clearly_and_comes_back(fault_server, 
         alive = [s for s in stubs(fault_server, model) if s.instance != victim.instance]
         return alive and raw_infer(fault_server, probe).ok
 
-    wait_for(back, 180, interval=1.0, what=f"a fresh {model} instance (katz.watchdog)")
+    wait_for(back, 180, interval=1.0, what=f"a fresh {model} instance (katz.deploy.watchdog)")
     assert server_ready(fault_server)
     for _ in range(3):  # later requests succeed, with the same image as before the crash
         assert np.array_equal(_image(raw_infer(fault_server, probe)), reference)

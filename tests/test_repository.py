@@ -6,13 +6,13 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from katz.repository import MODELS, Placement, render_repository
+from katz.deploy.repository import MODELS, Placement, render_repository
 from katz.request import Limits
-from katz.triton_models.deployment import Deployment
+from katz.deployment import Deployment
 
 
 def _deployment(path, dtype="float32", **settings):
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
     return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype, **settings)

@@ -90,7 +90,7 @@ def test_bad_fields_name_the_field(fields, field, words):
     [(b"", "empty"), (b"not an image", "cannot decode"), (control_png()[:40], "cannot decode")],
 )
 def test_undecodable_control_images(data, words):
-    from katz.images import decode_control_image
+    from katz.diffusion.images import decode_control_image
 
     with pytest.raises(InvalidArgument) as info:
         decode_control_image(data, 64, 64, max_pixels=1 << 20)
@@ -98,7 +98,7 @@ def test_undecodable_control_images(data, words):
 
 
 def test_control_image_pixel_limit():
-    from katz.images import decode_control_image
+    from katz.diffusion.images import decode_control_image
 
     with pytest.raises(InvalidArgument, match="pixel limit"):
         decode_control_image(control_png(size=64), 64, 64, max_pixels=1000)
@@ -109,10 +109,10 @@ def test_control_image_pixel_limit():
 def test_preprocessing_makes_the_control_image_processor_at_load(preset_dir):
     """diffusers' image processor (its import takes seconds) is made when the preprocessing model
     loads, not on the first ControlNet request."""
-    from katz.images import control_image_processor
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.preprocessing import Preprocessing
+    from katz.diffusion.images import control_image_processor
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.deployment import Deployment
+    from katz.serving.preprocessing import Preprocessing
 
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

@@ -267,7 +267,7 @@ def test_lora_metrics_are_exported(sdxl):
     ahead = [l for l in text.splitlines() if l.startswith("katz_lora_readahead_files_total")]
     assert any('model="preprocessing"' in l for l in ahead)
     assert sum(float(l.split()[-1]) for l in ahead) >= 1
-    # and named the LoRA to the UNet's loader as the requests arrived (katz.lora_hints)
+    # and named the LoRA to the UNet's loader as the requests arrived (katz.lora.hints)
     hints = [l for l in text.splitlines() if l.startswith('katz_lora_hints_total{model="unet"')]
     assert hints and float(hints[0].split()[-1]) >= 1, hints
     # gauges: where the UNet's memory goes (weights, pristine copies of the patched weights, LoRA cache)

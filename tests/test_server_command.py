@@ -1,10 +1,10 @@
-"""The ``tritonserver`` command line ``katz serve`` builds (katz.server), without starting it."""
+"""The ``tritonserver`` command line ``katz serve`` builds (katz.deploy.server), without starting it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from katz.server import ServerOptions, TritonInstall, command, cuda_pool_bytes
+from katz.deploy.server import ServerOptions, TritonInstall, command, cuda_pool_bytes
 
 
 def test_cuda_pool_sized_for_what_crosses_processes():

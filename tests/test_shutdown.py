@@ -1,4 +1,4 @@
-"""``katz serve``'s foreground runner (katz.server.run_foreground): a stop signal goes to
+"""``katz serve``'s foreground runner (katz.deploy.server.run_foreground): a stop signal goes to
 tritonserver, which gets its whole exit timeout before it is killed."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from katz.server import ServerOptions, run_foreground
+from katz.deploy.server import ServerOptions, run_foreground
 
 # stands in for tritonserver: ignores SIGTERM, so only the runner's SIGKILL ends it
 STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]

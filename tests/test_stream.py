@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from katz.client import Generation, infer, make_client
-from katz.streaming import StreamCancelled, stream_generate
+from katz.client.streaming import StreamCancelled, stream_generate
 
 import tooling_support
 from conftest import control_png
@@ -31,10 +31,10 @@ def _config(repo, model):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_katz_stream_config_is_decoupled_with_the_ensembles_inputs(preset_dir, tmp_path, device):
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.repository import Placement, render_repository
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.deploy.repository import Placement, render_repository
     from katz.request import Limits
-    from katz.triton_models.deployment import Deployment
+    from katz.deployment import Deployment
 
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

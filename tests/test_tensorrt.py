@@ -24,8 +24,8 @@ from katz.engines import torch_engines  # noqa: E402
 from katz.export.onnx_check import rel_l2  # noqa: E402
 from katz.export.tensorrt_build import EngineManifest, EngineMismatch  # noqa: E402
 from katz.export.unet import UNetGraph  # noqa: E402
-from katz.lora import LoraError, LoraLayer, LoraWeights, parse_lora, read_lora_file  # noqa: E402
-from katz.model_folder import ModelFolder, discover_controlnets  # noqa: E402
+from katz.lora.weights import LoraError, LoraLayer, LoraWeights, parse_lora, read_lora_file  # noqa: E402
+from katz.models.folder import ModelFolder, discover_controlnets  # noqa: E402
 from katz.request import Limits  # noqa: E402
 
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
@@ -161,7 +161,7 @@ def test_lora_refit_matches_pytorch_and_restores_exactly(built, which):
 
 
 def test_lora_the_engine_cannot_refit_fails_naming_the_targets(built):
-    from katz.triton_models import is_user_error
+    from katz.serving import is_user_error
 
     folder = built["folder"]
     engine = te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
@@ -235,8 +235,8 @@ def test_engines_for_another_gpu_version_or_range_are_refused(built, tmp_path):
 def test_unet_model_serves_with_tensorrt_and_loras(built):
     import numpy as np
 
-    from katz.triton_models.deployment import Deployment
-    from katz.triton_models.unet import UNet
+    from katz.deployment import Deployment
+    from katz.serving.unet import UNet
 
     folder = built["folder"]
     dep = Deployment(folder.path, folder.controlnets, folder.path / "loras", LIMITS, device=DEVICE,
@@ -258,8 +258,8 @@ def test_render_links_the_real_vae_plan(built, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from katz.repository import MODELS, Placement, render_repository
-    from katz.triton_models.deployment import Deployment
+    from katz.deploy.repository import MODELS, Placement, render_repository
+    from katz.deployment import Deployment
 
     folder = built["folder"]
     dep = Deployment(folder.path, folder.controlnets, None, LIMITS, device=DEVICE, dtype="float16",

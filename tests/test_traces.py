@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from katz.traces import report, synth
-from katz.traces.trace import TraceError, read_trace
+from katz.tools.traces import report, synth
+from katz.tools.traces.trace import TraceError, read_trace
 
 import tooling_support
 

@@ -1,4 +1,4 @@
-"""Triton glue for every Katz model: tensors in, :mod:`katz.triton_models` call, tensors out.
+"""Triton glue for every Katz model: tensors in, :mod:`katz.serving` call, tensors out.
 
 This is a Python-based backend (``backend: "python_katz"`` in config.pbtxt).
 The ``role`` parameter picks the model class; all logic lives in the ``katz``
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from katz.triton_models import (
+from katz.serving import (
     BLS_ONLY_ROLES,
     INVALID_ARG_MARK,
     UNAVAILABLE_MARK,
@@ -27,7 +27,7 @@ from katz.triton_models import (
     error_kind,
     is_out_of_memory,
 )
-from katz.profiling import ExecuteProfiler, ExecuteTrace
+from katz.serving.profiling import ExecuteProfiler, ExecuteTrace
 
 # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log (a stuck
 # instance says where it is stuck; the tests do it when a server does not come up).
@@ -69,8 +69,8 @@ class TritonPythonModel:
             torch.cuda.empty_cache()
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
-        self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/profiling.py)
-        self._trace = ExecuteTrace.from_env(self.model_name)  # KATZ_TRACE_DIR, KATZ_TRACE_AT (katz/profiling.py)
+        self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/serving/profiling.py)
+        self._trace = ExecuteTrace.from_env(self.model_name)  # KATZ_TRACE_DIR, KATZ_TRACE_AT (katz/serving/profiling.py)
         self._publish_metrics()  # the memory held after load (weights, CUDA graphs) before any request
 
     def _call(self, model_name, inputs, output_names):
@@ -91,7 +91,7 @@ class TritonPythonModel:
                 pb_utils.TritonError.UNAVAILABLE: "unavailable",
             }.get(err.code(), "internal")
             if "Stub process" in err.message() and "is not healthy" in err.message():
-                kind = "unavailable"  # the callee's instance process died; katz.watchdog brings it back
+                kind = "unavailable"  # the callee's instance process died; katz.deploy.watchdog brings it back
             raise ModelCallError.from_error(model_name, err.message(), kind)
         return {name: _to_python(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
 

@@ -1,8 +1,8 @@
 """Engines: the networks behind one interface, whatever runs them.
 
 Each engine owns one component (UNet, ControlNets, VAE decoder, text encoders)
-on one device. :mod:`katz.engines.torch_engines` runs them with PyTorch,
-:mod:`katz.engines.tensorrt_engines` the UNet, ControlNets and VAE decoder with
+on one device. :mod:`katz.engines.torch.engines` runs them with PyTorch,
+:mod:`katz.engines.tensorrt.engine` the UNet, ControlNets and VAE decoder with
 TensorRT (``engine: tensorrt`` in the deployment; see :func:`engine_class`).
 """
 
@@ -11,8 +11,8 @@ def engine_class(deployment, torch_class):
     """The engine class a deployment uses for ``torch_class``'s component.
 
     ``engine: torch`` (the default): ``torch_class`` itself, given the deployment's
-    :class:`~katz.engines.cuda_graphs.Acceleration` where it takes one. ``engine: tensorrt``: the class of
-    the same name in :mod:`katz.engines.tensorrt_engines`, bound to the deployment's engine
+    :class:`~katz.engines.torch.cuda_graphs.Acceleration` where it takes one. ``engine: tensorrt``: the class of
+    the same name in :mod:`katz.engines.tensorrt.engine`, bound to the deployment's engine
     folder and limits (same constructor arguments and call signature otherwise).
     """
     import functools

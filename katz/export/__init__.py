@@ -6,9 +6,9 @@ down/up split), :mod:`~katz.export.controlnet`, :mod:`~katz.export.vae`,
 :mod:`~katz.export.text_encoder`. :mod:`~katz.export.common` runs the export and cleans the
 ONNX (parameter-named weights, folded weight transposes); :mod:`~katz.export.manifest` exports
 a whole model folder; :mod:`~katz.export.onnx_check` compares every graph under onnxruntime
-with PyTorch; :mod:`~katz.export.refit_map` maps LoRA targets to engine weights;
+with PyTorch; :mod:`~katz.lora.refit_map` maps LoRA targets to engine weights;
 :mod:`~katz.export.tensorrt_build` builds the engines (TensorRT 10, imported lazily);
 :mod:`~katz.export.triton_config` renders ``tensorrt_plan`` model configs;
 :mod:`~katz.export.cli` adds ``katz export`` and ``katz build-engines``. The engines
-themselves are :mod:`katz.engines.tensorrt_engines`.
+themselves are :mod:`katz.engines.tensorrt.engine`.
 """

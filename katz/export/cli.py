@@ -68,8 +68,8 @@ def add_parsers(sub) -> None:
 
 
 def _folder(args):
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.presets import DEFAULT_PRESET, ensure_preset
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.models.presets import DEFAULT_PRESET, ensure_preset
 
     model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
     controlnets = discover_controlnets(Path(model_dir) / "controlnets")
@@ -103,7 +103,7 @@ def cmd_export(args) -> int:
     from katz.export.common import ExportError, ShapeRanges
     from katz.export.manifest import export_folder
     from katz.export.onnx_check import ParityError, check_export
-    from katz.model_folder import ModelFolderError
+    from katz.models.folder import ModelFolderError
 
     try:
         folder = _folder(args)

@@ -13,7 +13,7 @@ module, input/output names, dynamic axes and shape profiles; this module runs
   make a refit of one change the other;
 * a Linear's ``Transpose(weight) -> MatMul`` is folded into one initializer
   that keeps the parameter's name and holds ``weight.T`` (TensorRT refits an
-  initializer consumed by MatMul; :mod:`katz.export.refit_map` records the
+  initializer consumed by MatMul; :mod:`katz.lora.refit_map` records the
   transposition by tracing the graph);
 * nothing else is constant-folded at export (TensorRT folds at build time).
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 DEFAULT_OPSET = 17
-TEXT_LEN = 77  # CLIP's model_max_length; prompts are always padded to it (katz.text_encoding.tokenize)
+TEXT_LEN = 77  # CLIP's model_max_length; prompts are always padded to it (katz.diffusion.text_encoding.tokenize)
 # Above this many bytes of weights an ONNX file keeps them in ``<name>.onnx.data`` (protobuf's limit is 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 

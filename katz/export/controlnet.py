@@ -85,7 +85,7 @@ class ControlNetGraph(Graph):
         return torch.randn(shape, generator=gen).to(dtype)
 
     def reference(self, component, inputs):
-        # what katz.engines.torch_engines.ControlNetEngine runs: diffusers' forward, scale a float
+        # what katz.engines.torch.engines.ControlNetEngine runs: diffusers' forward, scale a float
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]} if self.layout.sdxl else None
         with torch.no_grad():
             down, mid = component(

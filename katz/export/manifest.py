@@ -116,7 +116,7 @@ def export_folder(
 ) -> ExportManifest:
     """Export every graph of ``folder`` into ``out_dir`` with refit maps and ``export.json``."""
     from katz.export.common import TORCH_DTYPES
-    from katz.export.refit_map import build_refit_map
+    from katz.lora.refit_map import build_refit_map
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def check_export(export_dir: Path, folder=None, tolerance: float | None = None, 
                  raise_on_failure: bool = True) -> list[CheckResult]:
     """Check every graph of an export folder (its manifest says which and in what dtype)."""
     from katz.export.manifest import ExportManifest, graphs_for
-    from katz.model_folder import ModelFolder
+    from katz.models.folder import ModelFolder
 
     export_dir = Path(export_dir)
     manifest = ExportManifest.load(export_dir)

@@ -6,12 +6,12 @@ repository layout::
     ENGINES/engines.json                    # what was built, for which GPU / TensorRT / shapes
     ENGINES/timing.cache                    # TensorRT timing cache, reused by later builds
     ENGINES/unet/1/unet.plan                # loaded by the Python backend (it owns the refitter)
-    ENGINES/unet/1/unet.refit.json          # LoRA refit map (katz.export.refit_map)
+    ENGINES/unet/1/unet.refit.json          # LoRA refit map (katz.lora.refit_map)
     ENGINES/controlnet/1/<name>.plan        # one per ControlNet (+ <name>.refit.json)
     ENGINES/vae_decoder/1/model.plan        # a plain ``tensorrt_plan`` model
 
 Written against the TensorRT 10 Python API (``tensorrt`` is imported only here and in
-:mod:`katz.engines.tensorrt_engines`, lazily). Float16 exports are built as strongly typed
+:mod:`katz.engines.tensorrt.engine`, lazily). Float16 exports are built as strongly typed
 networks (precision follows the ONNX types; also what TensorRT 11 requires); float32 exports
 can be built with the FP16 / BF16 builder flags where TensorRT still has them (10.x). The UNet
 and ControlNet engines are weights-refittable (``BuilderFlag.REFIT``) unless ``--no-refit``, and
@@ -262,7 +262,7 @@ def _profiles(export_manifest, ranges: ShapeRanges | None) -> dict[str, dict]:
     if ranges is None or ranges == export_manifest.ranges:
         return {name: g.profile for name, g in export_manifest.graphs.items()}
     from katz.export.manifest import graphs_for
-    from katz.model_folder import ModelFolder
+    from katz.models.folder import ModelFolder
 
     folder = ModelFolder(Path(export_manifest.model_dir), {k: Path(v) for k, v in export_manifest.controlnets.items()})
     graphs = {g.name: g for g in graphs_for(folder, unet_split=True)}

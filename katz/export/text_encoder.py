@@ -2,7 +2,7 @@
 
 ``input_ids [B, 77]`` (int64, as the ``preprocessing`` model makes them) -> ``hidden_states
 [B, 77, D]``: the last hidden state for SD 1.5, the penultimate one for SDXL (what
-:class:`katz.text_encoding.PromptEncoder` takes), plus ``text_embeds [B, P]`` (the projected
+:class:`katz.diffusion.text_encoding.PromptEncoder` takes), plus ``text_embeds [B, P]`` (the projected
 pooled output) from SDXL's second encoder. The SDXL prompt embedding is the concatenation of the
 two ``hidden_states`` along the last axis; zeroing a negative prompt stays outside the graph.
 """
@@ -74,7 +74,7 @@ class TextEncoderGraph(Graph):
         return torch.randint(0, self.config.get("vocab_size", 49408), shape, generator=gen)
 
     def reference(self, component, inputs):
-        # what katz.text_encoding.PromptEncoder takes from each encoder
+        # what katz.diffusion.text_encoding.PromptEncoder takes from each encoder
         ids = inputs["input_ids"]
         with torch.no_grad():
             if not self.sdxl:

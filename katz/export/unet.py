@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from katz.engines.unet_split import unet_down, unet_up
+from katz.models.unet import unet_down, unet_up
 from katz.export.common import TEXT_LEN, ExportError, Graph, Shape, TensorSpec, down_sizes
 
 
@@ -176,7 +176,7 @@ class UNetGraph(_UNetGraphBase):
         return _UNetWrapper(component, self.layout.sdxl)
 
     def reference(self, component, inputs):
-        # what katz.engines.torch_engines.UNetEngine.__call__ runs: diffusers' forward
+        # what katz.engines.torch.engines.UNetEngine.__call__ runs: diffusers' forward
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]} if self.layout.sdxl else None
         n = len(self.layout.residuals)
         with torch.no_grad():

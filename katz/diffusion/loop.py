@@ -1,0 +1,174 @@
+"""A request's denoising loop, wherever it runs: in ``katz_pipeline`` or in the ``unet`` model.
+
+The loop (:func:`katz.diffusion.denoise.denoise`) runs in one of two places (``Deployment.loop``):
+
+* ``pipeline``: ``katz_pipeline`` runs it and calls ``unet`` over BLS once per step. Latent
+  parallelism (several UNet shards) and ``katz_stream`` (a response per step) always run so.
+* ``unet``: ``katz_pipeline`` sends the whole request to the ``unet`` model in one BLS call (a
+  *loop request*) and the UNet's process runs the loop next to its engine. No tensor leaves the
+  GPU between steps and no step waits for a BLS round trip, so the host launches step ``i + 1``
+  while the GPU still runs step ``i``. (With ControlNets each step waits for the GPU once: the
+  ControlNet's process reads the step's sample.)
+
+A loop request is the pipeline's own inputs with a leading batch dimension of 1 (``unet`` is a
+batching model): ``loop_params [1, 1]`` (the preprocessing ``params`` JSON),
+``loop_prompt_embeds [1, B, 77, D]``, SDXL ``loop_pooled_prompt_embeds [1, B, P]`` and
+``loop_control_images [1, n, 3, H, W]`` (float32, in ``[0, 1]``). Its outputs are
+``latents [1, C, h, w]`` and ``lora_applied_step`` int32 ``[1, 1]``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+import numpy as np
+import torch
+
+from katz.diffusion.denoise import ControlInput, ControlNetFn, UNetFn, denoise
+from katz.request import InvalidArgument
+from katz.diffusion.schedulers import make_scheduler
+
+LOOP_OUTPUTS = ("latents", "lora_applied_step")
+# what a loop request's params must hold (preprocessing writes them all)
+LOOP_PARAMS = ("scheduler", "seed", "steps", "guidance_scale", "height", "width", "controlnets", "controlnet_scales",
+               "loras", "lora_scales")
+LOOPS = ("auto", "unet", "pipeline")
+
+
+def loop_place(loop: str, unet_shards: int) -> str:
+    """Where ``katz_pipeline``'s loop runs for the deployment setting ``loop``: ``auto`` is ``unet``
+    with one UNet shard and ``pipeline`` with several (each step is split over the shards)."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {loop!r}")
+    if loop == "auto":
+        return "unet" if unet_shards == 1 else "pipeline"
+    if loop == "unet" and unet_shards > 1:
+        raise ValueError("loop unet needs one UNet shard: latent parallelism splits every step over the shards")
+    return loop
+
+
+def request_controls(params: dict, images: torch.Tensor) -> list[ControlInput]:
+    """The request's ControlNets from the ``params`` JSON and ``images [n, 3, H, W]``."""
+    n = len(params["controlnets"])
+    return [
+        ControlInput(
+            name=params["controlnets"][i],
+            image=images[i : i + 1],
+            scale=params["controlnet_scales"][i],
+            start=params.get("control_guidance_start", [0.0] * n)[i],
+            end=params.get("control_guidance_end", [1.0] * n)[i],
+            key=params.get("control_image_keys", [""] * n)[i],
+        )
+        for i in range(n)
+    ]
+
+
+def run_loop(
+    params: dict,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    images: torch.Tensor,
+    folder,
+    unet: UNetFn,
+    controlnet: ControlNetFn | None,
+    controlnet_in_unet: bool,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """The request's loop: ``embeds [B, 77, D]`` (and SDXL ``pooled [B, P]``) on the loop's device,
+    ``images [n, 3, H, W]`` -> latents ``[1, C, h, w]``. ``folder`` is the deployment's model folder."""
+    return denoise(
+        unet=unet,
+        controlnet=controlnet,
+        controlnet_in_unet=controlnet_in_unet,
+        scheduler=make_scheduler(params["scheduler"], folder.scheduler_config),
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        seed=params["seed"],
+        steps=params["steps"],
+        guidance_scale=params["guidance_scale"],
+        height=params["height"],
+        width=params["width"],
+        latent_channels=folder.unet_config["in_channels"],
+        vae_scale_factor=folder.vae_scale_factor,
+        controls=request_controls(params, images),
+        on_step=on_step,
+    )
+
+
+def step_tensors(sample, t, hidden, added, batched: bool, device) -> dict:
+    """One network evaluation's conditioning as model inputs: ``sample``, ``timestep`` float32
+    (``[1]``; ``[B, 1]`` for a batching model), ``encoder_hidden_states`` and SDXL's added cond."""
+    tensors = {
+        "sample": sample.contiguous(),
+        "timestep": t.reshape(1).to(device, torch.float32),
+        "encoder_hidden_states": hidden,
+    }
+    if batched:  # every tensor has the batch dimension first
+        tensors["timestep"] = tensors["timestep"].expand(sample.shape[0], 1).contiguous()
+    if added is not None:
+        tensors.update(added)
+    return tensors
+
+
+def bls_controlnet(call, residual_names: list[str], device) -> ControlNetFn:
+    """The ``controlnet`` model over BLS as the loop's ``controlnet`` (the *inline* mode)."""
+
+    def controlnet(name, sample, t, hidden, added, image, scale, cond_key=""):
+        tensors = step_tensors(sample, t, hidden, added, batched=False, device=device)
+        tensors["controlnet_name"] = np.array([name.encode()], dtype=object)
+        tensors["controlnet_cond"] = image
+        tensors["conditioning_scale"] = torch.tensor([scale], dtype=torch.float32)
+        tensors["cond_key"] = np.array([(cond_key or "").encode()], dtype=object)
+        out = call("controlnet", tensors, residual_names)
+        return [out[n] for n in residual_names[:-1]], out["mid_residual"]
+
+    return controlnet
+
+
+def loop_request(inputs: dict) -> dict:
+    """``katz_pipeline``'s inputs as a loop request for the ``unet`` model (batch dimension 1)."""
+    out = {
+        "loop_params": inputs["params"].reshape(1, 1),
+        "loop_prompt_embeds": inputs["prompt_embeds"].unsqueeze(0),
+        "loop_control_images": inputs["control_images"].to(torch.float32).unsqueeze(0),
+    }
+    if inputs.get("pooled_prompt_embeds") is not None:
+        out["loop_pooled_prompt_embeds"] = inputs["pooled_prompt_embeds"].unsqueeze(0)
+    return out
+
+
+def is_loop_request(inputs: dict) -> bool:
+    return inputs.get("loop_params") is not None
+
+
+def read_loop_request(inputs: dict, device, dtype) -> tuple[dict, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A loop request's ``(params, embeds [B, 77, D], pooled [B, P] or None, images [n, 3, H, W])``,
+    the tensors on ``device`` in ``dtype`` (images stay float32, as the pipeline passes them).
+    Raises :class:`InvalidArgument` naming the input that is missing or malformed."""
+    for name in ("loop_prompt_embeds", "loop_control_images"):
+        if inputs.get(name) is None:
+            raise InvalidArgument(name, "required in a loop request")
+    embeds = inputs["loop_prompt_embeds"]
+    if embeds.ndim != 4 or embeds.shape[0] != 1:
+        raise InvalidArgument("loop_prompt_embeds", f"must be [1, B, 77, D], not {list(embeds.shape)}")
+    images = inputs["loop_control_images"]
+    if images.ndim != 5 or images.shape[0] != 1:
+        raise InvalidArgument("loop_control_images", f"must be [1, n, 3, H, W], not {list(images.shape)}")
+    try:
+        params = json.loads(bytes(inputs["loop_params"].reshape(-1)[0]).decode())
+    except (ValueError, IndexError) as exc:
+        raise InvalidArgument("loop_params", f"not the preprocessing params JSON ({exc})") from None
+    missing = [k for k in LOOP_PARAMS if not isinstance(params, dict) or k not in params]
+    if missing:
+        raise InvalidArgument("loop_params", f"lacks {', '.join(missing)}")
+    if len(params["controlnets"]) != images.shape[1]:
+        raise InvalidArgument("loop_control_images", f"has {images.shape[1]} images for "
+                              f"{len(params['controlnets'])} ControlNets")
+    pooled = inputs.get("loop_pooled_prompt_embeds")
+    return (
+        params,
+        embeds[0].to(device, dtype),
+        pooled[0].to(device, dtype) if pooled is not None else None,
+        images[0],
+    )

@@ -1,0 +1,296 @@
+"""Built-in model presets: the real SDXL / SD 1.5 architectures at tiny width.
+
+A preset is written once as an ordinary diffusers-format folder (``unet/``,
+``vae/``, ``text_encoder/``, ``tokenizer/``, ... plus ``controlnets/`` and
+``loras/``) under the cache directory, and then loaded through the same code
+as real weights (:mod:`katz.models.folder`). Weights are seeded random numbers,
+so every machine builds bit-identical files.
+
+Layout of a preset folder::
+
+    <cache>/<preset>/
+        model_index.json, unet/, vae/, scheduler/, text_encoder[_2]/, tokenizer[_2]/
+        controlnets/canny/           # one tiny ControlNet (diffusers format)
+        loras/style.safetensors      # UNet-only LoRA (diffusers/peft names)
+        loras/detail.safetensors     # UNet + text-encoder LoRA (kohya names)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PRESETS = ("tiny-sdxl", "tiny-sd15")
+DEFAULT_PRESET = "tiny-sdxl"
+# Bump when the generated files change, so stale caches are rebuilt.
+PRESET_VERSION = 2
+
+_TEXT_HIDDEN = 32
+_VOCAB_SIZE = 1000
+
+
+def cache_dir() -> Path:
+    """Root folder of generated presets (``$KATZ_CACHE`` or ``~/.cache/katz``)."""
+    root = os.environ.get("KATZ_CACHE") or os.path.join(Path.home(), ".cache", "katz")
+    return Path(root) / "presets"
+
+
+class PresetCacheError(RuntimeError):
+    """The preset cache folder cannot be written (and the preset is not there yet)."""
+
+
+def ensure_preset(name: str, root: Path | None = None) -> Path:
+    """Return the folder of preset ``name``, generating it on first use.
+
+    A complete preset is only read, so a read-only cache works once filled; a
+    missing preset in a folder that cannot be written raises :class:`PresetCacheError`.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    root = Path(root) if root is not None else cache_dir()
+    target = root / f"{name}-v{PRESET_VERSION}"
+    if (target / ".complete").exists():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    except OSError as exc:
+        raise PresetCacheError(
+            f"cannot write the model cache {root} to build preset {name!r} ({exc.strerror or exc}); "
+            "make it writable or point $KATZ_CACHE at a writable folder"
+        ) from None
+    try:
+        _build_preset(name, tmp)
+        (tmp / ".complete").write_text("ok\n")
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process finished first: keep its copy.
+            if not (target / ".complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer
+# --------------------------------------------------------------------------- #
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write a small CLIP BPE tokenizer (byte alphabet + common English merges)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    words = (
+        "a photo of the cat dog on in with red blue green house tree sky "
+        "portrait landscape painting city night light water mountain style"
+    ).split()
+    for w in words:
+        # merge left to right: t h -> th, th e</w> -> the</w>, ...
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = pair[0] + pair[1]
+            if f"{pair[0]} {pair[1]}" not in merges:
+                merges.append(f"{pair[0]} {pair[1]}")
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+            parts = [merged] + parts[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    assert len(vocab) <= _VOCAB_SIZE, len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer"})
+    )
+    # Round-trip through transformers so the folder also gets its own tokenizer files.
+    CLIPTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------- #
+# Components
+# --------------------------------------------------------------------------- #
+def _text_encoder(with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=_VOCAB_SIZE,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=_TEXT_HIDDEN,
+        hidden_act="gelu",
+        # As in the released SD/SDXL configs: eos id 2 makes CLIP pool at the
+        # highest token id, which is our tokenizer's <|endoftext|>.
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.13025,
+    ).eval()
+
+
+def _unet_sdxl(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + _TEXT_HIDDEN,
+    ).eval()
+
+
+def _unet_sd15(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=_TEXT_HIDDEN,
+        norm_num_groups=32,
+    ).eval()
+
+
+def _controlnet(unet, seed: int):
+    """A ControlNet shaped like ``unet`` with random (not zero) output convs."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return net.eval()
+
+
+def _scheduler(family: str):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    common = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+    )
+    if family == "sdxl":
+        return EulerDiscreteScheduler(timestep_spacing="leading", **common)
+    return PNDMScheduler(skip_prk_steps=True, set_alpha_to_one=False, **common)
+
+
+def _build_preset(name: str, out: Path) -> None:
+    from katz.lora.weights import make_random_lora
+
+    family = "sdxl" if name == "tiny-sdxl" else "sd15"
+    vae = _vae(seed=1)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    _scheduler(family).save_pretrained(out / "scheduler")
+    te = _text_encoder(with_projection=False, seed=2)
+    te.save_pretrained(out / "text_encoder", safe_serialization=True)
+    write_tokenizer(out / "tokenizer")
+    encoders = {"text_encoder": te}
+    if family == "sdxl":
+        te2 = _text_encoder(with_projection=True, seed=3)
+        te2.save_pretrained(out / "text_encoder_2", safe_serialization=True)
+        write_tokenizer(out / "tokenizer_2", pad_token="!")
+        encoders["text_encoder_2"] = te2
+        unet = _unet_sdxl(seed=4)
+        pipeline_class = "StableDiffusionXLPipeline"
+    else:
+        unet = _unet_sd15(seed=4)
+        pipeline_class = "StableDiffusionPipeline"
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    _controlnet(unet, seed=5).save_pretrained(out / "controlnets" / "canny", safe_serialization=True)
+
+    index = {
+        "_class_name": pipeline_class,
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", type(_scheduler(family)).__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+    }
+    if family == "sdxl":
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        index["force_zeros_for_empty_prompt"] = True
+    else:
+        index["safety_checker"] = [None, None]
+        index["feature_extractor"] = [None, None]
+        index["requires_safety_checker"] = False
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    loras = out / "loras"
+    loras.mkdir()
+    make_random_lora(loras / "style.safetensors", unet, {}, rank=4, seed=6, fmt="peft")
+    make_random_lora(loras / "detail.safetensors", unet, encoders, rank=4, seed=7, fmt="kohya")

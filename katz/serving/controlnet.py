@@ -1,0 +1,63 @@
+"""``controlnet``: one evaluation of a named ControlNet -> ``down_residual_0..N-1``, ``mid_residual``.
+
+Inputs as :mod:`katz.serving.unet` (without residuals and LoRAs) plus
+``controlnet_name`` BYTES ``[1]``, ``controlnet_cond [B, 3, H, W]`` in ``[0, 1]``
+``conditioning_scale`` FP32 ``[1]`` and optional ``cond_key`` BYTES ``[1]`` (the
+control image's content hash: its conditioning features are computed once and
+cached across requests).
+"""
+
+from __future__ import annotations
+
+from katz.engines import engine_class
+from katz.engines.torch.engines import ControlNetEngine
+from katz.request import InvalidArgument
+from katz.serving.unet import added_cond, compile_batches, graph_metrics
+
+
+def _key(inputs: dict) -> str | None:
+    key = inputs.get("cond_key")
+    if key is None:
+        return None
+    return bytes(key.reshape(-1)[0]).decode() or None
+
+
+class ControlNet:
+    def __init__(self, deployment):
+        self.engine = engine_class(deployment, ControlNetEngine)(
+            deployment.folder,
+            deployment.device,
+            deployment.torch_dtype,
+            resident=deployment.controlnet_resident,
+            cache_bytes=deployment.controlnet_cache_bytes,
+            feature_cache_bytes=deployment.feature_cache_bytes,
+        )
+        if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
+            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2), compile_batches=compile_batches(deployment))
+
+    def execute(self, inputs: dict) -> dict:
+        name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()
+        if name not in self.engine.names:
+            raise InvalidArgument("controlnets", f"unknown ControlNet {name!r}")
+        down, mid = self.engine(
+            name,
+            inputs["sample"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            added_cond(inputs),
+            inputs["controlnet_cond"],
+            float(inputs["conditioning_scale"].reshape(-1)[0]),
+            _key(inputs),
+        )
+        out = {f"down_residual_{i}": r for i, r in enumerate(down)}
+        out["mid_residual"] = mid
+        return out
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        f = self.engine.features
+        return [
+            ("katz_controlnet_feature_cache_hits_total", "control-image feature cache hits", {}, f.hits),
+            ("katz_controlnet_feature_cache_misses_total", "control-image feature cache misses", {}, f.misses),
+            ("katz_controlnet_loads_total", "ControlNets loaded into the model cache", {}, self.engine.loads),
+            *graph_metrics(self.engine),
+        ]
