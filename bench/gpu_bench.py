@@ -229,7 +229,7 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
     from bench.bal_quality import psnr
     from katz.engines.torch.cuda_graphs import CudaGraphs
     from katz.engines.torch.experimental.fp8 import quantize_linears
-    from katz.engines.torch.engines import ControlNetEngine
+    from katz.engines.torch.controlnet import ControlNetEngine
 
     out: dict = {}
     tag = "_row" if rowwise else ""
@@ -385,7 +385,7 @@ def diffusers_baseline(folder: Path, lora_dir: Path, args, control, prompt: str,
     both unless ``args.cases`` leaves that case out); into ``res``."""
     import diffusers
 
-    from katz.engines.torch.engines import unet_example_inputs
+    from katz.models.unet import unet_example_inputs
     from katz.models.folder import ModelFolder
 
     device, dtype = bench_device()
@@ -560,7 +560,7 @@ def main() -> None:
     unet = ens.models["unet"]
 
     # ---------------------------------------------------------------- Katz engines alone
-    from katz.engines.torch.engines import unet_example_inputs
+    from katz.models.unet import unet_example_inputs
 
     eng = unet.engine
     x = unet_example_inputs(mf, 2, args.size, args.size, "cuda", torch.float16)

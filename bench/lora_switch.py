@@ -5,7 +5,7 @@
 
 Two LoRAs of :func:`bench.sdxl_random.write_lora`'s kind (every attention projection) are loaded
 through :class:`katz.lora.manager.LoraManager` as the server loads them, then
-:class:`katz.lora.weights.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
+:class:`katz.lora.patch.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
 switch: the host time until ``apply`` returns (what the denoising loop waits for) and until the GPU
 has finished it, and one switch under the torch profiler (CUDA kernels launched, the top host ops).
 Prints a table and writes ``--out`` JSON.
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, sync  # noqa: E402
-from katz.lora.weights import LoraPatcher, make_random_lora  # noqa: E402
+from katz.lora.patch import LoraPatcher  # noqa: E402
+from katz.lora.random import make_random_lora
 from katz.lora.manager import LoraManager  # noqa: E402
 from katz.lora.store import LoraStore  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Where a model process's GPU memory goes after load, on a GPU host.
 
 Builds one model (``--model``: ``unet``, ``vae_decoder``, ``text_encoder``) as ``katz serve`` does
-(:func:`katz.serving.create_model`: weights, the ControlNets of local mode, CUDA graphs
+(:func:`katz.serving.factory.create_model`: weights, the ControlNets of local mode, CUDA graphs
 captured at load), in this process, with torch's memory history on, and prints:
 
 * per graph capture (:meth:`katz.engines.torch.cuda_graphs.CudaGraphs.capture`): the bytes it added to
@@ -133,7 +133,7 @@ def main() -> None:
     from katz.engines import cuda_graphs
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.serving import create_model
+    from katz.serving.factory import create_model
     from katz.deployment import Deployment
 
     path = build(args.model_dir)

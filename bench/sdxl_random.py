@@ -109,7 +109,7 @@ def write_lora(path: Path, rank: int = 64, dtype: str = "float16") -> Path:
     """
     from diffusers import UNet2DConditionModel
 
-    from katz.lora.weights import make_random_lora
+    from katz.lora.random import make_random_lora
     from katz.lora.safetensors import read_header
 
     path = Path(path)

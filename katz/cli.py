@@ -105,11 +105,11 @@ def build_deployment(args):
     """Resolve the model folder, ControlNets, LoRA store and limits; fail before any server starts."""
     import torch
 
+    from katz.deployment import Deployment
+    from katz.diffusion.loop import loop_place
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.models.presets import DEFAULT_PRESET, ensure_preset
     from katz.request import Limits
-    from katz.diffusion.loop import loop_place
-    from katz.deployment import Deployment
 
     model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
     controlnets = discover_controlnets(Path(model_dir) / "controlnets")
@@ -257,9 +257,9 @@ def cmd_render(args) -> int:
 
 def cmd_serve(args) -> int:
     from katz.deploy import server
+    from katz.deploy.repository import MODELS, render_repository
     from katz.models.folder import ModelFolderError
     from katz.models.presets import PresetCacheError
-    from katz.deploy.repository import MODELS, render_repository
 
     try:
         deployment = build_deployment(args)

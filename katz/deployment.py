@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
+from katz.diffusion.loop import loop_place
 from katz.lora.store import LoraStore
 from katz.models.folder import ModelFolder
 from katz.request import Limits
-from katz.diffusion.loop import loop_place
-
 
 # where the ControlNets run: inline (the controlnet model, called serially before each UNet step),
 # service (the controlnet model, beside the UNet's down path), local (in the UNet's process), remote
@@ -57,6 +56,13 @@ class Deployment:
     graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
     channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
     fp8: bool = False  # torch engines on GPUs (8.9+): UNet/ControlNet transformer linears in float8 (engines.fp8)
+
+    @property
+    def compile_batches(self) -> tuple[int, ...]:
+        """The batch size whose UNet and ControlNet graphs are compiled when ``compile`` is on: 2 (the CFG
+    batch), or 1 where latent parallelism runs each CFG half on its own shard. Batch 1 of a single
+    shard (guidance scale 1) is captured uncompiled, which halves the compile time at load."""
+        return (1,) if self.unet_shards > 1 else (2,)
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from katz.diffusion.schedulers import scheduler_names
+from katz.errors import InvalidArgument
 
 INPUT_FIELDS = (
     "prompt",
@@ -57,14 +58,6 @@ INPUT_FIELDS = (
 )
 
 _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-class InvalidArgument(ValueError):
-    """A request field is missing or out of range; ``field`` names it."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from katz.lora.weights import LoraError
-from katz.request import Limits
 from katz.deployment import Deployment
+from katz.errors import LoraError
+from katz.request import Limits
 from katz.serving.local import LocalEnsemble
 
 STEPS = 6
@@ -147,7 +147,7 @@ def test_deleted_and_replaced_files_are_reported_not_crashed_on(preset_dir, lora
     ens = _ensemble(preset_dir("tiny-sdxl"), d)
     first = ens.generate(_req(["style"], k=0))["image"]
     (d / "style.safetensors").unlink()
-    from katz.request import InvalidArgument
+    from katz.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="unknown LoRA 'style'"):
         ens.generate(_req(["style"], k=0))
@@ -160,7 +160,8 @@ def test_deleted_and_replaced_files_are_reported_not_crashed_on(preset_dir, lora
 
 
 def test_lora_k_must_be_below_steps():
-    from katz.request import InvalidArgument, parse_request
+    from katz.errors import InvalidArgument
+    from katz.request import parse_request
 
     with pytest.raises(InvalidArgument, match="lora_k"):
         parse_request({"prompt": np.array([b"x"], object), "steps": np.array([4], np.int32),

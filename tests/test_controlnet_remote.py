@@ -33,9 +33,9 @@ def _gen(**kw):
 
 
 def _local(preset_path, req: Generation):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
     from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))

@@ -18,9 +18,9 @@ STEPS = 5
 
 
 def _ensemble(preset_path, mode="inline", **kw):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
     from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
@@ -63,7 +63,7 @@ def service(sdxl):
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
 def test_split_unet_equals_the_whole_forward(preset_dir, preset):
-    from katz.engines.torch.engines import UNetEngine
+    from katz.engines.torch.unet import UNetEngine
     from katz.models.folder import ModelFolder
 
     folder = ModelFolder(preset_dir(preset))
@@ -136,8 +136,8 @@ def test_windows_skip_controlnets_outside_them(sdxl):
 def test_multi_controlnet_with_windows_matches_diffusers(sdxl, mode, inline, service, local):
     import diffusers
 
-    from katz.models.folder import ModelFolder
     from katz.diffusion.schedulers import make_scheduler
+    from katz.models.folder import ModelFolder
 
     ens = {"inline": inline, "service": service, "local": local}[mode]
     ours = ens.generate(_req(n=2, scales=[0.8, 0.5], starts=[0.0, 0.2], ends=[0.6, 1.0]))["image"]
@@ -164,7 +164,8 @@ def test_multi_controlnet_with_windows_matches_diffusers(sdxl, mode, inline, ser
     ],
 )
 def test_bad_windows(fields, field):
-    from katz.request import InvalidArgument, Limits, parse_request
+    from katz.errors import InvalidArgument
+    from katz.request import Limits, parse_request
 
     req = {"prompt": np.array([b"x"], object), "controlnets": np.array([b"canny"], object),
            "control_images": np.array([control_png()], object)}
@@ -178,7 +179,7 @@ def test_controlnet_model_cache_is_bounded(sdxl, tmp_path):
     """Non-resident ControlNets load on demand and are evicted beyond the byte budget."""
     import shutil
 
-    from katz.engines.torch.engines import ControlNetEngine
+    from katz.engines.torch.controlnet import ControlNetEngine
     from katz.models.folder import ModelFolder
 
     for name in ("a", "b", "c"):

@@ -28,7 +28,8 @@ def folder(request, preset_dir):
 
 
 def _engines(folder, accel):
-    from katz.engines.torch.engines import ControlNetEngine, UNetEngine
+    from katz.engines.torch.controlnet import ControlNetEngine
+    from katz.engines.torch.unet import UNetEngine
 
     unet = UNetEngine(folder, "cuda", torch.float16, accel=accel)
     unet.warm_up([(SIZE, SIZE)], batches=(1, 2), residuals=True, split=True)
@@ -38,8 +39,10 @@ def _engines(folder, accel):
 
 
 def test_graphs_match_eager_and_see_loras(folder, tmp_path):
-    from katz.engines.torch.engines import unet_example_inputs
-    from katz.lora.weights import make_random_lora, read_lora_file, parse_lora
+    from katz.lora.random import make_random_lora
+    from katz.lora.safetensors import read_lora_file
+    from katz.lora.weights import parse_lora
+    from katz.models.unet import unet_example_inputs
 
     unet, cn = _engines(folder, Acceleration(cuda_graphs=True))
     # one signature per batch: the step with residuals (a plain step replays it with zeros), down, up
@@ -91,7 +94,8 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
 def test_split_graphs_serve_plain_steps_with_zero_residuals(folder, compile_):
     """ControlNet-as-a-Service captures down and up only: a step without ControlNets replays them
     with zero residuals (nothing eager, no step graph); compiled, only the batches asked for compile."""
-    from katz.engines.torch.engines import UNetEngine, unet_example_inputs
+    from katz.engines.torch.unet import UNetEngine
+    from katz.models.unet import unet_example_inputs
 
     unet = UNetEngine(folder, "cuda", torch.float16, accel=Acceleration(cuda_graphs=True, compile=compile_))
     compiled_calls = []
@@ -116,7 +120,7 @@ def _counting(fn, calls):
 
 @pytest.mark.parametrize("compile_vae", [False, True])
 def test_vae_decode_warmed_up_matches_eager(folder, compile_vae):
-    from katz.engines.torch.engines import VaeDecoderEngine
+    from katz.engines.torch.vae import VaeDecoderEngine
 
     vae = VaeDecoderEngine(folder, "cuda", torch.float16,
                            accel=Acceleration(cuda_graphs=True, compile_vae=compile_vae))
@@ -137,8 +141,8 @@ def test_vae_decode_warmed_up_matches_eager(folder, compile_vae):
 def test_request_through_local_ensemble_unchanged(folder):
     from PIL import Image
 
-    from katz.request import Limits
     from katz.deployment import Deployment
+    from katz.request import Limits
     from katz.serving.local import LocalEnsemble
 
     control = io.BytesIO()
@@ -167,9 +171,12 @@ def test_request_through_local_ensemble_unchanged(folder):
 def test_fp8_engines_match_eager_follow_loras_and_restore_exactly(folder, tmp_path, compile_):
     """--fp8: the UNet's and ControlNets' transformer linears in float8, captured (and compiled) like the
     float16 ones; a LoRA merged after capture re-quantizes into the graph's buffers, restore is exact."""
+    from katz.engines.torch.unet import UNetEngine
     from katz.engines.torch.experimental.fp8 import Fp8Linear, fp8_capable
-    from katz.engines.torch.engines import UNetEngine, unet_example_inputs
-    from katz.lora.weights import make_random_lora, parse_lora, read_lora_file
+    from katz.lora.random import make_random_lora
+    from katz.lora.safetensors import read_lora_file
+    from katz.lora.weights import parse_lora
+    from katz.models.unet import unet_example_inputs
 
     if not fp8_capable("cuda"):
         pytest.skip("this GPU has no float8 tensor cores")

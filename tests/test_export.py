@@ -15,11 +15,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from katz.cli import main
-from katz.export.common import Shape, ShapeRanges, export_graph
-from katz.export.manifest import ExportManifest, graphs_for
-from katz.export.onnx_check import check_export, check_graph, rel_l2
-from katz.lora.refit_map import RefitMap, build_refit_map, lora_targets, plan_lora, verify_values
-from katz.export.tensorrt_build import (
+from katz.deploy.repository import MODELS, Placement, render_repository
+from katz.deployment import Deployment
+from katz.engines.tensorrt.manifest import (
     EngineManifest,
     EngineMismatch,
     EngineRecord,
@@ -27,11 +25,17 @@ from katz.export.tensorrt_build import (
     compatibility_problems,
     required_ranges,
 )
-from katz.lora.weights import LoraError, LoraLayer, LoraPatcher, LoraWeights, parse_lora, read_lora_file
+from katz.errors import LoraError
+from katz.export.graph import export_graph
+from katz.export.manifest import ExportManifest, graphs_for
+from katz.export.onnx_check import check_export, check_graph, rel_l2
+from katz.lora.patch import LoraPatcher
+from katz.lora.refit_map import RefitMap, build_refit_map, lora_targets, plan_lora, verify_values
+from katz.lora.safetensors import read_lora_file
+from katz.lora.weights import LoraLayer, LoraWeights, parse_lora
 from katz.models.folder import ModelFolder, discover_controlnets
-from katz.deploy.repository import MODELS, Placement, render_repository
+from katz.models.shapes import Shape, ShapeRanges
 from katz.request import Limits
-from katz.deployment import Deployment
 
 PRESETS = ["tiny-sdxl", "tiny-sd15"]
 
@@ -288,7 +292,7 @@ def test_lora_refit_through_the_map_equals_the_pytorch_merge(exported):
 
 
 def test_lora_with_targets_the_engine_cannot_refit_fails_naming_them(exported):
-    from katz.serving import is_user_error
+    from katz.errors import is_user_error
 
     out, folder = exported("tiny-sdxl")
     refit = RefitMap.load(out / "unet.refit.json")
@@ -335,7 +339,7 @@ def _fake_engines(out: Path, export_dir: Path, dtype: str = "float32") -> Path:
         ranges=export.ranges, export_dir=str(export_dir), model_dir=export.model_dir, family=export.family,
     )
     for g in export.graphs.values():
-        from katz.export.tensorrt_build import engine_path
+        from katz.engines.tensorrt.manifest import engine_path
 
         rec = EngineRecord(
             name=g.name, model=g.model, file=engine_path(g.name, g.model), onnx=str(export_dir / g.file),
@@ -371,8 +375,8 @@ def test_engine_compatibility_is_checked_with_a_rebuild_hint(exported, tmp_path)
 
 def test_deployment_selects_the_engine(preset_dir, tmp_path):
     from katz.engines import engine_class
-    from katz.engines import tensorrt_engines as trt_engines  # imports without TensorRT
-    from katz.engines.torch.engines import UNetEngine, VaeDecoderEngine
+    from katz.engines.tensorrt import components as trt_engines  # imports without TensorRT
+    from katz.engines.torch.unet import UNetEngine
 
     folder = _folder(preset_dir("tiny-sdxl"))
     dep = Deployment(folder.path, folder.controlnets, None, Limits(), engine="tensorrt", engine_dir=tmp_path)
@@ -386,21 +390,23 @@ def test_deployment_selects_the_engine(preset_dir, tmp_path):
     with pytest.raises(ValueError, match="engine_dir"):
         Deployment.from_parameters({**params, "engine_dir": ""}, "cpu")
     torch_dep = Deployment(folder.path, folder.controlnets, None, Limits())
-    torch_unet = engine_class(torch_dep, UNetEngine)  # the torch class, given the deployment's CUDA-graph settings
+    torch_unet = engine_class(torch_dep, "unet")  # the torch class, given the deployment's CUDA-graph settings
     assert torch_unet.func is UNetEngine and torch_unet.keywords["accel"] is torch_dep.accel
-    cls = engine_class(back, VaeDecoderEngine)
-    assert cls.func is trt_engines.VaeDecoderEngine and cls.keywords["engine_dir"] == tmp_path
+    with pytest.raises(ValueError, match="text_encoder"):
+        engine_class(torch_dep, "text_encoder")
+    cls = engine_class(back, "vae_decoder")
+    assert cls.func is trt_engines.TrtVaeDecoderEngine and cls.keywords["engine_dir"] == tmp_path
     with pytest.raises(EngineMismatch, match="katz build-engines"):  # no engines.json there
         cls(folder, "cpu", torch.float32)
 
 
 def test_tensorrt_engines_need_a_cuda_device(exported, tmp_path):
-    from katz.engines.tensorrt.engine import VaeDecoderEngine
+    from katz.engines.tensorrt.components import TrtVaeDecoderEngine
 
     out, folder = exported("tiny-sdxl")
     engines = _fake_engines(tmp_path / "engines", out)
     with pytest.raises(EngineMismatch, match="CUDA"):
-        VaeDecoderEngine(folder, "cpu", torch.float32, engine_dir=engines)
+        TrtVaeDecoderEngine(folder, "cpu", torch.float32, engine_dir=engines)
 
 
 def test_render_serves_the_vae_engine_as_a_tensorrt_plan(exported, tmp_path):
@@ -508,7 +514,7 @@ def test_tensorrt_lora_refitter_merges_restores_and_rolls_back(exported, monkeyp
     import threading
     import types
 
-    from katz.engines import tensorrt_engines as te
+    from katz.engines.tensorrt import refit as te
 
     out, folder = exported("tiny-sdxl")
     base = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(out / "unet.onnx")).graph.initializer}
@@ -527,7 +533,7 @@ def test_tensorrt_lora_refitter_merges_restores_and_rolls_back(exported, monkeyp
             record=types.SimpleNamespace(onnx=str(out / "unet.onnx"), file="unet/1/unet.plan"),
             manifest=types.SimpleNamespace(rebuild_hint=lambda d: "rebuild"),
         )
-        part = te._RefitPart(engine, RefitMap.load(out / "unet.refit.json"))
+        part = te.RefitPart(engine, RefitMap.load(out / "unet.refit.json"))
         return te.TrtLoraRefitter([part], "unet", "rebuild"), fake, part.map
 
     def is_base(fake):

@@ -11,9 +11,20 @@ import re
 import pytest
 import torch
 
-from katz.engines.torch.experimental.fp8 import (FP8, Fp8Linear, fp8_targets, quantize, quantize_linears, requantize, row_scale,
-                              tensor_scale)
-from katz.lora.weights import LoraPatcher, make_random_lora, parse_lora, read_lora_file
+from katz.engines.torch.experimental.fp8 import (
+    FP8,
+    Fp8Linear,
+    fp8_targets,
+    quantize,
+    quantize_linears,
+    requantize,
+    row_scale,
+    tensor_scale,
+)
+from katz.lora.patch import LoraPatcher
+from katz.lora.random import make_random_lora
+from katz.lora.safetensors import read_lora_file
+from katz.lora.weights import parse_lora
 from katz.models.presets import _unet_sdxl
 
 
@@ -123,9 +134,9 @@ def test_lora_merges_requantize_and_the_base_comes_back_bit_exact(unet, tmp_path
 
 
 def test_fp8_is_refused_where_it_cannot_run():
+    from katz.deployment import Deployment
     from katz.engines.torch.cuda_graphs import Acceleration
     from katz.request import Limits
-    from katz.deployment import Deployment
 
     with pytest.raises(ValueError, match="float8 tensor cores"):
         Acceleration(fp8=True).quantize(torch.nn.Linear(16, 16), torch.device("cpu"))

@@ -255,9 +255,8 @@ def test_fuzz_control_image_files(server, image, protocol):
 
 
 def lora_files(style: bytes):
-    from safetensors.torch import save
-
     import torch
+    from safetensors.torch import save
 
     keys = st.sampled_from([
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
@@ -317,9 +316,8 @@ def server_base_image(server):
 @settings(max_examples=500, deadline=None, database=None)
 @given(name=st.text(max_size=300) | st.sampled_from(HOSTILE_NAMES))
 def test_lora_names_never_leave_the_store(name):
-    from katz.lora.weights import LoraError
+    from katz.errors import InvalidArgument, LoraError
     from katz.lora.store import LoraStore
-    from katz.request import InvalidArgument
 
     store_dir = Path("/srv/katz-loras")
     store = LoraStore(store_dir, "sdxl")

@@ -110,9 +110,9 @@ def test_alignment_is_the_unet_downsampling_factor(preset_dir, preset):
 
 
 def _ensemble(preset_path, shards, mode="inline", delay=0.0, size=64):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
     from katz.serving.local import LocalEnsemble
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
@@ -196,10 +196,10 @@ def test_repository_renders_one_model_per_shard(preset_dir, tmp_path, shards):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from katz.models.folder import ModelFolder
     from katz.deploy.repository import Placement, render_repository
-    from katz.request import Limits
     from katz.deployment import Deployment
+    from katz.models.folder import ModelFolder
+    from katz.request import Limits
     from katz.serving.pipeline import unet_model_names
 
     folder = ModelFolder(preset_dir("tiny-sdxl"))

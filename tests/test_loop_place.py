@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import control_png
-from katz.models.folder import ModelFolder, discover_controlnets
-from katz.request import InvalidArgument, Limits
-from katz.diffusion.loop import loop_place, loop_request, read_loop_request
 from katz.deployment import Deployment
+from katz.diffusion.loop import loop_place, loop_request, read_loop_request
+from katz.errors import InvalidArgument
+from katz.models.folder import ModelFolder, discover_controlnets
+from katz.request import Limits
 from katz.serving.local import LocalEnsemble
+
+from conftest import control_png
 
 STEPS = 4
 
@@ -125,7 +127,7 @@ def test_bad_calls_to_the_unet_model_are_invalid_arguments(preset_dir):
 def test_tensors_cross_to_triton_in_c_order():
     """An empty tensor made from numpy (a request without ControlNets) has all strides 0; Triton's
     DLPack import rejects that for a GPU tensor, so the glue gives every tensor C-order strides."""
-    from katz.serving import c_order
+    from katz.serving.dlpack import c_order
 
     empty = torch.from_numpy(np.zeros((0, 3, 8, 8), np.float32)).unsqueeze(0)
     assert empty.stride() == (0, 0, 0, 0, 0) and empty.is_contiguous()
@@ -137,7 +139,7 @@ def test_tensors_cross_to_triton_in_c_order():
 
 
 def test_memory_gauges(preset_dir):
-    from katz.serving import memory_gauges
+    from katz.serving.metrics import memory_gauges
 
     assert memory_gauges("cpu") == []  # torch's CUDA allocator only
     ens = _ensemble(preset_dir("tiny-sdxl"), "unet")

@@ -13,17 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from katz.lora.weights import (
-    LoraError,
-    LoraLayer,
-    LoraPatcher,
-    LoraWeights,
-    all_finite,
-    copy_all,
-    make_random_lora,
-    parse_lora,
-    read_lora_file,
-)
+from katz.errors import LoraError
+from katz.lora.patch import LoraPatcher, all_finite, copy_all
+from katz.lora.random import make_random_lora
+from katz.lora.safetensors import read_lora_file
+from katz.lora.weights import LoraLayer, LoraWeights, parse_lora
 from katz.models.presets import _scheduler, _text_encoder, _unet_sd15, _unet_sdxl, _vae, write_tokenizer
 
 RANK = 4
@@ -503,7 +497,7 @@ def test_merge_costs_a_few_kernels_per_shape_and_plans_are_cached(sd15):
 def test_grouped_merge_equals_the_per_layer_merge(sd15, monkeypatch):
     """Batches of any size (small scratch: many batches; a shape with one layer: addmm) give the
     weights the per-layer float64 sum gives, rounded once to float32."""
-    import katz.lora.weights as lora_mod
+    import katz.lora.patch as lora_mod
 
     unet = copy.deepcopy(sd15["unet"])
     paths = _attn_paths(unet)

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_lora import _raises  # (LoraError raised, every needle in its message) -> message
 
 import katz.lora.safetensors as lf
-from katz.lora.weights import LoraError, LoraPatcher, parse_lora, read_lora_file
+from katz.errors import LoraError
 from katz.lora.manager import LoraManager, finite_flag, first_non_finite
+from katz.lora.patch import LoraPatcher
+from katz.lora.safetensors import read_lora_file
 from katz.lora.store import LoraStore
-from test_lora import _raises  # (LoraError raised, every needle in its message) -> message
+from katz.lora.weights import parse_lora
 
 
 def _raw_file(path: Path, header: dict, data: bytes) -> Path:

@@ -74,7 +74,7 @@ def test_all_slots_taken_leaves_a_listener_deaf_not_failing():
 def test_manager_hint_starts_loads_but_not_behind_a_long_queue(preset_dir, tmp_path):
     import shutil
 
-    from katz.engines.torch.engines import UNetEngine
+    from katz.engines.torch.unet import UNetEngine
     from katz.lora.manager import LoraManager
     from katz.lora.store import LoraStore
     from katz.models.folder import ModelFolder

@@ -93,9 +93,9 @@ def test_a_path_waiting_is_queued_once(tmp_path):
 
 # ---------------------------------------------------------------- preprocessing
 def _preprocessing(preset_path: Path, lora_dir: Path, readahead: bool = True):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
     from katz.serving.preprocessing import Preprocessing
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
@@ -135,7 +135,7 @@ def test_preprocessing_reads_ahead_the_requested_loras(recording, loras):
 
 
 def test_preprocessing_reads_nothing_for_a_bad_request(recording):
-    from katz.request import InvalidArgument
+    from katz.errors import InvalidArgument
 
     pre, seen = recording
     for bad in ("nosuch", "../style", "a/b"):

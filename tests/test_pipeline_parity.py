@@ -21,9 +21,9 @@ TOLERANCE = 2
 
 
 def _deployment(folder_path):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
 
     folder = ModelFolder(folder_path, discover_controlnets(folder_path / "controlnets"))
     guidance = 5.0 if folder.family == "sdxl" else 7.5
@@ -70,8 +70,8 @@ def _request(scheduler="default", controlnet=False, loras=(), seed=42, negative=
 def _diffusers_image(folder_path, scheduler, controlnet=False, loras=(), seed=42, negative=None, guidance=None):
     import diffusers
 
-    from katz.models.folder import ModelFolder
     from katz.diffusion.schedulers import make_scheduler
+    from katz.models.folder import ModelFolder
 
     folder = ModelFolder(folder_path)
     kwargs = {}
@@ -155,7 +155,7 @@ def test_png_decodes_to_the_image(ensembles):
 def test_vae_decodes_in_float32_where_the_model_asks_as_diffusers_does(preset_dir):
     """A float16 deployment decodes a ``force_upcast`` VAE (the SDXL VAE: its activations overflow
     float16) in float32 and returns the image in float16; a VAE fixed for float16 runs in float16."""
-    from katz.engines.torch.engines import VaeDecoderEngine, vae_compute_dtype
+    from katz.engines.torch.vae import VaeDecoderEngine, vae_compute_dtype
     from katz.models.folder import ModelFolder
 
     assert vae_compute_dtype({"force_upcast": True}, torch.float16) == torch.float32
@@ -176,7 +176,7 @@ def test_vae_decodes_in_float32_where_the_model_asks_as_diffusers_does(preset_di
 def test_vae_decoder_load_survives_a_failed_compile(preset_dir):
     """Compiling the VAE needs a C compiler and Triton on the host; where it fails the decoder
     warns and decodes uncompiled instead of failing the model's load."""
-    from katz.engines.torch.engines import VaeDecoderEngine
+    from katz.engines.torch.vae import VaeDecoderEngine
     from katz.models.folder import ModelFolder
 
     vae = VaeDecoderEngine(ModelFolder(preset_dir("tiny-sd15")), "cpu")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from katz.serving import create_model
+from katz.serving.factory import create_model
 from katz.serving.postprocessing import PNG_TEXT_KEYS, PngEncoder, Postprocessing
 
 
@@ -47,9 +47,9 @@ def test_png_encoder_writes_only_the_settings_it_has():
 
 
 def test_roles_build_both_models(preset_dir):
+    from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
-    from katz.deployment import Deployment
 
     path = preset_dir("tiny-sd15")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

@@ -7,8 +7,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from katz.deploy.repository import MODELS, Placement, render_repository
-from katz.request import Limits
 from katz.deployment import Deployment
+from katz.request import Limits
 
 
 def _deployment(path, dtype="float32", **settings):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from katz.request import InvalidArgument, Limits, parse_request
+from katz.errors import InvalidArgument
+from katz.request import Limits, parse_request
 
 from conftest import control_png
 
@@ -109,9 +110,9 @@ def test_control_image_pixel_limit():
 def test_preprocessing_makes_the_control_image_processor_at_load(preset_dir):
     """diffusers' image processor (its import takes seconds) is made when the preprocessing model
     loads, not on the first ControlNet request."""
+    from katz.deployment import Deployment
     from katz.diffusion.images import control_image_processor
     from katz.models.folder import ModelFolder, discover_controlnets
-    from katz.deployment import Deployment
     from katz.serving.preprocessing import Preprocessing
 
     path = preset_dir("tiny-sdxl")

@@ -31,10 +31,10 @@ def _config(repo, model):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_katz_stream_config_is_decoupled_with_the_ensembles_inputs(preset_dir, tmp_path, device):
-    from katz.models.folder import ModelFolder, discover_controlnets
     from katz.deploy.repository import Placement, render_repository
-    from katz.request import Limits
     from katz.deployment import Deployment
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.request import Limits
 
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))

@@ -19,12 +19,16 @@ if not torch.cuda.is_available():
     pytest.skip("TensorRT engines need a CUDA GPU", allow_module_level=True)
 
 from katz.cli import main  # noqa: E402
-from katz.engines import tensorrt_engines as te  # noqa: E402
-from katz.engines import torch_engines  # noqa: E402
+from katz.engines.tensorrt import components as te  # noqa: E402
+from katz.engines.torch.controlnet import ControlNetEngine  # noqa: E402
+from katz.engines.torch.unet import UNetEngine  # noqa: E402
+from katz.engines.torch.vae import VaeDecoderEngine  # noqa: E402
+from katz.engines.tensorrt.manifest import EngineManifest, EngineMismatch  # noqa: E402
+from katz.errors import LoraError  # noqa: E402
 from katz.export.onnx_check import rel_l2  # noqa: E402
-from katz.export.tensorrt_build import EngineManifest, EngineMismatch  # noqa: E402
 from katz.export.unet import UNetGraph  # noqa: E402
-from katz.lora.weights import LoraError, LoraLayer, LoraWeights, parse_lora, read_lora_file  # noqa: E402
+from katz.lora.safetensors import read_lora_file  # noqa: E402
+from katz.lora.weights import LoraLayer, LoraWeights, parse_lora  # noqa: E402
 from katz.models.folder import ModelFolder, discover_controlnets  # noqa: E402
 from katz.request import Limits  # noqa: E402
 
@@ -56,7 +60,7 @@ def built(preset_dir, tmp_path_factory):
 
 def _inputs(folder, batch=2, size=64, seed=0):
     g = UNetGraph(folder)
-    from katz.export.common import Shape
+    from katz.models.shapes import Shape
 
     x = g.sample_inputs(Shape(batch, size, size), torch.float32, seed=seed)
     half = {k for k, v in x.items() if v.is_floating_point() and k != "timestep"}
@@ -77,7 +81,7 @@ def _unet_call(engine, x, residuals=True):
 
 @pytest.fixture(scope="module")
 def torch_unet(built):
-    engine = torch_engines.UNetEngine(built["folder"], DEVICE, DTYPE)
+    engine = UNetEngine(built["folder"], DEVICE, DTYPE)
     engine.num_residuals = built["folder"].num_down_residuals
     return engine
 
@@ -95,7 +99,7 @@ def test_manifest_records_this_gpu_and_refit(built):
 
 @pytest.mark.parametrize("which", ["full", "split"])
 def test_unet_engine_matches_pytorch(built, torch_unet, which):
-    engine = te.UNetEngine(built["folder"], DEVICE, DTYPE, engine_dir=built[which], limits=LIMITS)
+    engine = te.TrtUNetEngine(built["folder"], DEVICE, DTYPE, engine_dir=built[which], limits=LIMITS)
     assert engine.split == (which == "split")
     for batch, size, residuals in ((2, 64, True), (1, 64, False), (2, 16, True), (1, 128, True)):
         x = _inputs(built["folder"], batch, size)
@@ -114,8 +118,8 @@ def test_unet_engine_matches_pytorch(built, torch_unet, which):
 
 def test_controlnet_and_vae_engines_match_pytorch(built):
     folder = built["folder"]
-    trt_cn = te.ControlNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
-    torch_cn = torch_engines.ControlNetEngine(folder, DEVICE, DTYPE)
+    trt_cn = te.TrtControlNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
+    torch_cn = ControlNetEngine(folder, DEVICE, DTYPE)
     x = _inputs(folder)
     image = torch.rand(2, 3, 64, 64, device=DEVICE, dtype=DTYPE)
     added = {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}
@@ -126,8 +130,8 @@ def test_controlnet_and_vae_engines_match_pytorch(built):
     for a, b in zip(got[0] + [got[1]], want[0] + [want[1]]):
         assert rel_l2(a.float().cpu(), b.float().cpu()) <= TOL
 
-    trt_vae = te.VaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
-    torch_vae = torch_engines.VaeDecoderEngine(folder, DEVICE, DTYPE)
+    trt_vae = te.TrtVaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
+    torch_vae = VaeDecoderEngine(folder, DEVICE, DTYPE)
     latents = torch.randn(1, 4, 8, 8, device=DEVICE, dtype=DTYPE)
     assert rel_l2(trt_vae(latents).float().cpu(), torch_vae(latents).float().cpu()) <= TOL
 
@@ -135,8 +139,8 @@ def test_controlnet_and_vae_engines_match_pytorch(built):
 @pytest.mark.parametrize("which", ["full", "split"])
 def test_lora_refit_matches_pytorch_and_restores_exactly(built, which):
     folder = built["folder"]
-    engine = te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=built[which], limits=LIMITS)
-    ref = torch_engines.UNetEngine(folder, DEVICE, DTYPE)
+    engine = te.TrtUNetEngine(folder, DEVICE, DTYPE, engine_dir=built[which], limits=LIMITS)
+    ref = UNetEngine(folder, DEVICE, DTYPE)
     ref.num_residuals = folder.num_down_residuals
     x = _inputs(folder, seed=4)
     base1, base2 = _unet_call(engine, x), _unet_call(engine, x)
@@ -161,10 +165,10 @@ def test_lora_refit_matches_pytorch_and_restores_exactly(built, which):
 
 
 def test_lora_the_engine_cannot_refit_fails_naming_the_targets(built):
-    from katz.serving import is_user_error
+    from katz.errors import is_user_error
 
     folder = built["folder"]
-    engine = te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
+    engine = te.TrtUNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
     x = _inputs(folder, seed=5)
     base = _unet_call(engine, x)
     ok = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -189,8 +193,8 @@ def test_weight_stripped_plans_load_by_refitting_from_onnx(built):
     assert m.engines["unet"].weight_stripped
     full_plan = built["full"] / "unet" / "1" / "unet.plan"
     assert (stripped / "unet" / "1" / "unet.plan").stat().st_size < full_plan.stat().st_size
-    a = te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=stripped, limits=LIMITS)
-    b = te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
+    a = te.TrtUNetEngine(folder, DEVICE, DTYPE, engine_dir=stripped, limits=LIMITS)
+    b = te.TrtUNetEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
     x = _inputs(folder, seed=6)
     assert rel_l2(_unet_call(a, x).float().cpu(), _unet_call(b, x).float().cpu()) <= 1e-3
     a.set_loras([(_lora(folder, "style"), 1.0)])  # stripped plans are refittable like the others
@@ -213,20 +217,20 @@ def test_engines_for_another_gpu_version_or_range_are_refused(built, tmp_path):
         data[key] = value
         (d / "engines.json").write_text(json.dumps(data))
         with pytest.raises(EngineMismatch) as info:
-            te.UNetEngine(folder, DEVICE, DTYPE, engine_dir=d, limits=LIMITS)
+            te.TrtUNetEngine(folder, DEVICE, DTYPE, engine_dir=d, limits=LIMITS)
         assert message in str(info.value) and "katz build-engines --onnx" in str(info.value)
     big = Limits(max_width=4096, max_height=4096, default_width=64, default_height=64)
     with pytest.raises(EngineMismatch, match="--max-size 4096"):
-        te.VaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=big)
+        te.TrtVaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=big)
     d = tmp_path / "corrupt"
     shutil.copytree(built["full"], d, symlinks=True)
     (d / "vae_decoder" / "1" / "model.plan").write_bytes(b"\0" * 1024)
     with pytest.raises(EngineMismatch, match="could not load"):
-        te.VaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=d, limits=LIMITS)
+        te.TrtVaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=d, limits=LIMITS)
     # a request outside the built range is refused per request, naming the field
-    from katz.request import InvalidArgument
+    from katz.errors import InvalidArgument
 
-    engine = te.VaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
+    engine = te.TrtVaeDecoderEngine(folder, DEVICE, DTYPE, engine_dir=built["full"], limits=LIMITS)
     with pytest.raises(InvalidArgument) as info:
         engine(torch.randn(1, 4, 8, 64, device=DEVICE, dtype=DTYPE))  # 512 px wide > 128
     assert info.value.field == "width" and "katz build-engines" in str(info.value)
@@ -242,7 +246,7 @@ def test_unet_model_serves_with_tensorrt_and_loras(built):
     dep = Deployment(folder.path, folder.controlnets, folder.path / "loras", LIMITS, device=DEVICE,
                      dtype="float16", engine="tensorrt", engine_dir=built["full"])
     model = UNet(dep)
-    assert isinstance(model.engine, te.UNetEngine)
+    assert isinstance(model.engine, te.TrtUNetEngine)
     x = _inputs(folder, seed=7)
     inputs = {k: v for k, v in x.items() if not k.startswith(("down_residual", "mid_residual"))}
     inputs["timestep"] = x["timestep"].reshape(-1, 1).float()

@@ -16,17 +16,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from katz.serving import (
-    BLS_ONLY_ROLES,
-    INVALID_ARG_MARK,
-    UNAVAILABLE_MARK,
-    ModelCallError,
-    c_order,
-    create_model,
-    memory_gauges,
-    error_kind,
-    is_out_of_memory,
-)
+from katz.serving.factory import BLS_ONLY_ROLES, create_model
+from katz.serving.dlpack import c_order
+from katz.serving.metrics import memory_gauges
+from katz.errors import INVALID_ARG_MARK, UNAVAILABLE_MARK, ModelCallError, error_kind, is_out_of_memory
 from katz.serving.profiling import ExecuteProfiler, ExecuteTrace
 
 # `kill -USR1 <stub pid>` writes every thread's Python stack to the server log (a stuck

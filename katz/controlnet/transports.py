@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from katz.serving import ModelCallError
+from katz.errors import ModelCallError
 
 
 @dataclass

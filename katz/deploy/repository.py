@@ -185,7 +185,7 @@ def render_repository(
         (out / model / "1").mkdir(parents=True)
         (out / model / "config.pbtxt").write_text(rendered)
     if getattr(deployment, "engine", "torch") == "tensorrt":  # the VAE decoder as a tensorrt_plan model
-        from katz.export.triton_config import render_tensorrt_plans
+        from katz.deploy.tensorrt_plans import render_tensorrt_plans
 
         render_tensorrt_plans(deployment, out, placement, models)
     return out

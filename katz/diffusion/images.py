@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from katz.request import InvalidArgument
+from katz.errors import InvalidArgument
 
 
 @functools.cache

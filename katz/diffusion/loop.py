@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from katz.diffusion.denoise import ControlInput, ControlNetFn, UNetFn, denoise
-from katz.request import InvalidArgument
 from katz.diffusion.schedulers import make_scheduler
+from katz.errors import InvalidArgument
 
 LOOP_OUTPUTS = ("latents", "lora_applied_step")
 # what a loop request's params must hold (preprocessing writes them all)
@@ -109,6 +109,13 @@ def step_tensors(sample, t, hidden, added, batched: bool, device) -> dict:
     if added is not None:
         tensors.update(added)
     return tensors
+
+
+def added_cond(inputs: dict) -> dict | None:
+    """SDXL's added conditioning of a step call (:func:`step_tensors`' inverse); None for SD 1.5."""
+    if inputs.get("text_embeds") is not None:
+        return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    return None
 
 
 def bls_controlnet(call, residual_names: list[str], device) -> ControlNetFn:

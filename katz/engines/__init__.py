@@ -1,29 +1,39 @@
 """Engines: the networks behind one interface, whatever runs them.
 
-Each engine owns one component (UNet, ControlNets, VAE decoder, text encoders)
-on one device. :mod:`katz.engines.torch.engines` runs them with PyTorch,
-:mod:`katz.engines.tensorrt.engine` the UNet, ControlNets and VAE decoder with
-TensorRT (``engine: tensorrt`` in the deployment; see :func:`engine_class`).
+Each engine owns one component (UNet, ControlNets, VAE decoder, text encoders) on one device.
+:mod:`katz.engines.torch` runs them with PyTorch (eager, compiled, CUDA graphs);
+:mod:`katz.engines.tensorrt` runs the UNet, ControlNets and VAE decoder with TensorRT
+(``engine: tensorrt`` in the deployment). :func:`engine_class` picks the class for a deployment.
 """
 
+from __future__ import annotations
 
-def engine_class(deployment, torch_class):
-    """The engine class a deployment uses for ``torch_class``'s component.
+import functools
 
-    ``engine: torch`` (the default): ``torch_class`` itself, given the deployment's
-    :class:`~katz.engines.torch.cuda_graphs.Acceleration` where it takes one. ``engine: tensorrt``: the class of
-    the same name in :mod:`katz.engines.tensorrt.engine`, bound to the deployment's engine
-    folder and limits (same constructor arguments and call signature otherwise).
+ENGINE_COMPONENTS = ("unet", "controlnet", "vae_decoder")
+
+
+def engine_class(deployment, component: str):
+    """The engine class (with the deployment's settings bound) for ``component``, one of
+    :data:`ENGINE_COMPONENTS`.
+
+    ``engine: torch`` (the default): the PyTorch engine, given the deployment's
+    :class:`~katz.engines.torch.cuda_graphs.Acceleration` (CUDA graphs, compile). ``engine: tensorrt``:
+    the TensorRT engine, bound to the deployment's engine folder and limits. Both take
+    ``(folder, device, dtype)`` and have the same call signature.
     """
-    import functools
-    import inspect
+    if component not in ENGINE_COMPONENTS:
+        raise ValueError(f"no engine for component {component!r} (one of {', '.join(ENGINE_COMPONENTS)})")
+    if deployment.engine == "tensorrt":
+        from katz.engines.tensorrt import components as trt
 
-    if getattr(deployment, "engine", "torch") != "tensorrt":
-        if "accel" in inspect.signature(torch_class).parameters and hasattr(deployment, "accel"):
-            return functools.partial(torch_class, accel=deployment.accel)  # CUDA graphs / compile
-        return torch_class
-
-    from katz.engines import tensorrt_engines
-
-    cls = getattr(tensorrt_engines, torch_class.__name__)
-    return functools.partial(cls, engine_dir=deployment.engine_dir, limits=deployment.limits)
+        cls = {"unet": trt.TrtUNetEngine, "controlnet": trt.TrtControlNetEngine,
+               "vae_decoder": trt.TrtVaeDecoderEngine}[component]
+        return functools.partial(cls, engine_dir=deployment.engine_dir, limits=deployment.limits)
+    if component == "unet":
+        from katz.engines.torch.unet import UNetEngine as cls
+    elif component == "controlnet":
+        from katz.engines.torch.controlnet import ControlNetEngine as cls
+    else:
+        from katz.engines.torch.vae import VaeDecoderEngine as cls
+    return functools.partial(cls, accel=deployment.accel)

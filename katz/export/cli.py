@@ -82,7 +82,7 @@ def _folder(args):
 
 
 def _ranges(args, base):
-    from katz.export.common import ShapeRanges
+    from katz.models.shapes import ShapeRanges
 
     if not any(getattr(args, k) for k in ("min_size", "opt_size", "max_size", "max_batch")):
         return None
@@ -100,10 +100,11 @@ def _fail(exc: BaseException) -> int:
 
 
 def cmd_export(args) -> int:
-    from katz.export.common import ExportError, ShapeRanges
+    from katz.errors import ExportError
     from katz.export.manifest import export_folder
     from katz.export.onnx_check import ParityError, check_export
     from katz.models.folder import ModelFolderError
+    from katz.models.shapes import ShapeRanges
 
     try:
         folder = _folder(args)
@@ -122,9 +123,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_build_engines(args) -> int:
-    from katz.export.common import ExportError
+    from katz.engines.tensorrt.manifest import EngineMismatch, TensorRTUnavailable
+    from katz.errors import ExportError
     from katz.export.manifest import ExportManifest
-    from katz.export.tensorrt_build import BuildOptions, EngineMismatch, TensorRTUnavailable, build_engines
+    from katz.export.tensorrt_build import BuildOptions, build_engines
 
     try:
         export = ExportManifest.load(args.onnx)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from katz.export.common import Graph, TensorSpec
-from katz.export.unet import UNetLayout, sample_conditioning
+from katz.export.graph import Graph
+from katz.models.shapes import TensorSpec
+from katz.models.unet import UNetLayout, sample_conditioning
 
 
 class _ControlNetWrapper(torch.nn.Module):
@@ -85,7 +86,7 @@ class ControlNetGraph(Graph):
         return torch.randn(shape, generator=gen).to(dtype)
 
     def reference(self, component, inputs):
-        # what katz.engines.torch.engines.ControlNetEngine runs: diffusers' forward, scale a float
+        # what katz.engines.torch.controlnet.ControlNetEngine runs: diffusers' forward, scale a float
         added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]} if self.layout.sdxl else None
         with torch.no_grad():
             down, mid = component(

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from katz.export.common import DEFAULT_OPSET, ExportedGraph, ExportError, Graph, ShapeRanges, export_graph
+from katz.errors import ExportError
+from katz.export.graph import DEFAULT_OPSET, ExportedGraph, Graph, export_graph
+from katz.models.shapes import ShapeRanges
 
 MANIFEST = "export.json"
 MANIFEST_VERSION = 1
@@ -115,8 +117,8 @@ def export_folder(
     log: Callable[[str], None] = lambda msg: None,
 ) -> ExportManifest:
     """Export every graph of ``folder`` into ``out_dir`` with refit maps and ``export.json``."""
-    from katz.export.common import TORCH_DTYPES
     from katz.lora.refit_map import build_refit_map
+    from katz.models.shapes import TORCH_DTYPES
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

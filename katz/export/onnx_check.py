@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from katz.export.common import TORCH_DTYPES, Graph, Shape, ShapeRanges
+from katz.export.graph import Graph
+from katz.models.shapes import TORCH_DTYPES, Shape, ShapeRanges
 
 DEFAULT_TOLERANCE = {"float32": 1e-3, "float16": 2e-2}
 

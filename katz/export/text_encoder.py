@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from katz.export.common import TEXT_LEN, Graph, TensorSpec
+from katz.export.graph import Graph
+from katz.models.shapes import TEXT_LEN, TensorSpec
 
 
 class _TextEncoderWrapper(torch.nn.Module):

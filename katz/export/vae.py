@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from katz.export.common import Graph, TensorSpec, preloaded
+from katz.export.graph import Graph, preloaded
+from katz.models.shapes import TensorSpec
 
 
 class _VaeDecoderWrapper(torch.nn.Module):
@@ -22,7 +23,7 @@ class _VaeDecoderWrapper(torch.nn.Module):
         self.std = list(std) if mean is not None and std is not None else None
 
     def forward(self, latents):
-        # the same arithmetic, in the same order, as katz.engines.torch.engines.VaeDecoderEngine:
+        # the same arithmetic, in the same order, as katz.engines.torch.vae.VaeDecoderEngine:
         # computed in the VAE's dtype (float32 for a force_upcast VAE in a float16 export), the image
         # returned in the latents' dtype
         io_dtype = latents.dtype
@@ -63,7 +64,7 @@ class VaeDecoderGraph(Graph):
         return {k: tuple((1, *s[1:]) for s in v) for k, v in prof.items()}
 
     def load(self, dtype):
-        from katz.engines.torch.engines import vae_compute_dtype
+        from katz.engines.torch.vae import vae_compute_dtype
 
         return self.folder.load_vae("cpu", vae_compute_dtype(self.folder.vae_config, dtype))
 
@@ -71,7 +72,7 @@ class VaeDecoderGraph(Graph):
         return _VaeDecoderWrapper(component)
 
     def reference(self, component, inputs):
-        from katz.engines.torch.engines import VaeDecoderEngine
+        from katz.engines.torch.vae import VaeDecoderEngine
 
         engine = VaeDecoderEngine(preloaded(self.folder, vae=component), "cpu", inputs["latents"].dtype)
         return {"image": engine(inputs["latents"])}

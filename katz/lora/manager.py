@@ -4,7 +4,7 @@ One loader thread reads, parses and validates LoRA files and moves them to the
 engine's device. Two LRU tiers with byte budgets keep them: *host* (the raw bytes
 read from the file, with the parsed LoRA as views into them) and *device* (one
 buffer per LoRA on the engine's device, with the parsed LoRA as views into it,
-ready for :class:`katz.lora.weights.LoraPatcher`). The UNet model asks
+ready for :class:`katz.lora.patch.LoraPatcher`). The UNet model asks
 :meth:`LoraManager.prefetch` at the first step of a request and patches the
 LoRA in at the first step boundary where :meth:`LoraManager.ready` says so,
 or waits in :meth:`LoraManager.get` at the bounding step *k*.
@@ -32,9 +32,11 @@ from typing import Iterable
 
 import torch
 
-from katz.lora.weights import COMPONENT_PREFIXES, COMPONENTS, LoraError, LoraLayer, LoraPatcher, LoraWeights, _err, parse_lora
-from katz.lora.safetensors import read_lora_bytes, tensor_views
+from katz.errors import LoraError, lora_error
+from katz.lora.patch import LoraPatcher
+from katz.lora.safetensors import COMPONENT_PREFIXES, read_lora_bytes, tensor_views
 from katz.lora.store import LoraStore
+from katz.lora.weights import COMPONENTS, LoraLayer, LoraWeights, parse_lora
 
 
 @dataclass
@@ -393,7 +395,7 @@ class LoraManager:
         for key in keys:
             for c in missing:
                 if key.startswith(COMPONENT_PREFIXES[c]):
-                    raise _err(name, f"tensor {key!r} targets {c}, which a {self.store.family} model does not have")
+                    raise lora_error(name, f"tensor {key!r} targets {c}, which a {self.store.family} model does not have")
 
     @contextlib.contextmanager
     def _timed(self, stat: str):
@@ -440,7 +442,7 @@ class LoraManager:
             if not bool(finite):  # the one host sync of the load: the upload is done too
                 bad = first_non_finite(prepared.on_device)
                 if bad is not None:
-                    raise _err(name, f"tensor {bad!r} contains NaN or infinite values")
+                    raise lora_error(name, f"tensor {bad!r} contains NaN or infinite values")
         if prepared.invalid is not None:
             raise prepared.invalid
         nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)

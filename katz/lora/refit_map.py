@@ -15,7 +15,7 @@ to is found
 Whether the initializer is transposed is decided by the graph too (MatMul's second operand,
 Gemm's ``transB``, the parity of Transposes on the way), never by comparing shapes, so square
 weights come out right. :meth:`RefitMap.merged_weight` computes LoRA-merged weights in the
-engine's layout with exactly the arithmetic of :class:`katz.lora.weights.LoraPatcher`.
+engine's layout with exactly the arithmetic of :class:`katz.lora.patch.LoraPatcher`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from katz.lora.weights import LoraError, LoraLayer, LoraWeights, PathIndex, lora_delta, lora_fits
+from katz.errors import LoraError
+from katz.lora.weights import LoraLayer, LoraWeights, PathIndex, lora_delta, lora_fits
 
 REFIT_MAP_VERSION = 1
 _PASS_THROUGH = ("Transpose", "Cast", "Identity")
@@ -120,7 +121,7 @@ class RefitMap:
     @torch.no_grad()
     def merged_weight(entry: RefitEntry, base: torch.Tensor, items: Sequence[tuple[float, LoraLayer]]) -> torch.Tensor:
         """``base`` (engine layout) + the LoRAs ``items`` = [(scale, layer)], in the engine layout and
-        ``base``'s dtype: the sum :class:`katz.lora.weights.LoraPatcher` forms (in float32, rounded once to
+        ``base``'s dtype: the sum :class:`katz.lora.patch.LoraPatcher` forms (in float32, rounded once to
         ``base``'s dtype), equal to its result up to the BLAS's summation order (a bit or two)."""
         cdt = torch.float64 if base.dtype == torch.float64 else torch.float32
         delta = entry.to_engine_layout(lora_delta(items, entry.torch_shape, cdt, base.device))

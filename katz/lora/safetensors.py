@@ -13,18 +13,20 @@ buffer, laid out as in the file.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from katz.lora.weights import _DIFFUSERS_METADATA_KEY, LoraError, _err, _fold_diffusers_metadata, _in_components
+from katz.errors import LoraError, lora_error
 
 # The LoRA tensor dtypes accepted (safetensors' names).
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -102,15 +104,15 @@ class LoraRead:
         scalars. A tensor at an offset that is not a multiple of its dtype size is copied (on the
         buffer's device) instead of viewed."""
         tensors = tensor_views(self.buffer if buffer is None else buffer, self.header, self.plan, self.keys)
-        raw = self.header.metadata.get(_DIFFUSERS_METADATA_KEY)
+        raw = self.header.metadata.get(DIFFUSERS_METADATA_KEY)
         if raw and tensors:
-            _fold_diffusers_metadata(tensors, raw, self.name)
-            tensors = {k: v for k, v in tensors.items() if _in_components(k, self.components)}
+            fold_diffusers_metadata(tensors, raw, self.name)
+            tensors = {k: v for k, v in tensors.items() if in_components(k, self.components)}
         return tensors
 
 
 def _invalid(name: str, filename: str, reason: str) -> LoraError:
-    return _err(name, f"file {filename} is not a valid safetensors file ({reason})")
+    return lora_error(name, f"file {filename} is not a valid safetensors file ({reason})")
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
@@ -189,7 +191,7 @@ def read_header(fd: int, file_size: int, filename: str, name: str) -> Header:
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
             raise _invalid(name, filename, f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end]")
         if dtype not in DTYPES:
-            raise _err(
+            raise lora_error(
                 name,
                 f"tensor {key!r} in file {filename} has dtype {dtype}; "
                 f"LoRA tensors must be {', '.join(DTYPES)}",
@@ -331,7 +333,7 @@ def read_lora_bytes(
 
     ``alloc(nbytes)`` returns the CPU uint8 buffer ``[nbytes]`` to read into (a fresh tensor, or a
     slice of a reusable, possibly pinned, staging buffer). ``components`` keeps the semantics of
-    :func:`katz.lora.weights.read_lora_file`: keys of no known component are always read. Raises
+    :func:`katz.lora.safetensors.read_lora_file`: keys of no known component are always read. Raises
     :class:`LoraError` naming ``name``; :meth:`LoraRead.tensors` makes the tensors.
 
     ``overlap(read)`` runs on the calling thread while the read threads fill the buffer (work that
@@ -342,21 +344,21 @@ def read_lora_bytes(
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise _err(name, f"file {path.name} is not a .safetensors file (only safetensors LoRAs are accepted)")
+        raise lora_error(name, f"file {path.name} is not a .safetensors file (only safetensors LoRAs are accepted)")
     if not path.is_file():
-        raise _err(name, f"file {path.name} does not exist")
+        raise lora_error(name, f"file {path.name} does not exist")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:  # deleted since the check above
-        raise _err(name, f"file {path.name} does not exist") from None
+        raise lora_error(name, f"file {path.name} does not exist") from None
     except OSError as e:
-        raise _err(name, f"file {path.name} could not be opened ({type(e).__name__}: {e})") from None
+        raise lora_error(name, f"file {path.name} could not be opened ({type(e).__name__}: {e})") from None
     try:
         header = read_header(fd, os.fstat(fd).st_size, path.name, name)
         if not header.tensors and components is None:
-            raise _err(name, f"file {path.name} contains no tensors")
+            raise lora_error(name, f"file {path.name} contains no tensors")
         comps = None if components is None else tuple(components)
-        keys = [k for k in header.tensors if _in_components(k, comps)]
+        keys = [k for k in header.tensors if in_components(k, comps)]
         plan = plan_read(header, keys)
         buffer = alloc(plan.nbytes)
         read = LoraRead(name=name, components=comps, header=header, plan=plan, keys=keys, buffer=buffer)
@@ -379,6 +381,100 @@ def read_lora_bytes(
     except EOFError as e:  # the file shrank after its header was read
         raise _invalid(name, path.name, str(e)) from None
     except OSError as e:
-        raise _err(name, f"file {path.name} could not be read ({type(e).__name__}: {e})") from None
+        raise lora_error(name, f"file {path.name} could not be read ({type(e).__name__}: {e})") from None
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- #
+# LoRA files: components, diffusers' metadata, the reader the rest of Katz calls
+# --------------------------------------------------------------------------- #
+# diffusers' safetensors header entry holding the peft LoraConfig of each component.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+# file-key prefixes of each component, in the formats parse_lora reads
+COMPONENT_PREFIXES = {
+    "unet": ("unet.", "lora_unet_"),
+    "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_"),
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_"),
+}
+
+
+def read_lora_file(
+    path: str | Path, name: str, components: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Load a ``.safetensors`` LoRA into CPU tensors (never unpickles anything).
+
+    The header is checked strictly and the wanted bytes are read in parallel into one buffer
+    (see :mod:`katz.lora.safetensors`); the tensors are views into that buffer.
+
+    ``components`` (e.g. ``["text_encoder", "text_encoder_2"]``) reads only
+    those components' tensors: a text-encoder model then skips the (large) UNet
+    part of the file. Keys of no known component are always read, so that
+    :func:`parse_lora` still reports them.
+
+    diffusers writes the alpha of peft-format LoRAs into the safetensors header
+    (``lora_adapter_metadata``: a peft ``LoraConfig`` per component); it is folded into the
+    returned dict as ``<component>.<module path>.alpha`` scalars, so :func:`parse_lora` needs
+    only the tensors. Any failure raises :class:`LoraError` naming ``name``.
+    """
+    return read_lora_bytes(path, name, components, lambda n: torch.empty(n, dtype=torch.uint8)).tensors()
+
+
+_KNOWN_PREFIXES = tuple(p for ps in COMPONENT_PREFIXES.values() for p in ps)
+
+
+@functools.lru_cache(maxsize=64)
+def component_prefixes(components: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p for c in components for p in COMPONENT_PREFIXES[c])
+
+
+def in_components(key: str, components: Sequence[str] | None) -> bool:
+    """Whether a file key belongs to ``components`` (None: all); keys of no known component always do."""
+    if components is None:
+        return True
+    return key.startswith(component_prefixes(tuple(components))) or not key.startswith(_KNOWN_PREFIXES)
+
+
+def _peft_pattern_match(patterns: Mapping[str, object], module_path: str):
+    """Value of the first peft ``rank_pattern`` / ``alpha_pattern`` entry matching ``module_path``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return None
+
+
+def fold_diffusers_metadata(tensors: dict[str, torch.Tensor], raw: str, name: str) -> None:
+    try:
+        meta = json.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise lora_error(name, f"unreadable {DIFFUSERS_METADATA_KEY} in the file header ({e})") from None
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        cfg = {k[len(component) + 1 :]: v for k, v in meta.items() if k.startswith(component + ".")}
+        if not cfg:
+            continue
+        if cfg.get("use_dora"):
+            raise lora_error(name, f"DoRA LoRAs are not supported ({component} has use_dora=true)")
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        prefix, suffix = component + ".", ".lora_A.weight"
+        for key, down in list(tensors.items()):
+            if not (key.startswith(prefix) and key.endswith(suffix)):
+                continue
+            module_path = key[len(prefix) : -len(suffix)]
+            alpha_key = f"{prefix}{module_path}.alpha"
+            if alpha_key in tensors:
+                continue
+            try:
+                r_cfg = _peft_pattern_match(rank_pattern, module_path)
+                r_cfg = float(cfg.get("r", 8) if r_cfg is None else r_cfg)
+                alpha = _peft_pattern_match(alpha_pattern, module_path)
+                alpha = float(cfg.get("lora_alpha", 8) if alpha is None else alpha)
+            except (TypeError, ValueError, re.error) as e:
+                raise lora_error(name, f"bad {DIFFUSERS_METADATA_KEY} for {component} ({e})") from None
+            # peft scales by alpha / r_cfg (alpha / sqrt(r_cfg) with rslora); express that as an
+            # alpha for the tensor's own rank.
+            rank = down.shape[0] if down.ndim else 1
+            scaling = alpha / math.sqrt(r_cfg) if cfg.get("use_rslora") else alpha / r_cfg
+            tensors[alpha_key] = torch.tensor(scaling * rank, dtype=torch.float64)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from katz.lora.weights import LoraError, LoraWeights, parse_lora, read_lora_file
+from katz.errors import LoraError
+from katz.lora.safetensors import read_lora_file
+from katz.lora.weights import LoraWeights, parse_lora
 from katz.request import check_lora_name
 
 SUFFIX = ".safetensors"
@@ -51,7 +53,7 @@ class LoraStore:
     def get(self, name: str, components: tuple[str, ...] | None = None) -> LoraWeights:
         """Read, parse and validate-by-format the LoRA ``name`` (cached while the file is unchanged).
 
-        ``components`` reads only those components' tensors (see :func:`katz.lora.weights.read_lora_file`).
+        ``components`` reads only those components' tensors (see :func:`katz.lora.safetensors.read_lora_file`).
         """
         path = self.path(name)
         try:

@@ -248,7 +248,7 @@ def _scheduler(family: str):
 
 
 def _build_preset(name: str, out: Path) -> None:
-    from katz.lora.weights import make_random_lora
+    from katz.lora.random import make_random_lora
 
     family = "sdxl" if name == "tiny-sdxl" else "sd15"
     vae = _vae(seed=1)

@@ -9,10 +9,10 @@ cached across requests).
 
 from __future__ import annotations
 
+from katz.diffusion.loop import added_cond
 from katz.engines import engine_class
-from katz.engines.torch.engines import ControlNetEngine
-from katz.request import InvalidArgument
-from katz.serving.unet import added_cond, compile_batches, graph_metrics
+from katz.errors import InvalidArgument
+from katz.serving.metrics import graph_metrics
 
 
 def _key(inputs: dict) -> str | None:
@@ -24,7 +24,7 @@ def _key(inputs: dict) -> str | None:
 
 class ControlNet:
     def __init__(self, deployment):
-        self.engine = engine_class(deployment, ControlNetEngine)(
+        self.engine = engine_class(deployment, "controlnet")(
             deployment.folder,
             deployment.device,
             deployment.torch_dtype,
@@ -33,7 +33,7 @@ class ControlNet:
             feature_cache_bytes=deployment.feature_cache_bytes,
         )
         if hasattr(self.engine, "warm_up"):  # CUDA graphs / compile: at load, never on a request
-            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2), compile_batches=compile_batches(deployment))
+            self.engine.warm_up(deployment.accel.sizes, batches=(1, 2), compile_batches=deployment.compile_batches)
 
     def execute(self, inputs: dict) -> dict:
         name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()

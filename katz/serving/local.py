@@ -7,8 +7,8 @@ calls become direct calls.
 
 from __future__ import annotations
 
-from katz.serving import create_model
 from katz.deployment import Deployment
+from katz.serving.factory import create_model
 
 ROLES = {
     "preprocessing": "preprocessing",

@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from katz.diffusion.loop import LOOP_OUTPUTS, bls_controlnet, loop_place, loop_request, run_loop, step_tensors
 from katz.diffusion.schedulers import DEFAULT, make_scheduler
 from katz.parallel.tiling import Tile, blend, plan_tiles
-from katz.diffusion.loop import LOOP_OUTPUTS, bls_controlnet, loop_place, loop_request, run_loop, step_tensors
 from katz.serving.preprocessing import read_params
 
 

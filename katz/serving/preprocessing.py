@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from katz.diffusion.images import control_image_processor, decode_control_image
+from katz.diffusion.text_encoding import tokenize
 from katz.lora.hints import HintSender
 from katz.lora.readahead import LoraReadahead
 from katz.request import parse_request
-from katz.diffusion.text_encoding import tokenize
 
 
 class Preprocessing:

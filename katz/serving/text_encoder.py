@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from katz.engines.torch.engines import TextEncoderEngine
+from katz.engines.torch.text_encoder import TextEncoderEngine
 from katz.serving.preprocessing import read_params
 
 

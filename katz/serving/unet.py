@@ -29,18 +29,12 @@ import time
 import torch
 
 from katz.controlnet.transports import BlsControlNets, ControlJob, LocalControlNets, RemoteControlNets
+from katz.diffusion.loop import added_cond, bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
 from katz.engines import engine_class
-from katz.engines.torch.engines import UNetEngine
+from katz.errors import InvalidArgument
 from katz.lora.manager import LoraManager
-from katz.request import InvalidArgument
-from katz.diffusion.loop import bls_controlnet, is_loop_request, read_loop_request, run_loop, step_tensors
+from katz.serving.metrics import graph_metrics
 from katz.serving.preprocessing import read_params
-
-
-def added_cond(inputs: dict) -> dict | None:
-    if inputs.get("text_embeds") is not None:
-        return {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-    return None
 
 
 def lora_request(inputs: dict) -> tuple[tuple[str, float], ...]:
@@ -69,25 +63,6 @@ def control_jobs(inputs: dict) -> list[ControlJob]:
     ]
 
 
-def compile_batches(deployment) -> tuple[int, ...]:
-    """The batch size whose UNet and ControlNet graphs are compiled when ``compile`` is on: 2 (the CFG
-    batch), or 1 where latent parallelism runs each CFG half on its own shard. Batch 1 of a single
-    shard (guidance scale 1) is captured uncompiled, which halves the compile time at load."""
-    return (1,) if deployment.unet_shards > 1 else (2,)
-
-
-def graph_metrics(engine) -> list[tuple[str, str, dict, float]]:
-    """CUDA-graph replays and eager fallbacks (calls of a shape not captured at load) per graph."""
-    out = []
-    for graph in getattr(engine, "_graphs", {}).values():
-        if hasattr(graph, "replays"):
-            out.append(("katz_cuda_graph_replays_total", "steps replayed as CUDA graphs", {"graph": graph.name},
-                        graph.replays))
-            out.append(("katz_cuda_graph_eager_calls_total", "calls of a shape with no captured graph (run eagerly)",
-                        {"graph": graph.name}, graph.eager_calls))
-    return out
-
-
 class UNet:
     def __init__(self, deployment, call=None):
         self.deployment = deployment
@@ -104,7 +79,7 @@ class UNet:
                 deployment.controlnet_url, deployment.controlnet_timeout_s, names,
                 deployment.device, deployment.torch_dtype,
             )
-        self.engine = engine_class(deployment, UNetEngine)(
+        self.engine = engine_class(deployment, "unet")(
             deployment.folder, deployment.device, deployment.torch_dtype
         )
         self.num_residuals = deployment.folder.num_down_residuals
@@ -122,7 +97,7 @@ class UNet:
                 deployment.accel.sizes, batches=(1, 2),
                 residuals=deployment.controlnet_mode in ("inline", "local") and bool(deployment.folder.controlnets),
                 split=deployment.controlnet_mode in ("service", "remote"),
-                compile_batches=compile_batches(deployment),
+                compile_batches=deployment.compile_batches,
             )
         self.loras = LoraManager(
             deployment.loras,

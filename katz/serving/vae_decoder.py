@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from katz.engines import engine_class
-from katz.engines.torch.engines import VaeDecoderEngine
 
 
 class VaeDecoder:
     def __init__(self, deployment):
-        self.engine = engine_class(deployment, VaeDecoderEngine)(
+        self.engine = engine_class(deployment, "vae_decoder")(
             deployment.folder, deployment.device, deployment.torch_dtype
         )
         if hasattr(self.engine, "warm_up"):  # compile / CUDA graphs: at load, never on a request

@@ -11,7 +11,7 @@ graph's static outputs are returned.
 Capture happens at model load (:meth:`CudaGraphs.capture`, called by the engines'
 ``warm_up``), never on a request: a call whose signature was not captured runs
 the function eagerly. Weights are read by address, so LoRAs merged in place
-(:class:`katz.lora.weights.LoraPatcher` writes into the same storage) are seen by the
+(:class:`katz.lora.patch.LoraPatcher` writes into the same storage) are seen by the
 graph without a new capture.
 
 The returned outputs are the graph's own buffers, overwritten by the next replay:

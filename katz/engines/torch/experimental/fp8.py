@@ -15,7 +15,7 @@ Convolutions, attention itself (softmax(QK^T)V), the cross-attention keys and va
 77 text tokens (``attn2.to_k`` / ``to_v``), norms and embeddings stay in float16.
 
 The float16 weight stays the module's ``weight`` parameter: LoRAs are merged there as before
-(:class:`katz.lora.weights.LoraPatcher`, exact restore of the base), and :func:`requantize` then rewrites
+(:class:`katz.lora.patch.LoraPatcher`, exact restore of the base), and :func:`requantize` then rewrites
 the float8 copy of the modules a merge touched, in place, so captured CUDA graphs read the new
 values. A restored base weight re-quantizes to the very bytes it had at load.
 

@@ -38,7 +38,7 @@ def tensorrt_plan_config(model: str, record, instance_group: str) -> str:
 def render_tensorrt_plans(deployment, out: Path, placement, models=TENSORRT_PLAN_MODELS) -> list[str]:
     """Re-render the rendered repository ``out``'s ``tensorrt_plan`` models for an ``engine:
     tensorrt`` deployment and link their plans; returns the models it changed."""
-    from katz.export.tensorrt_build import EngineManifest, EngineMismatch
+    from katz.engines.tensorrt.manifest import EngineManifest, EngineMismatch
 
     if not deployment.device.startswith("cuda"):
         raise EngineMismatch(f"engine tensorrt runs on CUDA devices, not {deployment.device!r}; use --device cuda")
