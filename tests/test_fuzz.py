@@ -169,6 +169,9 @@ def valid_request(draw):
     return t
 
 
+BAD_SIZES = [0, 1, 7, 8, 16, 24, 72, 136, 1000]
+
+
 def hostile_fields():
     """For each input, values outside the rules (wrong type, shape, range, content)."""
     lora_names = st.sampled_from([b"style", b"detail", b"nope"] + [n.encode() for n in HOSTILE_NAMES]) | text_bytes(12)
@@ -180,8 +183,9 @@ def hostile_fields():
         "seed": scalar(np.int64, st.integers(-(2**63), 2**63 - 1)) | wrong_tensor(),
         "steps": scalar(np.int32, st.integers(-3, MAX_STEPS + 2) | st.integers(-(2**31), 2**31 - 1)) | wrong_tensor(),
         "guidance_scale": scalar(np.float32, F32) | wrong_tensor(),
-        "width": scalar(np.int32, st.sampled_from([0, 1, 7, 8, 16, 24, 72, 136, 1000]) | st.integers(-(2**31), 2**31 - 1)),
-        "height": scalar(np.int32, st.sampled_from([0, 1, 7, 8, 16, 24, 72, 136, 1000]) | st.integers(-(2**31), 2**31 - 1)),
+        # 8-24: multiples of 8 below the models' minimum
+        "width": scalar(np.int32, st.sampled_from(BAD_SIZES) | st.integers(-(2**31), 2**31 - 1)),
+        "height": scalar(np.int32, st.sampled_from(BAD_SIZES) | st.integers(-(2**31), 2**31 - 1)),
         "scheduler": st.sampled_from([b"EULER", b"", b"../euler", b"default\x00"]).map(lambda b: _obj([b]))
         | text_bytes(16).map(lambda b: _obj([b])) | wrong_tensor(),
         "controlnets": st.lists(cn_names, min_size=0, max_size=6).map(_obj) | wrong_tensor(),

@@ -196,3 +196,17 @@ def test_deployment_validates_against_its_folder_minimum(preset_dir):
     dep = Deployment(folder.path, folder.controlnets, None, Limits(min_width=48))
     assert (dep.request_limits.min_width, dep.request_limits.min_height) == (48, 32)  # a higher setting stays
     assert dep.request_limits.max_width == Limits().max_width
+
+
+def test_serve_refuses_a_max_size_below_the_folder_minimum(preset_dir, tmp_path):
+    """Every request would be refused: say so at start, naming the minimum."""
+    from katz.cli import build_deployment, parser
+
+    def deployment(*flags):
+        args = parser().parse_args(["render", "--model-dir", str(preset_dir("tiny-sdxl")), "--out", str(tmp_path),
+                                    "--device", "cpu", *flags])
+        return build_deployment(args)
+
+    with pytest.raises(SystemExit, match="--max-size 24 is below 32"):
+        deployment("--max-size", "24")
+    assert deployment("--max-size", "32").request_limits.min_width == 32
