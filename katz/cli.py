@@ -146,6 +146,9 @@ def build_deployment(args):
         raise SystemExit(f"katz: --tile-overlap must be >= 0 latent pixels, not {args.tile_overlap}")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     size = folder.default_size
+    if args.max_size < folder.min_image_size:  # every request would be refused
+        raise SystemExit(f"katz: --max-size {args.max_size} is below {folder.min_image_size}, the smallest size "
+                         "this model folder's networks run")
     limits = Limits(
         max_steps=args.max_steps,
         max_width=args.max_size,

@@ -7,7 +7,7 @@ It travels as string parameters in each model's ``config.pbtxt`` (rendered by
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -157,6 +157,14 @@ class Deployment:
     @cached_property
     def folder(self) -> ModelFolder:
         return ModelFolder(self.model_dir, self.controlnets)
+
+    @cached_property
+    def request_limits(self) -> Limits:
+        """``limits`` with the minimum size raised to the folder's (:attr:`ModelFolder.min_image_size`),
+        so however the deployment was made, a request its networks cannot run is a 400, not a 500."""
+        low = self.folder.min_image_size
+        return replace(self.limits, min_width=max(self.limits.min_width, low),
+                       min_height=max(self.limits.min_height, low))
 
     @cached_property
     def loras(self) -> LoraStore:

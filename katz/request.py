@@ -12,7 +12,7 @@ negative_prompt        BYTES      [1]       optional; SDXL: absent -> zero embed
 seed                   INT64      [1]       optional, 0 <= seed < 2**63; absent -> random
 steps                  INT32      [1]       optional, 1..max_steps
 guidance_scale         FP32       [1]       optional, 0..max_guidance; <= 1 turns CFG off
-width, height          INT32      [1]       optional, multiples of 8, 8..max
+width, height          INT32      [1]       optional, multiples of 8, min..max (min: see Limits)
 scheduler              BYTES      [1]       optional, see :mod:`katz.diffusion.schedulers`
 controlnets            BYTES      [n]       ControlNet names
 control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
@@ -65,6 +65,9 @@ class Limits:
     """Server-side bounds and defaults for requests (set per deployment)."""
 
     max_steps: int = 150
+    # the smallest size the models run (katz.models.folder.min_image_size); a deployment raises it to its folder's
+    min_width: int = 8
+    min_height: int = 8
     max_width: int = 2048
     max_height: int = 2048
     max_prompt_bytes: int = 4096
@@ -220,14 +223,16 @@ def parse_request(
         raise InvalidArgument("guidance_scale", f"{guidance} is outside [0, {limits.max_guidance}]")
 
     sizes = {}
-    for name, default, top in (
-        ("width", limits.default_width, limits.max_width),
-        ("height", limits.default_height, limits.max_height),
+    for name, default, low, top in (
+        ("width", limits.default_width, limits.min_width, limits.max_width),
+        ("height", limits.default_height, limits.min_height, limits.max_height),
     ):
         v = _scalar(inputs, name, int)
         v = default if v is None else v
         if v < 8 or v % 8:
             raise InvalidArgument(name, f"{v} is not a positive multiple of 8")
+        if v < low:
+            raise InvalidArgument(name, f"{v} is below the minimum {low} (the smallest size this server's models run)")
         if v > top:
             raise InvalidArgument(name, f"{v} is above the maximum {top}")
         sizes[name] = v

@@ -60,6 +60,9 @@ def test_compose_file_is_valid_and_complete(compose):
     assert ("loras", "/loras") in {(m["source"], m["target"]) for m in services["katz"]["volumes"]}
     published = {int(p["target"]): int(p["published"]) for p in services["katz"]["ports"]}
     assert published == {8000: 8000, 8001: 8001, 8002: 8002}
+    # unauthenticated inference, no body limit: the host's loopback only, unless told otherwise
+    assert {p["host_ip"] for p in services["katz"]["ports"]} == {"127.0.0.1"}
+    assert "ports" not in services["controlnet"]
     assert services["katz"]["depends_on"]["controlnet"]["condition"] == "service_healthy"
     assert services["fill"]["profiles"] == ["setup"]
 
@@ -71,6 +74,13 @@ def test_compose_variables_move_ports_and_gpus():
     assert {int(p["published"]) for p in services["katz"]["ports"]} >= {9000}
     ids = lambda s: services[s]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]  # noqa: E731
     assert ids("katz") == ["2"] and ids("controlnet") == ["3"]
+
+
+def test_compose_bind_address_widens_inference_but_not_metrics():
+    proc = _config(COMPOSE, env={"KATZ_BIND_ADDRESS": "0.0.0.0"})
+    assert proc.returncode == 0, proc.stderr
+    host_ip = {int(p["target"]): p["host_ip"] for p in json.loads(proc.stdout)["services"]["katz"]["ports"]}
+    assert host_ip == {8000: "0.0.0.0", 8001: "0.0.0.0", 8002: "127.0.0.1"}
 
 
 def test_compose_commands_are_valid_katz_commands(compose):

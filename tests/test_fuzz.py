@@ -31,6 +31,7 @@ from reliability_support import (
     MAX_PROMPT_BYTES,
     MAX_SIZE,
     MAX_STEPS,
+    MIN_SIZE,
     generation_tensors,
     http_json,
     raw_infer,
@@ -145,9 +146,8 @@ def valid_request(draw):
         "seed": np.array([draw(st.integers(0, 2**63 - 1))], dtype=np.int64),
         "steps": np.array([steps], dtype=np.int32),
         "guidance_scale": np.array([draw(st.floats(0, 50, width=32))], dtype=np.float32),
-        # from 24: 8/16 px without CFG is a known failure of the tiny presets (test_tiny_image_without_cfg)
-        "width": np.array([draw(st.sampled_from(range(24, MAX_SIZE + 1, 8)))], dtype=np.int32),
-        "height": np.array([draw(st.sampled_from(range(24, MAX_SIZE + 1, 8)))], dtype=np.int32),
+        "width": np.array([draw(st.sampled_from(range(MIN_SIZE, MAX_SIZE + 1, 8)))], dtype=np.int32),
+        "height": np.array([draw(st.sampled_from(range(MIN_SIZE, MAX_SIZE + 1, 8)))], dtype=np.int32),
         "scheduler": _obj([draw(st.sampled_from(["default", "euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "unipc"]))
                           .encode()]),
     }
@@ -169,6 +169,9 @@ def valid_request(draw):
     return t
 
 
+BAD_SIZES = [0, 1, 7, 8, 16, 24, 72, 136, 1000]
+
+
 def hostile_fields():
     """For each input, values outside the rules (wrong type, shape, range, content)."""
     lora_names = st.sampled_from([b"style", b"detail", b"nope"] + [n.encode() for n in HOSTILE_NAMES]) | text_bytes(12)
@@ -180,8 +183,9 @@ def hostile_fields():
         "seed": scalar(np.int64, st.integers(-(2**63), 2**63 - 1)) | wrong_tensor(),
         "steps": scalar(np.int32, st.integers(-3, MAX_STEPS + 2) | st.integers(-(2**31), 2**31 - 1)) | wrong_tensor(),
         "guidance_scale": scalar(np.float32, F32) | wrong_tensor(),
-        "width": scalar(np.int32, st.sampled_from([0, 1, 7, 72, 136, 1000]) | st.integers(-(2**31), 2**31 - 1)),
-        "height": scalar(np.int32, st.sampled_from([0, 1, 7, 72, 136, 1000]) | st.integers(-(2**31), 2**31 - 1)),
+        # 8-24: multiples of 8 below the models' minimum
+        "width": scalar(np.int32, st.sampled_from(BAD_SIZES) | st.integers(-(2**31), 2**31 - 1)),
+        "height": scalar(np.int32, st.sampled_from(BAD_SIZES) | st.integers(-(2**31), 2**31 - 1)),
         "scheduler": st.sampled_from([b"EULER", b"", b"../euler", b"default\x00"]).map(lambda b: _obj([b]))
         | text_bytes(16).map(lambda b: _obj([b])) | wrong_tensor(),
         "controlnets": st.lists(cn_names, min_size=0, max_size=6).map(_obj) | wrong_tensor(),
@@ -224,16 +228,32 @@ def test_fuzz_every_request_field(server, request, protocol):
         assert outcome.ok, outcome.message
     if outcome.ok:
         h, w, c = outcome.result.as_numpy("image").shape
-        assert c == 3 and 8 <= h <= MAX_SIZE and 8 <= w <= MAX_SIZE
+        assert c == 3 and MIN_SIZE <= h <= MAX_SIZE and MIN_SIZE <= w <= MAX_SIZE
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (found by the fuzzer): width and height <= 16 without CFG "
-                   "(batch 1) give the tiny presets' UNet a GroupNorm (32 channels, 32 groups) with one value per "
-                   "group on a 1x1 feature map -> ValueError -> HTTP 500; real SD/SDXL widths are fine")
-@pytest.mark.parametrize("size", [8, 16])
-def test_tiny_image_without_cfg(server, size):
-    outcome = raw_infer(server, generation_tensors(width=size, height=size, guidance_scale=0.0, steps=1))
-    assert outcome.kind in ("ok", "invalid"), outcome.message
+@pytest.mark.parametrize("size", [8, 16, 24])
+def test_size_below_the_models_minimum_is_invalid(server, size):
+    """Found by the fuzzer: 8 and 16 px without CFG gave the tiny presets' UNet a 1x1 feature map with one
+    channel per GroupNorm group, which PyTorch refuses (HTTP 500). The server now refuses any size below
+    what its networks run, with or without CFG, naming the field."""
+    for guidance in (0.0, 5.0):
+        for field, other in (("width", "height"), ("height", "width")):
+            outcome = raw_infer(server, generation_tensors(steps=1, guidance_scale=guidance,
+                                                           **{field: size, other: MIN_SIZE}))
+            assert outcome.kind == "invalid", (field, guidance, outcome.kind, outcome.message)
+            assert f"{field}: {size} is below the minimum {MIN_SIZE}" in outcome.message, outcome.message
+    assert server_ready(server)
+
+
+@pytest.mark.parametrize("guidance", [0.0, 5.0])
+def test_smallest_accepted_size_runs(server, guidance):
+    """The minimum itself gives an image, without CFG (batch 1, where 16 px failed) and with it,
+    and with a ControlNet and a LoRA (the ControlNet's deepest map is the UNet's)."""
+    for extra in ({}, {"controlnets": ["canny"], "control_images": [control_png()], "loras": ["style"]}):
+        outcome = raw_infer(server, generation_tensors(steps=1, guidance_scale=guidance, width=MIN_SIZE,
+                                                       height=MIN_SIZE, **extra))
+        assert outcome.ok, (extra, outcome.message)
+        assert outcome.result.as_numpy("image").shape == (MIN_SIZE, MIN_SIZE, 3)
 
 
 @fuzz_settings(1.0)

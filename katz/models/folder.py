@@ -25,6 +25,32 @@ _WEIGHT_FILES = (
 )
 
 
+def _deepest_side(channels: int, groups: int) -> int:
+    """Latent pixels a feature map needs on each side where ``channels`` meet a GroupNorm of
+    ``groups``: it normalises each group over the map, so a group must hold two values; with one
+    channel per group a 1x1 map leaves one (PyTorch refuses it for a batch of one, and for two it
+    normalises every value to the bias)."""
+    return 1 if channels // groups >= 2 else 2
+
+
+def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -> int:
+    """The smallest width/height in pixels that every network of a folder runs.
+
+    The UNet and each ControlNet shrink the latent by ``2 ** (down blocks - 1)``; their deepest
+    map must be one latent pixel (two where the channels entering the last down block are one per
+    GroupNorm group), and the VAE decoder's deepest map is the latent itself. The size is that
+    many latent pixels times the VAE's scale factor, the largest over the networks.
+    """
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    need = vae_scale * _deepest_side(vae_config["block_out_channels"][-1], int(vae_config.get("norm_num_groups", 32)))
+    for cfg in (unet_config, *controlnet_configs):
+        factor = 2 ** (len(cfg["down_block_types"]) - 1)
+        # the last down block takes the previous block's channels and makes its own
+        channels = min(cfg["block_out_channels"][-2:])
+        need = max(need, vae_scale * factor * _deepest_side(channels, int(cfg.get("norm_num_groups", 32))))
+    return -(-need // 8) * 8  # request sizes are multiples of 8
+
+
 class ModelFolderError(ValueError):
     """A model or ControlNet folder is missing parts or is not diffusers format."""
 
@@ -154,6 +180,13 @@ class ModelFolder:
         """How much the UNet shrinks its input at the bottom: ``2 ** (down blocks - 1)``
         (latent bands of spatial sharding start and end on multiples of it)."""
         return 2 ** (len(self.unet_config["down_block_types"]) - 1)
+
+    @cached_property
+    def min_image_size(self) -> int:
+        """The smallest width/height every network here runs, ControlNets included (:func:`min_image_size`):
+        32 for SDXL and the tiny presets, 64 for SD 1.5."""
+        controlnets = [json.loads((p / "config.json").read_text()) for p in self.controlnets.values()]
+        return min_image_size(self.unet_config, self.vae_config, controlnets)
 
     # ---------------------------------------------------------------- loading
     def load_unet(self, device: str = "cpu", dtype: torch.dtype = torch.float32):

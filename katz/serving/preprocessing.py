@@ -37,7 +37,7 @@ class Preprocessing:
 
     def execute(self, inputs: dict) -> dict:
         dep = self.deployment
-        req = parse_request(inputs, dep.limits, frozenset(dep.folder.controlnets), dep.loras.exists)
+        req = parse_request(inputs, dep.request_limits, frozenset(dep.folder.controlnets), dep.loras.exists)
         if self.readahead is not None and req.loras:
             self.readahead.hint(dep.loras.path(name) for name in req.loras)
         if self.hints is not None and req.loras:
