@@ -75,12 +75,12 @@ def main() -> None:
     size = args.size or folder.default_size
     dep = Deployment(folder.path, folder.controlnets, args.lora_dir or Path(model_dir) / "loras",
                      Limits(default_width=size, default_height=size), device=args.device,
-                     dtype="float16" if args.device == "cuda" else "float32", lora_load_delay_s=args.delay)
+                     dtype="float16" if args.device == "cuda" else "float32", lora_load_delay_s=args.delay, controlnet_mode="inline")
     ens = LocalEnsemble(dep)
     unet = ens.models["unet"]
 
     def run(prompt, seed, k, lora=True):
-        unet._switch_to(())  # cold: base weights in place, nothing on the device
+        unet.bal.switch_to(())  # cold: base weights in place, nothing on the device
         unet.loras.device_cache.items.clear()
         req = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed], np.int64),
                "steps": np.array([args.steps], np.int32)}

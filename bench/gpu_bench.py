@@ -115,10 +115,10 @@ def layout_variants(eng, step_args) -> dict:
 
     out: dict = {}
     with torch.no_grad():
-        out["unet_eager_kernels"] = kernel_profile(lambda: eng._step(*step_args, None, None))
+        out["unet_eager_kernels"] = kernel_profile(lambda: eng.eager_step(*step_args, None, None))
         # the UNet in channels-last layout (no NCHW<->NHWC conversions around cuDNN convolutions), on a copy:
         # converting the engine's own weights would leave its captured graphs reading the old storage
-        ref = eng._step(*step_args, None, None)
+        ref = eng.eager_step(*step_args, None, None)
         unet_cl = copy.deepcopy(eng.unet).to(memory_format=torch.channels_last)
 
         def step_cl(sample, t, hidden, added):
@@ -134,7 +134,7 @@ def layout_variants(eng, step_args) -> dict:
         was = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
         try:
-            graph = CudaGraphs(eng._step, "unet.step.cudnn_benchmark")
+            graph = CudaGraphs(eng.eager_step, "unet.step.cudnn_benchmark")
             graph.capture(*step_args, None, None)
             out["unet_graph_cudnn_benchmark_ms"] = device_ms(lambda: graph(*step_args, None, None))
             out["unet_cudnn_benchmark_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
@@ -172,8 +172,8 @@ def compile_variant(eng, step_args) -> dict:
     """The UNet step compiled (inductor default mode) + one CUDA graph (batch 2), and its kernels."""
     out: dict = {}
     with torch.no_grad():
-        ref = eng._step(*step_args, None, None)
-        graph, out["unet_compile_s"] = compiled_graph(eng._step, (*step_args, None, None), "unet.step.compiled")
+        ref = eng.eager_step(*step_args, None, None)
+        graph, out["unet_compile_s"] = compiled_graph(eng.eager_step, (*step_args, None, None), "unet.step.compiled")
         out["unet_graph_compiled_ms"] = device_ms(lambda: graph(*step_args, None, None))
         out["unet_compiled_max_abs_diff"] = float((graph(*step_args, None, None) - ref).abs().max())
         print(f"compiled + graph: {out['unet_graph_compiled_ms']:.1f} ms (compile {out['unet_compile_s']:.0f} s, "
@@ -247,7 +247,7 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
 
     with torch.no_grad():
         # ---- UNet
-        ref = eng._step(*step_args, None, None)
+        ref = eng.eager_step(*step_args, None, None)
         unet32 = copy.deepcopy(eng.unet).float()
         a32 = _float32(step_args)
         ref32 = unet32(a32[0], a32[1], encoder_hidden_states=a32[2], added_cond_kwargs=a32[3], return_dict=False)[0]
@@ -552,7 +552,7 @@ def main() -> None:
     mf = ModelFolder(folder, discover_controlnets(folder / "controlnets"))
     dep = Deployment(mf.path, mf.controlnets, lora_dir, Limits(default_width=args.size, default_height=args.size),
                      device="cuda", dtype="float16", cuda_graphs=args.cuda_graphs, compile=args.compile,
-                     compile_cache=Path("/tmp/katz-inductor"), graph_sizes=[(args.size, args.size)])
+                     compile_cache=Path("/tmp/katz-inductor"), graph_sizes=[(args.size, args.size)], controlnet_mode="inline")
     t0 = time.perf_counter()
     ens = LocalEnsemble(dep)
     res["katz_load_s"] = time.perf_counter() - t0
@@ -568,9 +568,9 @@ def main() -> None:
     cne = ens.models["controlnet"].engine
     img = torch.rand(2, 3, args.size, args.size, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        res["katz_unet_step_eager_ms"] = device_ms(lambda: eng._step(*step_args, None, None))
+        res["katz_unet_step_eager_ms"] = device_ms(lambda: eng.eager_step(*step_args, None, None))
         res["katz_unet_step_ms"] = device_ms(lambda: eng(*step_args))
-        res["katz_unet_graph_max_abs_diff"] = float((eng(*step_args) - eng._step(*step_args, None, None)).abs().max())
+        res["katz_unet_graph_max_abs_diff"] = float((eng(*step_args) - eng.eager_step(*step_args, None, None)).abs().max())
         state = eng.down(*step_args)
         res["katz_unet_down_ms"] = device_ms(lambda: eng.down(*step_args))
         res["katz_unet_up_ms"] = device_ms(lambda: eng.up(state, None, None))
@@ -646,7 +646,7 @@ def main() -> None:
 
     def katz_cold_lora(k):
         def run():
-            unet._switch_to(())
+            unet.bal.switch_to(())
             unet.loras.wait_idle()  # the previous load's host-tier fill, so the clear below sticks
             unet.loras.device_cache.items.clear()
             unet.loras.host.items.clear()

@@ -35,7 +35,7 @@ def ensemble(model_dir: Path, size: int, shards: int, device: str):
     folder = ModelFolder(model_dir, discover_controlnets(Path(model_dir) / "controlnets"))
     dep = Deployment(folder.path, folder.controlnets, None,
                      Limits(default_width=size, default_height=size, max_width=size, max_height=size),
-                     device=device, dtype="float16" if device == "cuda" else "float32", unet_shards=shards)
+                     device=device, dtype="float16" if device == "cuda" else "float32", unet_shards=shards, controlnet_mode="inline")
     return LocalEnsemble(dep)
 
 
@@ -59,8 +59,8 @@ def measure(model_dir: Path, size: int, args) -> None:
     print(f"{'overlap':>8} {'bands (start+size)':>26} {'actual':>6} {'share':>6} {'PSNR dB':>8} {'SSIM':>7} "
           f"{'max diff':>8}")
     for overlap in args.overlaps:
-        pipeline.latent_overlap = overlap
-        tiles = pipeline.shard_plan(rows, latent, latent)
+        pipeline.shards.overlap = overlap
+        tiles = pipeline.shards.plan(rows, latent, latent)
         if tiles == [None]:
             print(f"{overlap:>8} {'(not split)':>26}")
             continue

@@ -10,7 +10,23 @@ import threading
 import time
 from pathlib import Path
 
+from katz.deployment import CONTROLNET_MODES, ENGINES, LOOPS, Deployment, DeploymentError
+
 DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}
+# Deployment fields whose flag is not --<field with dashes>
+FLAGS = {"latent_overlap": "--tile-overlap", "controlnet_timeout_s": "--controlnet-timeout", "fp8": "--experimental-fp8",
+         "lora_host_cache_bytes": "--lora-host-cache-mb", "lora_device_cache_bytes": "--lora-device-cache-mb",
+         "controlnet_cache_bytes": "--controlnet-cache-mb", "feature_cache_bytes": "--feature-cache-mb",
+         "controlnet_resident": "--resident-controlnets", "lora_load_delay_s": "--lora-load-delay"}
+
+
+def _deployment_default(name: str):
+    return Deployment.default(name)
+
+
+def flag_of(field: str) -> str:
+    """The ``katz serve`` flag that sets the deployment setting ``field``."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
 # ------------------------------------------------------------------ deployment
@@ -25,44 +41,45 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="default: float16 on cuda, float32 on cpu")
     p.add_argument("--gpus", default="0", help="GPU ids for the network models, comma-separated (cuda only)")
+    D = _deployment_default
     p.add_argument("--pipeline-instances", type=int, default=2, help="concurrent denoising loops")
     p.add_argument("--stream-instances", type=int, default=1,
                    help="concurrent denoising loops of katz_stream (gRPC streaming with progress)")
     p.add_argument("--max-size", type=int, default=2048, help="largest width/height accepted")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--default-steps", type=int, default=30)
-    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per model process (0: torch's default)")
+    p.add_argument("--torch-threads", type=int, default=D("torch_threads"), help="torch threads per model process (0: torch's default)")
     p.add_argument("--unet-gpus", default=None,
                    help="latent parallelism: one UNet shard per listed GPU (e.g. 0,1 or 0,1,2,3); as many shards "
                         "as CFG halves take one half each, more cut the latent into overlapping bands; "
                         "default: one UNet on --gpus")
     p.add_argument("--unet-shards", type=int, default=None,
                    help="number of UNet shards (CPU hosts, tests); on GPUs use --unet-gpus")
-    p.add_argument("--tile-overlap", type=int, default=16,
+    p.add_argument("--tile-overlap", type=int, default=D("latent_overlap"),
                    help="latent parallelism with bands: least overlap of neighbouring bands in latent pixels "
                         "(x8 image pixels; rounded up to the UNet's downsampling factor)")
-    p.add_argument("--loop", choices=("auto", "unet", "pipeline"), default="auto",
+    p.add_argument("--loop", choices=LOOPS, default=D("loop"),
                    help="where the denoising loop runs: unet (in the UNet model's process, one BLS call per "
                         "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
                         "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
                         "katz_stream always runs it in pipeline mode (it reports every step)")
-    p.add_argument("--controlnet-mode", choices=("inline", "service", "local", "remote"), default="service",
+    p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=D("controlnet_mode"),
                    help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
                         "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
                         "remote: on another server (--controlnet-url)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
-    p.add_argument("--controlnet-timeout", type=float, default=30.0, help="remote mode: seconds per call")
+    p.add_argument("--controlnet-timeout", type=float, default=D("controlnet_timeout_s"), help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
     p.add_argument("--controlnet-instances", type=int, default=1)
     p.add_argument("--resident-controlnets", default=None,
                    help="comma-separated ControlNets kept loaded (default: all); others load on demand into an LRU")
-    p.add_argument("--controlnet-cache-mb", type=int, default=8192)
-    p.add_argument("--feature-cache-mb", type=int, default=1024, help="control-image feature cache")
+    p.add_argument("--controlnet-cache-mb", type=int, default=D("controlnet_cache_bytes") >> 20)
+    p.add_argument("--feature-cache-mb", type=int, default=D("feature_cache_bytes") >> 20, help="control-image feature cache")
     p.add_argument("--lora-k", type=int, default=2,
                    help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
-    p.add_argument("--lora-host-cache-mb", type=int, default=2048, help="parsed LoRAs kept in host memory")
-    p.add_argument("--lora-device-cache-mb", type=int, default=1024, help="LoRAs kept on the device")
+    p.add_argument("--lora-host-cache-mb", type=int, default=D("lora_host_cache_bytes") >> 20, help="parsed LoRAs kept in host memory")
+    p.add_argument("--lora-device-cache-mb", type=int, default=D("lora_device_cache_bytes") >> 20, help="LoRAs kept on the device")
     p.add_argument("--no-lora-readahead", dest="lora_readahead", action="store_false",
                    help="do not read arriving requests' LoRA files into the page cache ahead of the UNet")
     p.add_argument("--no-lora-hints", dest="lora_hints", action="store_false",
@@ -77,7 +94,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=32 << 20, help="largest control image file (bytes)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest control image (width x height)")
     p.add_argument("--lora-load-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # simulated slow storage
-    p.add_argument("--engine", choices=("torch", "tensorrt"), default="torch",
+    p.add_argument("--engine", choices=ENGINES, default=D("engine"),
                    help="run the UNet, ControlNets and VAE decoder with PyTorch (default) or TensorRT engines")
     p.add_argument("--engine-dir", type=Path, help="--engine tensorrt: the folder `katz build-engines --out` wrote")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -92,21 +109,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="folder for compiled kernels kept between starts (default: torch's)")
     p.add_argument("--channels-last", action="store_true",
                    help="torch engines on GPUs: UNet and ControlNet weights in channels-last layout")
-    p.add_argument("--fp8", action="store_true",
-                   help="torch engines on GPUs of compute capability 8.9+ (Ada, Hopper): the UNet's and ControlNets' "
-                        "transformer linears multiply in float8 e4m3 with per-tensor scales, for measurement: on an "
-                        "H200 no faster than float16 with --compile, image PSNR ~31 dB to float16 (bench/RESULTS.md)")
     p.add_argument("--graph-sizes", default=None,
                    help="image sizes HxW captured as CUDA graphs at load, comma-separated (default: the model's "
                         "default size); other sizes run eagerly")
+    experimental = p.add_argument_group(
+        "experimental", "for measurement; not faster than the defaults where measured (docs/serving.md, Experimental)")
+    experimental.add_argument(
+        "--experimental-fp8", dest="fp8", action="store_true",
+        help="torch engines on GPUs of compute capability 8.9+ (Ada, Hopper): the UNet's and ControlNets' transformer "
+             "linears multiply in float8 e4m3 with per-tensor scales; measured no faster than float16 with --compile "
+             "on an H200, image PSNR ~31 dB to float16 (bench/RESULTS.md, sixth session)")
 
 
 def build_deployment(args):
-    """Resolve the model folder, ControlNets, LoRA store and limits; fail before any server starts."""
+    """Map the flags onto a :class:`Deployment` and check it, with the model folder, ControlNets, LoRA
+    store and GPUs, before any server starts (``SystemExit`` naming the flag)."""
     import torch
 
-    from katz.deployment import Deployment
-    from katz.diffusion.loop import loop_place
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.models.presets import DEFAULT_PRESET, ensure_preset
     from katz.request import Limits
@@ -120,8 +139,6 @@ def build_deployment(args):
         controlnets[name] = Path(path).resolve()
     folder = ModelFolder(Path(model_dir).resolve(), controlnets)  # raises ModelFolderError naming what is missing
     lora_dir = args.lora_dir or (Path(model_dir) / "loras")
-    if args.controlnet_mode == "remote" and not args.controlnet_url:
-        raise SystemExit("katz: --controlnet-mode remote needs --controlnet-url HOST:PORT")
     if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":
         raise SystemExit("katz: --only controlnet serves the controlnet model, which --controlnet-mode local has not")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
@@ -136,14 +153,6 @@ def build_deployment(args):
                 if g >= torch.cuda.device_count():
                     raise SystemExit(f"katz: GPU {g} is not on this host ({torch.cuda.device_count()} visible); "
                                      "fix --unet-gpus / --gpus")
-    if unet_shards < 1:
-        raise SystemExit(f"katz: --unet-shards must be >= 1, not {unet_shards}")
-    try:
-        loop_place(args.loop, unet_shards)
-    except ValueError as exc:
-        raise SystemExit(f"katz: --{exc}") from None
-    if args.tile_overlap < 0:
-        raise SystemExit(f"katz: --tile-overlap must be >= 0 latent pixels, not {args.tile_overlap}")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     size = folder.default_size
     if args.max_size < folder.min_image_size:  # every request would be refused
@@ -162,19 +171,7 @@ def build_deployment(args):
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
     )
-    if args.engine == "tensorrt" and args.engine_dir is None:
-        raise SystemExit("katz: --engine tensorrt needs --engine-dir (the folder `katz build-engines --out` wrote)")
-    if args.fp8:
-        from katz.engines.torch.experimental.fp8 import fp8_capable
-
-        if args.engine != "torch":
-            raise SystemExit("katz: --fp8 is for the torch engines (a TensorRT engine's precision is set when it is built)")
-        gpus = {int(g) for spec in (args.gpus, args.unet_gpus or "", getattr(args, "controlnet_gpus", None) or "")
-                for g in spec.split(",") if g.strip()} or {0}
-        if device != "cuda" or not all(fp8_capable(f"cuda:{g}") for g in gpus):
-            raise SystemExit("katz: --fp8 needs GPUs with float8 tensor cores (CUDA compute capability 8.9+: "
-                             "Ada, Hopper or newer)")
-    return Deployment(
+    deployment = Deployment(
         model_dir=folder.path,
         controlnets=folder.controlnets,
         lora_dir=Path(lora_dir).resolve() if Path(lora_dir).is_dir() else None,
@@ -210,6 +207,19 @@ def build_deployment(args):
         compile_cache=args.compile_cache.resolve() if args.compile_cache else None,
         graph_sizes=parse_sizes(args.graph_sizes, 8) if args.graph_sizes else None,
     )
+    try:
+        deployment.validate()
+    except DeploymentError as exc:
+        raise SystemExit(f"katz: {flag_of(exc.field)} {exc.reason}") from None
+    if args.fp8:  # the one check that needs the GPUs themselves
+        from katz.engines.torch.experimental.fp8 import fp8_capable
+
+        gpus = {int(g) for spec in (args.gpus, args.unet_gpus or "", getattr(args, "controlnet_gpus", None) or "")
+                for g in spec.split(",") if g.strip()} or {0}
+        if device != "cuda" or not all(fp8_capable(f"cuda:{g}") for g in gpus):
+            raise SystemExit("katz: --experimental-fp8 needs GPUs with float8 tensor cores (CUDA compute capability "
+                             "8.9+: Ada, Hopper or newer)")
+    return deployment
 
 
 def parse_sizes(spec: str, multiple: int) -> list[tuple[int, int]]:
@@ -235,7 +245,7 @@ def _placement(args, deployment):
     placement_gpus = {m: gpus for m in ("text_encoder", "katz_pipeline", "katz_stream", "unet", "vae_decoder")}
     placement_gpus["controlnet"] = ids(args.controlnet_gpus) if args.controlnet_gpus else gpus
     if args.unet_gpus:  # one shard per GPU: unet on the first, unet_1 on the second, ...
-        from katz.serving.pipeline import unet_model_names
+        from katz.parallel.shards import unet_model_names
 
         for name, gpu in zip(unet_model_names(deployment.unet_shards), ids(args.unet_gpus)):
             placement_gpus[name] = [gpu]

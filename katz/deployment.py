@@ -1,27 +1,47 @@
-"""What every Triton model of a deployment knows: the model folder, limits, LoRA store, device.
+"""A deployment: what every Triton model of a Katz server knows, every default and every check, once.
 
-It travels as string parameters in each model's ``config.pbtxt`` (rendered by
-:mod:`katz.deploy.repository`) and is parsed back here.
+The ``katz`` command maps its flags onto :class:`Deployment` (:func:`katz.cli.build_deployment`); the
+deployment travels as string parameters in each model's ``config.pbtxt`` (rendered by
+:mod:`katz.deploy.repository`) and is parsed back here in every model process.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
-import torch
-
-from katz.diffusion.loop import loop_place
-from katz.lora.store import LoraStore
-from katz.models.folder import ModelFolder
 from katz.request import Limits
 
 # where the ControlNets run: inline (the controlnet model, called serially before each UNet step),
 # service (the controlnet model, beside the UNet's down path), local (in the UNet's process), remote
 # (the controlnet model of another server)
 CONTROLNET_MODES = ("inline", "service", "local", "remote")
+ENGINES = ("torch", "tensorrt")
+DTYPES = ("float32", "float16", "bfloat16")
+LOOPS = ("auto", "unet", "pipeline")
+
+
+def loop_place(loop: str, unet_shards: int) -> str:
+    """Where ``katz_pipeline``'s loop runs for the deployment setting ``loop``: ``auto`` is ``unet``
+    with one UNet shard and ``pipeline`` with several (each step is split over the shards)."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {loop!r}")
+    if loop == "auto":
+        return "unet" if unet_shards == 1 else "pipeline"
+    if loop == "unet" and unet_shards > 1:
+        raise ValueError("loop unet needs one UNet shard: latent parallelism splits every step over the shards")
+    return loop
+
+
+class DeploymentError(ValueError):
+    """A deployment setting is invalid; ``field`` names it (the ``katz`` command names its flag)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field, self.reason = field, reason
 
 
 @dataclass
@@ -41,7 +61,7 @@ class Deployment:
     unet_shards: int = 1  # latent parallelism: CFG halves and/or latent bands on this many UNet models
     latent_overlap: int = 16  # spatial sharding: least overlap of two neighbouring latent bands (latent px)
     loop: str = "auto"  # where katz_pipeline's loop runs: unet | pipeline | auto (katz.diffusion.loop)
-    controlnet_mode: str = "inline"  # inline | service | local | remote (katz.controlnet.transports)
+    controlnet_mode: str = "service"  # inline | service | local | remote (katz.controlnet.transports)
     controlnet_url: str = ""  # remote: HOST:PORT of the ControlNet server's gRPC endpoint
     controlnet_timeout_s: float = 30.0
     controlnet_resident: list[str] | None = None  # None: all registered ControlNets stay loaded
@@ -55,7 +75,9 @@ class Deployment:
     compile_cache: Path | None = None  # where compiled kernels are kept between starts
     graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
     channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
-    fp8: bool = False  # torch engines on GPUs (8.9+): UNet/ControlNet transformer linears in float8 (engines.fp8)
+    # experimental (measured no faster, docs/serving.md): torch engines on GPUs of compute capability 8.9+,
+    # the UNet's and ControlNets' transformer linears in float8 (katz.engines.torch.experimental.fp8)
+    fp8: bool = False
 
     @property
     def compile_batches(self) -> tuple[int, ...]:
@@ -64,98 +86,75 @@ class Deployment:
     shard (guidance scale 1) is captured uncompiled, which halves the compile time at load."""
         return (1,) if self.unet_shards > 1 else (2,)
 
+    @classmethod
+    def default(cls, name: str):
+        """The default of the setting ``name`` (the ``katz`` command's flags take theirs from here)."""
+        f = next(f for f in fields(cls) if f.name == name)
+        return f.default if f.default is not MISSING else f.default_factory()
+
+    def validate(self) -> "Deployment":
+        """Raise :class:`DeploymentError` naming the first invalid setting; returns the deployment."""
+        if self.dtype not in DTYPES:
+            raise DeploymentError("dtype", f"must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.unet_shards < 1:
+            raise DeploymentError("unet_shards", f"must be >= 1, not {self.unet_shards}")
+        if self.latent_overlap < 0:
+            raise DeploymentError("latent_overlap", f"must be >= 0 latent pixels, not {self.latent_overlap}")
+        try:
+            loop_place(self.loop, self.unet_shards)  # an unknown or impossible place
+        except ValueError as exc:
+            raise DeploymentError("loop", str(exc).removeprefix("loop ")) from None
+        if self.controlnet_mode not in CONTROLNET_MODES:
+            raise DeploymentError("controlnet_mode", f"must be one of {', '.join(CONTROLNET_MODES)}, "
+                                  f"not {self.controlnet_mode!r}")
+        if self.controlnet_mode == "remote" and not self.controlnet_url:
+            raise DeploymentError("controlnet_url", "is needed by controlnet_mode remote (HOST:PORT of the "
+                                  "ControlNet server's gRPC endpoint)")
+        if self.controlnet_timeout_s <= 0:
+            raise DeploymentError("controlnet_timeout_s", f"must be > 0 s, not {self.controlnet_timeout_s}")
+        if self.engine not in ENGINES:
+            raise DeploymentError("engine", f"must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.engine == "tensorrt" and self.engine_dir is None:
+            raise DeploymentError("engine_dir", "is needed by engine tensorrt (the folder `katz build-engines "
+                                  "--out` wrote)")
+        if self.fp8 and self.engine != "torch":
+            raise DeploymentError("fp8", "is for the torch engines, not engine tensorrt (a TensorRT engine's "
+                                  "precision is set when it is built)")
+        for name in ("lora_host_cache_bytes", "lora_device_cache_bytes", "controlnet_cache_bytes",
+                     "feature_cache_bytes", "torch_threads"):
+            if getattr(self, name) < 0:
+                raise DeploymentError(name, f"must be >= 0, not {getattr(self, name)}")
+        return self
+
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
-        return {
-            "model_dir": str(self.model_dir),
-            "controlnets": json.dumps({k: str(v) for k, v in self.controlnets.items()}),
-            "lora_dir": str(self.lora_dir or ""),
-            "limits": json.dumps(asdict(self.limits)),
-            "dtype": self.dtype,
-            "torch_threads": str(self.torch_threads),
-            "lora_host_cache_bytes": str(self.lora_host_cache_bytes),
-            "lora_device_cache_bytes": str(self.lora_device_cache_bytes),
-            "lora_load_delay_s": str(self.lora_load_delay_s),
-            "lora_readahead": "1" if self.lora_readahead else "0",
-            "lora_hints": self.lora_hints,
-            "unet_shards": str(self.unet_shards),
-            "latent_overlap": str(self.latent_overlap),
-            "loop": self.loop,
-            "controlnet_mode": self.controlnet_mode,
-            "controlnet_url": self.controlnet_url,
-            "controlnet_timeout_s": str(self.controlnet_timeout_s),
-            "controlnet_resident": json.dumps(self.controlnet_resident),
-            "controlnet_cache_bytes": str(self.controlnet_cache_bytes),
-            "feature_cache_bytes": str(self.feature_cache_bytes),
-            "engine": self.engine,
-            "engine_dir": str(self.engine_dir or ""),
-            "cuda_graphs": "1" if self.cuda_graphs else "0",
-            "compile": "1" if self.compile else "0",
-            "compile_vae": "1" if self.compile_vae else "0",
-            "compile_cache": str(self.compile_cache or ""),
-            "graph_sizes": json.dumps(self.graph_sizes),
-            "channels_last": "1" if self.channels_last else "0",
-            "fp8": "1" if self.fp8 else "0",
-        }
+        """Every setting as a config.pbtxt string parameter (``device`` comes from the instance)."""
+        return {f.name: _encode(getattr(self, f.name)) for f in fields(self) if f.name != "device"}
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str) -> "Deployment":
-        dep = cls(
-            model_dir=Path(params["model_dir"]),
-            controlnets={k: Path(v) for k, v in json.loads(params.get("controlnets", "{}")).items()},
-            lora_dir=Path(params["lora_dir"]) if params.get("lora_dir") else None,
-            limits=Limits(**json.loads(params.get("limits", "{}"))),
-            device=device,
-            dtype=params.get("dtype", "float32"),
-            torch_threads=int(params.get("torch_threads", "0")),
-            lora_host_cache_bytes=int(params.get("lora_host_cache_bytes", 2 << 30)),
-            lora_device_cache_bytes=int(params.get("lora_device_cache_bytes", 1 << 30)),
-            lora_load_delay_s=float(params.get("lora_load_delay_s", 0.0)),
-            lora_readahead=params.get("lora_readahead", "1") == "1",
-            lora_hints=params.get("lora_hints", ""),
-            unet_shards=int(params.get("unet_shards", "1")),
-            latent_overlap=int(params.get("latent_overlap", "16")),
-            loop=params.get("loop", "auto"),
-            controlnet_mode=params.get("controlnet_mode", "inline"),
-            controlnet_url=params.get("controlnet_url", ""),
-            controlnet_timeout_s=float(params.get("controlnet_timeout_s", 30.0)),
-            controlnet_resident=json.loads(params.get("controlnet_resident", "null")),
-            controlnet_cache_bytes=int(params.get("controlnet_cache_bytes", 8 << 30)),
-            feature_cache_bytes=int(params.get("feature_cache_bytes", 1 << 30)),
-            engine=params.get("engine", "torch"),
-            engine_dir=Path(params["engine_dir"]) if params.get("engine_dir") else None,
-            cuda_graphs=params.get("cuda_graphs", "1") == "1",
-            compile=params.get("compile", "0") == "1",
-            compile_vae=params.get("compile_vae", "1") == "1",
-            compile_cache=Path(params["compile_cache"]) if params.get("compile_cache") else None,
-            graph_sizes=[tuple(x) for x in json.loads(params.get("graph_sizes", "null"))]
-            if json.loads(params.get("graph_sizes", "null")) else None,
-            channels_last=params.get("channels_last", "0") == "1",
-            fp8=params.get("fp8", "0") == "1",
-        )
-        if dep.unet_shards < 1:
-            raise ValueError(f"unet_shards must be >= 1, not {dep.unet_shards}")
-        if dep.latent_overlap < 0:
-            raise ValueError(f"latent_overlap must be >= 0 latent pixels, not {dep.latent_overlap}")
-        loop_place(dep.loop, dep.unet_shards)  # raises for an unknown or impossible place
-        if dep.controlnet_mode not in CONTROLNET_MODES:
-            raise ValueError(f"controlnet_mode must be one of {', '.join(CONTROLNET_MODES)}, "
-                             f"not {dep.controlnet_mode!r}")
-        if dep.controlnet_mode == "remote" and not dep.controlnet_url:
-            raise ValueError("controlnet_mode remote needs controlnet_url")
-        if dep.engine not in ("torch", "tensorrt"):
-            raise ValueError(f"engine must be torch or tensorrt, not {dep.engine!r}")
-        if dep.engine == "tensorrt" and dep.engine_dir is None:
-            raise ValueError("engine tensorrt needs engine_dir (the folder `katz build-engines --out` wrote)")
-        if dep.fp8 and dep.engine != "torch":
-            raise ValueError("fp8 is for the torch engines, not engine tensorrt")
+        """The deployment :meth:`to_parameters` wrote, on ``device`` (the model instance's); validated.
+        A parameter that is absent takes its default (``controlnets``: none, ``limits``: the defaults)."""
+        hints = typing.get_type_hints(cls)
+        values = {"model_dir": Path(params["model_dir"])}
+        for f in fields(cls):
+            if f.name in ("model_dir", "device"):
+                continue
+            if f.name in params or (f.default is MISSING and f.default_factory is MISSING):
+                values[f.name] = _decode(params.get(f.name, ""), hints[f.name])
+        dep = cls(device=device, **values).validate()
         if dep.torch_threads > 0:
+            import torch
+
             torch.set_num_threads(dep.torch_threads)
         return dep
 
     # --------------------------------------------------------------- derived
     @cached_property
-    def folder(self) -> ModelFolder:
+    def folder(self):
+        """The model folder (:class:`katz.models.folder.ModelFolder`)."""
+        from katz.models.folder import ModelFolder
+
         return ModelFolder(self.model_dir, self.controlnets)
 
     @cached_property
@@ -167,7 +166,10 @@ class Deployment:
                        min_height=max(self.limits.min_height, low))
 
     @cached_property
-    def loras(self) -> LoraStore:
+    def loras(self):
+        """The LoRA store (:class:`katz.lora.store.LoraStore`)."""
+        from katz.lora.store import LoraStore
+
         return LoraStore(self.lora_dir, self.folder.family)
 
     @cached_property
@@ -183,5 +185,52 @@ class Deployment:
         )
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    @property
+    def loop_place(self) -> str:
+        """Where ``katz_pipeline``'s denoising loop runs: ``unet`` or ``pipeline`` (:func:`loop_place`)."""
+        return loop_place(self.loop, self.unet_shards)
+
+
+def _encode(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (str, int, float, Path)):
+        return str(value)
+    if isinstance(value, Limits):
+        return json.dumps(asdict(value))
+    if isinstance(value, dict):
+        return json.dumps({k: str(v) for k, v in value.items()})
+    return json.dumps(value)  # lists
+
+
+def _decode(text: str, kind):
+    """``text`` (from :func:`_encode`) as a value of the field type ``kind``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    optional = type(None) in typing.get_args(kind)
+    if optional and text in ("", "null"):
+        return None
+    if optional and len(args) == 1:
+        kind = args[0]
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        return text == "1"
+    if kind in (int, float, str):
+        return kind(text)
+    if kind is Path:
+        return Path(text)
+    if kind is Limits:
+        return Limits(**json.loads(text or "{}"))
+    if origin is dict:
+        return {k: Path(v) for k, v in json.loads(text or "{}").items()}
+    if origin is list:
+        items = json.loads(text)
+        inner = typing.get_args(kind)[0]
+        return [tuple(x) for x in items] if typing.get_origin(inner) is tuple else list(items)
+    raise TypeError(f"no parameter decoding for {kind!r}")

@@ -28,10 +28,11 @@ lora_k                 INT32      [1]       optional; LoRAs are patched in by th
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -92,12 +93,12 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str | None
+    scheduler: str
     seed: int
     steps: int
     guidance_scale: float
-    width: int
     height: int
-    scheduler: str
+    width: int
     controlnets: list[str] = field(default_factory=list)
     control_images: list[bytes] = field(default_factory=list)
     controlnet_scales: list[float] = field(default_factory=list)
@@ -111,6 +112,64 @@ class GenerationRequest:
     def do_cfg(self) -> bool:
         """Classifier-free guidance runs when ``guidance_scale > 1`` (diffusers' rule)."""
         return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    """The normalized request as every model after ``preprocessing`` reads it (text encoder, loop,
+    UNet, PNG encoder). It travels between them as one JSON BYTES element, ``params``."""
+
+    scheduler: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    controlnets: list[str]
+    controlnet_scales: list[float]
+    loras: list[str]
+    lora_scales: list[float]
+    control_guidance_start: list[float] = field(default_factory=list)  # empty: 0 for each ControlNet
+    control_guidance_end: list[float] = field(default_factory=list)  # empty: 1 for each ControlNet
+    # content hashes of the control images at this size: keys of the ControlNets' feature cache
+    control_image_keys: list[str] = field(default_factory=list)
+    lora_k: int = 0  # BAL bound (katz.lora.bal)
+    zero_negative: bool = False  # SDXL without a negative prompt: zero negative embeddings
+
+    def to_tensor(self) -> np.ndarray:
+        return np.array([json.dumps(asdict(self)).encode()], dtype=object)
+
+    @classmethod
+    def from_tensor(cls, value, name: str = "params") -> "RequestParams":
+        """From the BYTES tensor ``name`` (``[1]`` or ``[1, 1]``); :class:`InvalidArgument` naming it if
+        it is not the JSON :meth:`to_tensor` writes."""
+        data = params_json(value, name)
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise InvalidArgument(name, f"lacks {', '.join(missing)}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    @property
+    def lora_set(self) -> tuple[tuple[str, float], ...]:
+        """The request's LoRAs as ``((name, scale), ...)`` (:data:`katz.lora.bal.LoraSet`)."""
+        return tuple((n, float(s)) for n, s in zip(self.loras, self.lora_scales))
+
+
+def params_json(value, name: str = "params") -> dict:
+    """The JSON object in the BYTES tensor ``name`` (see :class:`RequestParams`)."""
+    try:
+        data = json.loads(bytes(value.reshape(-1)[0]).decode())
+    except (ValueError, IndexError) as exc:
+        raise InvalidArgument(name, f"not the preprocessing params JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(name, "not the preprocessing params JSON (not an object)")
+    return data
+
+
+def read_params(inputs: dict) -> RequestParams:
+    """The request's :class:`RequestParams` from a model's ``params`` input."""
+    return RequestParams.from_tensor(inputs["params"])
 
 
 # ----------------------------------------------------------------- helpers

@@ -20,7 +20,7 @@ import numpy as np
 # The shared "hardened" server (conftest.hardened_server): small admission and request limits.
 MAX_QUEUE = 4
 MAX_SIZE = 128
-MIN_SIZE = 32  # not a flag: tiny-sdxl's own minimum (katz.model_folder.min_image_size)
+MIN_SIZE = 32  # not a flag: tiny-sdxl's own minimum (katz.models.folder.min_image_size)
 MAX_STEPS = 4
 MAX_PROMPT_BYTES = 1024
 MAX_IMAGE_BYTES = 256 << 10

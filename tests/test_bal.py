@@ -22,7 +22,7 @@ def _ensemble(preset_path, lora_dir, delay=0.0, hints="", loop="auto"):
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
     limits = Limits(default_width=64, default_height=64)
     dep = Deployment(folder.path, folder.controlnets, lora_dir, limits, lora_load_delay_s=delay, lora_hints=hints,
-                     loop=loop)
+                     loop=loop, controlnet_mode="inline")
     return LocalEnsemble(dep)
 
 
@@ -38,7 +38,7 @@ def _req(loras=(), k=None, seed=1):
 
 def make_cold(unet):
     """Base weights in place and nothing on the device: the next LoRA request loads from disk."""
-    unet._switch_to(())
+    unet.bal.switch_to(())
     unet.loras.device_cache.items.clear()
 
 
@@ -190,8 +190,8 @@ def test_unet_orders_queued_calls_by_weight_set(preset_dir, lora_dir):
 
     batch = [call(["style"]), call(["detail"]), call(["style"]), call([]), call(["detail"])]
     switches = []
-    original = unet._switch_to
-    unet._switch_to = lambda s: (switches.append(s), original(s))
+    original = unet.bal.switch_to
+    unet.bal.switch_to = lambda s: (switches.append(s), original(s))
     results = unet.execute_batch(batch)
     applied = [bool(r["lora_applied"][0]) for r in results]
     assert applied == [True, True, True, False, True]

@@ -50,7 +50,7 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     torch.manual_seed(0)
     x = unet_example_inputs(folder, 2, SIZE, SIZE, "cuda", torch.float16)
     args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
-    eager = unet._step(*args, None, None)
+    eager = unet.eager_step(*args, None, None)
     graphed = unet(*args)
     assert unet._graphs["step"].replays == 1 and unet._graphs["step"].eager_calls == 0
     torch.testing.assert_close(graphed, eager, rtol=0, atol=2e-3)
@@ -71,7 +71,7 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     whole = unet(*args, down, mid).clone()
     split = unet.up(unet.down(*args), down, mid)
     torch.testing.assert_close(split, whole, rtol=0, atol=2e-3)
-    torch.testing.assert_close(whole, unet._step(*args, down, mid), rtol=0, atol=2e-3)
+    torch.testing.assert_close(whole, unet.eager_step(*args, down, mid), rtol=0, atol=2e-3)
 
     # a LoRA merged after capture changes the graph's output, and restore brings the base back
     lora_file = tmp_path / "l.safetensors"
@@ -79,7 +79,7 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     lora = parse_lora(read_lora_file(lora_file, "l"), "l", folder.family)
     unet.set_loras([(lora, 1.0)])
     with_lora = unet(*args)
-    torch.testing.assert_close(with_lora, unet._step(*args, None, None), rtol=0, atol=2e-3)
+    torch.testing.assert_close(with_lora, unet.eager_step(*args, None, None), rtol=0, atol=2e-3)
     assert (with_lora - graphed).abs().max() > 1e-2
     unet.set_loras([])
     assert torch.equal(unet(*args), graphed)
@@ -106,7 +106,7 @@ def test_split_graphs_serve_plain_steps_with_zero_residuals(folder, compile_):
     for batch in (1, 2):
         x = unet_example_inputs(folder, batch, SIZE, SIZE, "cuda", torch.float16)
         args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
-        torch.testing.assert_close(unet(*args), unet._step(*args, None, None), rtol=0, atol=2e-3 if not compile_ else 1e-2)
+        torch.testing.assert_close(unet(*args), unet.eager_step(*args, None, None), rtol=0, atol=2e-3 if not compile_ else 1e-2)
     assert unet._graphs["up"].replays == 2 and unet._graphs["down"].replays == 2
     assert unet._graphs["step"].eager_calls == 0 and unet._graphs["up"].eager_calls == 0
 
@@ -189,9 +189,9 @@ def test_fp8_engines_match_eager_follow_loras_and_restore_exactly(folder, tmp_pa
     args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
     atol = 1e-2 if compile_ else 2e-3
     graphed = unet(*args).clone()
-    torch.testing.assert_close(graphed, unet._step(*args, None, None), rtol=0, atol=atol)
+    torch.testing.assert_close(graphed, unet.eager_step(*args, None, None), rtol=0, atol=atol)
     fp16 = UNetEngine(folder, "cuda", torch.float16)  # the same weights, no float8
-    ref = fp16._step(*args, None, None)
+    ref = fp16.eager_step(*args, None, None)
     rel = float((graphed.float() - ref.float()).norm() / ref.float().norm())
     assert 0 < rel < 0.1, rel
 
@@ -208,7 +208,7 @@ def test_fp8_engines_match_eager_follow_loras_and_restore_exactly(folder, tmp_pa
     lora = parse_lora(read_lora_file(lora_file, "l"), "l", folder.family)
     unet.set_loras([(lora, 1.0)])
     with_lora = unet(*args).clone()
-    torch.testing.assert_close(with_lora, unet._step(*args, None, None), rtol=0, atol=atol)
+    torch.testing.assert_close(with_lora, unet.eager_step(*args, None, None), rtol=0, atol=atol)
     assert (with_lora - graphed).abs().max() > 1e-2
     unet.set_loras([])
     assert torch.equal(unet(*args), graphed)

@@ -88,7 +88,7 @@ def test_every_graph_matches_pytorch_in_onnxruntime(preset, exported, capsys):
 
 def test_exported_tensor_names_are_the_triton_models(exported, tmp_path):
     out, folder = exported("tiny-sdxl")
-    dep = Deployment(folder.path, folder.controlnets, None, Limits())
+    dep = Deployment(folder.path, folder.controlnets, None, Limits(), controlnet_mode="inline")
     repo = render_repository(dep, tmp_path / "repo")
     cfgs = {}
     for model in ("unet", "controlnet", "vae_decoder"):
@@ -379,7 +379,7 @@ def test_deployment_selects_the_engine(preset_dir, tmp_path):
     from katz.engines.torch.unet import UNetEngine
 
     folder = _folder(preset_dir("tiny-sdxl"))
-    dep = Deployment(folder.path, folder.controlnets, None, Limits(), engine="tensorrt", engine_dir=tmp_path)
+    dep = Deployment(folder.path, folder.controlnets, None, Limits(), engine="tensorrt", engine_dir=tmp_path, controlnet_mode="inline")
     params = dep.to_parameters()
     assert params["engine"] == "tensorrt" and params["engine_dir"] == str(tmp_path)
     back = Deployment.from_parameters(params, "cpu")
@@ -389,7 +389,7 @@ def test_deployment_selects_the_engine(preset_dir, tmp_path):
         Deployment.from_parameters({**params, "engine": "onnx"}, "cpu")
     with pytest.raises(ValueError, match="engine_dir"):
         Deployment.from_parameters({**params, "engine_dir": ""}, "cpu")
-    torch_dep = Deployment(folder.path, folder.controlnets, None, Limits())
+    torch_dep = Deployment(folder.path, folder.controlnets, None, Limits(), controlnet_mode="inline")
     torch_unet = engine_class(torch_dep, "unet")  # the torch class, given the deployment's CUDA-graph settings
     assert torch_unet.func is UNetEngine and torch_unet.keywords["accel"] is torch_dep.accel
     with pytest.raises(ValueError, match="text_encoder"):
@@ -413,7 +413,7 @@ def test_render_serves_the_vae_engine_as_a_tensorrt_plan(exported, tmp_path):
     out, folder = exported("tiny-sdxl")
     engines = _fake_engines(tmp_path / "engines", out, dtype="float32")
     dep = Deployment(folder.path, folder.controlnets, None, Limits(), device="cuda", dtype="float32",
-                     engine="tensorrt", engine_dir=engines)
+                     engine="tensorrt", engine_dir=engines, controlnet_mode="inline")
     placement = Placement(device="cuda", gpus={m: [0] for m in MODELS})
     repo = render_repository(dep, tmp_path / "repo", placement)
     cfgs = {}
@@ -440,7 +440,7 @@ def test_render_serves_the_vae_engine_as_a_tensorrt_plan(exported, tmp_path):
         assert cfgs[model].parameters["engine_dir"].string_value == str(engines)
     # engines made for another dtype are refused when rendering, with the fix
     dep16 = Deployment(folder.path, folder.controlnets, None, Limits(), device="cuda", dtype="float16",
-                       engine="tensorrt", engine_dir=engines)
+                       engine="tensorrt", engine_dir=engines, controlnet_mode="inline")
     with pytest.raises(EngineMismatch, match="--dtype float32"):
         render_repository(dep16, tmp_path / "repo16", placement)
 

@@ -141,7 +141,7 @@ def test_fp8_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="float8 tensor cores"):
         Acceleration(fp8=True).quantize(torch.nn.Linear(16, 16), torch.device("cpu"))
     assert Acceleration().quantize(torch.nn.Linear(16, 16), torch.device("cpu")) is False
-    params = Deployment("m", {}, None, Limits(), engine="tensorrt", engine_dir="e", fp8=True).to_parameters()
+    params = Deployment("m", {}, None, Limits(), engine="tensorrt", engine_dir="e", fp8=True, controlnet_mode="inline").to_parameters()
     with pytest.raises(ValueError, match="fp8 is for the torch engines"):
         Deployment.from_parameters(params, "cuda")
     assert Deployment.from_parameters({**params, "engine": "torch"}, "cpu").fp8 is True
@@ -156,6 +156,6 @@ def test_cli_refuses_fp8_without_a_float8_gpu(preset_dir):
         pytest.skip("this host has float8 tensor cores")
     p = argparse.ArgumentParser()
     _add_model_args(p)
-    args = p.parse_args(["--model-dir", str(preset_dir("tiny-sdxl")), "--fp8"])
-    with pytest.raises(SystemExit, match="--fp8 needs GPUs with float8 tensor cores"):
+    args = p.parse_args(["--model-dir", str(preset_dir("tiny-sdxl")), "--experimental-fp8"])
+    with pytest.raises(SystemExit, match="--experimental-fp8 needs GPUs with float8 tensor cores"):
         build_deployment(args)

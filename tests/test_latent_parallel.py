@@ -200,10 +200,10 @@ def test_repository_renders_one_model_per_shard(preset_dir, tmp_path, shards):
     from katz.deployment import Deployment
     from katz.models.folder import ModelFolder
     from katz.request import Limits
-    from katz.serving.pipeline import unet_model_names
+    from katz.parallel.shards import unet_model_names
 
     folder = ModelFolder(preset_dir("tiny-sdxl"))
-    dep = Deployment(folder.path, {}, None, Limits(), dtype="float16", unet_shards=shards, latent_overlap=8)
+    dep = Deployment(folder.path, {}, None, Limits(), dtype="float16", unet_shards=shards, latent_overlap=8, controlnet_mode="inline")
     names = unet_model_names(shards)
     repo = render_repository(dep, tmp_path / "r", Placement(device="cuda", gpus={n: [g] for g, n in enumerate(names)}))
     assert sorted(p.name for p in repo.iterdir() if p.name.startswith("unet")) == sorted(names)
@@ -368,13 +368,13 @@ def _last_band_wins(preds, tiles):
 def test_the_tolerance_catches_a_broken_blend(ensembles, monkeypatch, bug, shards, guidance, bound):
     from dataclasses import replace
 
-    import katz.serving.pipeline as pipeline
+    import katz.parallel.shards as shards_mod
 
     if bug == "no-blend":
-        monkeypatch.setattr(pipeline, "blend", _last_band_wins)
+        monkeypatch.setattr(shards_mod, "blend", _last_band_wins)
     else:  # each band after the first gets the inputs of one alignment step further up
-        good = pipeline._shard_inputs
-        monkeypatch.setattr(pipeline, "_shard_inputs", lambda tensors, row, tile: good(
+        good = shards_mod.shard_inputs
+        monkeypatch.setattr(shards_mod, "shard_inputs", lambda tensors, row, tile: good(
             tensors, row, replace(tile, start=tile.start - 4) if tile is not None and tile.start else tile))
     req = _spatial_req(guidance=guidance)
     distance = _distance(ensembles("tiny-sdxl", 1).generate(req)["image"],

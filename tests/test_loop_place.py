@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from katz.deployment import Deployment
-from katz.diffusion.loop import loop_place, loop_request, read_loop_request
+from katz.deployment import Deployment, loop_place
+from katz.diffusion.loop import loop_request, read_loop_request
 from katz.errors import InvalidArgument
 from katz.models.folder import ModelFolder, discover_controlnets
-from katz.request import Limits
+from katz.request import Limits, RequestParams
 from katz.serving.local import LocalEnsemble
 
 from conftest import control_png
@@ -95,7 +95,7 @@ def test_loop_request_round_trip():
     assert request["loop_prompt_embeds"].shape == (1, 2, 77, 16)
     assert request["loop_control_images"].shape == (1, 0, 3, 64, 64)
     params, embeds, pooled, images = read_loop_request(request, "cpu", torch.float32)
-    assert params == PARAMS
+    assert params == RequestParams(**PARAMS)  # the typed record of the same JSON
     assert torch.equal(embeds, inputs["prompt_embeds"]) and torch.equal(pooled, inputs["pooled_prompt_embeds"])
     assert images.shape == (0, 3, 64, 64)
     bad = [

@@ -99,7 +99,7 @@ def _preprocessing(preset_path: Path, lora_dir: Path, readahead: bool = True):
     from katz.serving.preprocessing import Preprocessing
 
     folder = ModelFolder(preset_path, discover_controlnets(preset_path / "controlnets"))
-    dep = Deployment(folder.path, folder.controlnets, lora_dir, Limits(), lora_readahead=readahead)
+    dep = Deployment(folder.path, folder.controlnets, lora_dir, Limits(), lora_readahead=readahead, controlnet_mode="inline")
     return Preprocessing(dep)
 
 

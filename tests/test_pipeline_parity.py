@@ -28,7 +28,7 @@ def _deployment(folder_path):
     folder = ModelFolder(folder_path, discover_controlnets(folder_path / "controlnets"))
     guidance = 5.0 if folder.family == "sdxl" else 7.5
     limits = Limits(default_width=64, default_height=64, default_guidance=guidance)
-    return Deployment(folder.path, folder.controlnets, folder_path / "loras", limits)
+    return Deployment(folder.path, folder.controlnets, folder_path / "loras", limits, controlnet_mode="inline")
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,6 @@ def test_roles_build_both_models(preset_dir):
 
     path = preset_dir("tiny-sd15")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
-    params = Deployment(folder.path, folder.controlnets, path / "loras", Limits()).to_parameters()
+    params = Deployment(folder.path, folder.controlnets, path / "loras", Limits(), controlnet_mode="inline").to_parameters()
     assert isinstance(create_model("postprocessing", params, "cpu"), Postprocessing)
     assert isinstance(create_model("png_encoder", params, "cpu"), PngEncoder)

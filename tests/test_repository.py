@@ -15,6 +15,7 @@ def _deployment(path, dtype="float32", **settings):
     from katz.models.folder import ModelFolder, discover_controlnets
 
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+    settings.setdefault("controlnet_mode", "inline")
     return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype, **settings)
 
 

@@ -118,7 +118,7 @@ def test_preprocessing_makes_the_control_image_processor_at_load(preset_dir):
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
     control_image_processor.cache_clear()
-    Preprocessing(Deployment(folder.path, folder.controlnets, None, Limits()))
+    Preprocessing(Deployment(folder.path, folder.controlnets, None, Limits(), controlnet_mode="inline"))
     assert control_image_processor.cache_info().currsize == 1
 
 
@@ -133,7 +133,7 @@ SD_VAE = {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32}
 
 
 def test_min_image_size_of_real_architectures():
-    from katz.model_folder import min_image_size
+    from katz.models.folder import min_image_size
 
     # one latent pixel at the UNet's deepest level: 8 (VAE) x 2**3 for SD 1.5, 8 x 2**2 for SDXL
     assert min_image_size(SD15_UNET, SD_VAE) == 64
@@ -150,7 +150,7 @@ def test_min_image_size_of_the_presets_runs_and_below_it_fails(preset_dir, prese
     half of it (16 px: a 1x1 map with one channel per GroupNorm group) is the bug it prevents."""
     import torch
 
-    from katz.model_folder import ModelFolder, discover_controlnets
+    from katz.models.folder import ModelFolder, discover_controlnets
 
     path = preset_dir(preset)
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
@@ -189,12 +189,12 @@ def test_size_below_the_minimum_is_refused_naming_the_field():
 
 def test_deployment_validates_against_its_folder_minimum(preset_dir):
     """Whatever limits a deployment was made with, requests are checked against the folder's minimum."""
-    from katz.model_folder import ModelFolder, discover_controlnets
-    from katz.triton_models.deployment import Deployment
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.deployment import Deployment
 
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
-    dep = Deployment(folder.path, folder.controlnets, None, Limits(min_width=48))
+    dep = Deployment(folder.path, folder.controlnets, None, Limits(min_width=48), controlnet_mode="inline")
     assert (dep.request_limits.min_width, dep.request_limits.min_height) == (48, 32)  # a higher setting stays
     assert dep.request_limits.max_width == Limits().max_width
 

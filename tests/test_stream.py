@@ -38,7 +38,7 @@ def test_katz_stream_config_is_decoupled_with_the_ensembles_inputs(preset_dir, t
 
     path = preset_dir("tiny-sdxl")
     folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
-    dep = Deployment(folder.path, folder.controlnets, path / "loras", Limits())
+    dep = Deployment(folder.path, folder.controlnets, path / "loras", Limits(), controlnet_mode="inline")
     placement = Placement(device=device, counts={"katz_stream": 3}, gpus={"katz_stream": [1]})
     repo = render_repository(dep, tmp_path / "repo", placement)
     stream, katz = _config(repo, "katz_stream"), _config(repo, "katz")

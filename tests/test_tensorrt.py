@@ -244,7 +244,7 @@ def test_unet_model_serves_with_tensorrt_and_loras(built):
 
     folder = built["folder"]
     dep = Deployment(folder.path, folder.controlnets, folder.path / "loras", LIMITS, device=DEVICE,
-                     dtype="float16", engine="tensorrt", engine_dir=built["full"])
+                     dtype="float16", engine="tensorrt", engine_dir=built["full"], controlnet_mode="inline")
     model = UNet(dep)
     assert isinstance(model.engine, te.TrtUNetEngine)
     x = _inputs(folder, seed=7)
@@ -267,7 +267,7 @@ def test_render_links_the_real_vae_plan(built, tmp_path):
 
     folder = built["folder"]
     dep = Deployment(folder.path, folder.controlnets, None, LIMITS, device=DEVICE, dtype="float16",
-                     engine="tensorrt", engine_dir=built["full"])
+                     engine="tensorrt", engine_dir=built["full"], controlnet_mode="inline")
     repo = render_repository(dep, tmp_path / "repo", Placement(device="cuda", gpus={m: [0] for m in MODELS}))
     cfg = model_config_pb2.ModelConfig()
     text_format.Parse((repo / "vae_decoder" / "config.pbtxt").read_text(), cfg)

@@ -22,33 +22,12 @@ ControlNets run on several service instances where there are several.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from katz.controlnet.step import ControlJob, job_inputs, sum_residuals
+from katz.diffusion.loop import step_tensors
 from katz.errors import ModelCallError
-
-
-@dataclass
-class ControlJob:
-    """One ControlNet evaluation: which net, its image (``[B, 3, H, W]``), scale and cache key."""
-
-    name: str
-    image: torch.Tensor
-    scale: float
-    key: str
-
-
-def job_inputs(job: ControlJob, common: dict) -> dict:
-    """The ``controlnet`` model's input tensors for one job (``common`` = sample, timestep, ...)."""
-    return {
-        **common,
-        "controlnet_name": np.array([job.name.encode()], dtype=object),
-        "controlnet_cond": job.image.contiguous(),
-        "conditioning_scale": torch.tensor([job.scale], dtype=torch.float32),
-        "cond_key": np.array([job.key.encode()], dtype=object),
-    }
 
 
 class Pending:
@@ -56,18 +35,9 @@ class Pending:
         self.futures, self.names = futures, residual_names
 
     def result(self) -> tuple[list[torch.Tensor], torch.Tensor] | tuple[None, None]:
-        """Residuals summed over the jobs, in job order (as diffusers' MultiControlNetModel sums)."""
-        down, mid = None, None
-        for fut in self.futures:
-            out = fut.result()
-            d = [out[n] for n in self.names[:-1]]
-            m = out[self.names[-1]]
-            if down is None:
-                down, mid = d, m
-            else:
-                down = [a + b for a, b in zip(down, d)]
-                mid = mid + m
-        return down, mid
+        """Residuals summed over the jobs, in job order."""
+        outs = [fut.result() for fut in self.futures]
+        return sum_residuals(([out[n] for n in self.names[:-1]], out[self.names[-1]]) for out in outs)
 
 
 class ControlNetClient:
@@ -180,3 +150,31 @@ class LocalControlNets(ControlNetClient):
             done.set_result(self._one(job_inputs(job, common)))
             futures.append(done)
         return Pending(futures, self.residual_names)
+
+
+def controlnet_client(deployment, call, local_model=None) -> ControlNetClient | None:
+    """The transport the UNet model calls its ControlNets through in the deployment's
+    ``controlnet_mode``: service (``call``: BLS), local (``local_model()``: the ``controlnet`` model
+    class, built in this process), remote (gRPC); None for inline (the loop calls them itself)."""
+    names = deployment.folder.residual_names
+    mode = deployment.controlnet_mode
+    if mode == "service":
+        return BlsControlNets(call, names)
+    if mode == "local":
+        return LocalControlNets(local_model(), names)
+    if mode == "remote":
+        return RemoteControlNets(deployment.controlnet_url, deployment.controlnet_timeout_s, names,
+                                 deployment.device, deployment.torch_dtype)
+    return None
+
+
+def inline_controlnet(call, residual_names: list[str], device):
+    """The ``controlnet`` model over BLS as the loop's ``controlnet`` callable (mode *inline*: the loop
+    runs a step's ControlNets one after the other before the UNet)."""
+
+    def controlnet(name, sample, t, hidden, added, image, scale, cond_key=""):
+        common = step_tensors(sample, t, hidden, added, batched=False, device=device)
+        out = call("controlnet", job_inputs(ControlJob(name, image, scale, cond_key or ""), common), residual_names)
+        return [out[n] for n in residual_names[:-1]], out["mid_residual"]
+
+    return controlnet

@@ -14,8 +14,7 @@ from pathlib import Path
 from string import Template
 
 from katz.deployment import Deployment
-from katz.diffusion.loop import loop_place
-from katz.serving.pipeline import unet_model_names
+from katz.parallel.shards import unet_model_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = PROJECT_ROOT / "model_repository"
@@ -78,10 +77,10 @@ class Placement:
 
 def host_models(deployment: Deployment) -> frozenset[str]:
     """Models of :data:`GPU_MODELS` that need no GPU in this deployment: ``katz_pipeline`` when the
-    denoising loop runs inside the ``unet`` model (:func:`katz.diffusion.loop.loop_place`),
+    denoising loop runs inside the ``unet`` model (:attr:`katz.deployment.Deployment.loop_place`),
     where it only forwards the text embeddings to the UNet and the latents to the VAE (a GPU instance
     would hold a CUDA context, ~0.55 GB per instance, for nothing)."""
-    return frozenset({"katz_pipeline"}) if loop_place(deployment.loop, deployment.unet_shards) == "unet" \
+    return frozenset({"katz_pipeline"}) if deployment.loop_place == "unet" \
         else frozenset()
 
 

@@ -23,6 +23,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from katz.controlnet.step import sum_residuals
+
 
 class UNetFn(Protocol):
     def __call__(
@@ -153,16 +155,10 @@ def denoise(
         if controlnet_in_unet:
             noise_pred = unet(model_input, t, prompt_embeds, added_cond, None, None, controls=active)
         else:
-            down_residuals, mid_residual = None, None
-            for control, image, scale in active:
-                down, mid = controlnet(
-                    control.name, model_input, t, prompt_embeds, added_cond, image, scale, control.key or None
-                )
-                if down_residuals is None:
-                    down_residuals, mid_residual = list(down), mid
-                else:
-                    down_residuals = [a + b for a, b in zip(down_residuals, down)]
-                    mid_residual = mid_residual + mid
+            down_residuals, mid_residual = sum_residuals(
+                controlnet(control.name, model_input, t, prompt_embeds, added_cond, image, scale, control.key or None)
+                for control, image, scale in active
+            )
             noise_pred = unet(model_input, t, prompt_embeds, added_cond, down_residuals, mid_residual)
 
         if do_cfg:

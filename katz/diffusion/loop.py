@@ -19,53 +19,34 @@ batching model): ``loop_params [1, 1]`` (the preprocessing ``params`` JSON),
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
-import numpy as np
 import torch
 
 from katz.diffusion.denoise import ControlInput, ControlNetFn, UNetFn, denoise
 from katz.diffusion.schedulers import make_scheduler
 from katz.errors import InvalidArgument
+from katz.request import RequestParams
 
 LOOP_OUTPUTS = ("latents", "lora_applied_step")
-# what a loop request's params must hold (preprocessing writes them all)
-LOOP_PARAMS = ("scheduler", "seed", "steps", "guidance_scale", "height", "width", "controlnets", "controlnet_scales",
-               "loras", "lora_scales")
-LOOPS = ("auto", "unet", "pipeline")
-
-
-def loop_place(loop: str, unet_shards: int) -> str:
-    """Where ``katz_pipeline``'s loop runs for the deployment setting ``loop``: ``auto`` is ``unet``
-    with one UNet shard and ``pipeline`` with several (each step is split over the shards)."""
-    if loop not in LOOPS:
-        raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {loop!r}")
-    if loop == "auto":
-        return "unet" if unet_shards == 1 else "pipeline"
-    if loop == "unet" and unet_shards > 1:
-        raise ValueError("loop unet needs one UNet shard: latent parallelism splits every step over the shards")
-    return loop
-
-
-def request_controls(params: dict, images: torch.Tensor) -> list[ControlInput]:
-    """The request's ControlNets from the ``params`` JSON and ``images [n, 3, H, W]``."""
-    n = len(params["controlnets"])
+def request_controls(params: RequestParams, images: torch.Tensor) -> list[ControlInput]:
+    """The request's ControlNets from its params and ``images [n, 3, H, W]``."""
+    n = len(params.controlnets)
     return [
         ControlInput(
-            name=params["controlnets"][i],
+            name=params.controlnets[i],
             image=images[i : i + 1],
-            scale=params["controlnet_scales"][i],
-            start=params.get("control_guidance_start", [0.0] * n)[i],
-            end=params.get("control_guidance_end", [1.0] * n)[i],
-            key=params.get("control_image_keys", [""] * n)[i],
+            scale=params.controlnet_scales[i],
+            start=(params.control_guidance_start or [0.0] * n)[i],
+            end=(params.control_guidance_end or [1.0] * n)[i],
+            key=(params.control_image_keys or [""] * n)[i],
         )
         for i in range(n)
     ]
 
 
 def run_loop(
-    params: dict,
+    params: RequestParams,
     embeds: torch.Tensor,
     pooled: torch.Tensor | None,
     images: torch.Tensor,
@@ -81,14 +62,14 @@ def run_loop(
         unet=unet,
         controlnet=controlnet,
         controlnet_in_unet=controlnet_in_unet,
-        scheduler=make_scheduler(params["scheduler"], folder.scheduler_config),
+        scheduler=make_scheduler(params.scheduler, folder.scheduler_config),
         prompt_embeds=embeds,
         pooled_prompt_embeds=pooled,
-        seed=params["seed"],
-        steps=params["steps"],
-        guidance_scale=params["guidance_scale"],
-        height=params["height"],
-        width=params["width"],
+        seed=params.seed,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        height=params.height,
+        width=params.width,
         latent_channels=folder.unet_config["in_channels"],
         vae_scale_factor=folder.vae_scale_factor,
         controls=request_controls(params, images),
@@ -118,21 +99,6 @@ def added_cond(inputs: dict) -> dict | None:
     return None
 
 
-def bls_controlnet(call, residual_names: list[str], device) -> ControlNetFn:
-    """The ``controlnet`` model over BLS as the loop's ``controlnet`` (the *inline* mode)."""
-
-    def controlnet(name, sample, t, hidden, added, image, scale, cond_key=""):
-        tensors = step_tensors(sample, t, hidden, added, batched=False, device=device)
-        tensors["controlnet_name"] = np.array([name.encode()], dtype=object)
-        tensors["controlnet_cond"] = image
-        tensors["conditioning_scale"] = torch.tensor([scale], dtype=torch.float32)
-        tensors["cond_key"] = np.array([(cond_key or "").encode()], dtype=object)
-        out = call("controlnet", tensors, residual_names)
-        return [out[n] for n in residual_names[:-1]], out["mid_residual"]
-
-    return controlnet
-
-
 def loop_request(inputs: dict) -> dict:
     """``katz_pipeline``'s inputs as a loop request for the ``unet`` model (batch dimension 1)."""
     out = {
@@ -149,7 +115,7 @@ def is_loop_request(inputs: dict) -> bool:
     return inputs.get("loop_params") is not None
 
 
-def read_loop_request(inputs: dict, device, dtype) -> tuple[dict, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def read_loop_request(inputs: dict, device, dtype) -> tuple[RequestParams, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A loop request's ``(params, embeds [B, 77, D], pooled [B, P] or None, images [n, 3, H, W])``,
     the tensors on ``device`` in ``dtype`` (images stay float32, as the pipeline passes them).
     Raises :class:`InvalidArgument` naming the input that is missing or malformed."""
@@ -162,16 +128,10 @@ def read_loop_request(inputs: dict, device, dtype) -> tuple[dict, torch.Tensor, 
     images = inputs["loop_control_images"]
     if images.ndim != 5 or images.shape[0] != 1:
         raise InvalidArgument("loop_control_images", f"must be [1, n, 3, H, W], not {list(images.shape)}")
-    try:
-        params = json.loads(bytes(inputs["loop_params"].reshape(-1)[0]).decode())
-    except (ValueError, IndexError) as exc:
-        raise InvalidArgument("loop_params", f"not the preprocessing params JSON ({exc})") from None
-    missing = [k for k in LOOP_PARAMS if not isinstance(params, dict) or k not in params]
-    if missing:
-        raise InvalidArgument("loop_params", f"lacks {', '.join(missing)}")
-    if len(params["controlnets"]) != images.shape[1]:
+    params = RequestParams.from_tensor(inputs["loop_params"], "loop_params")
+    if len(params.controlnets) != images.shape[1]:
         raise InvalidArgument("loop_control_images", f"has {images.shape[1]} images for "
-                              f"{len(params['controlnets'])} ControlNets")
+                              f"{len(params.controlnets)} ControlNets")
     pooled = inputs.get("loop_pooled_prompt_embeds")
     return (
         params,

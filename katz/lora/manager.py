@@ -42,7 +42,7 @@ from katz.lora.weights import COMPONENTS, LoraLayer, LoraWeights, parse_lora
 @dataclass
 class LoraStats:
     """Totals since start. ``loads`` .. ``wait_seconds`` are exported as Triton custom metrics
-    (:meth:`katz.serving.unet.UNet.metrics`).
+    (:meth:`metrics`, published by the ``unet`` model).
 
     ``read_seconds`` .. ``device_wait_seconds`` split the loader thread's time over the stages of a
     load, failed loads included; for successful loads they add up to ``load_seconds`` less
@@ -70,6 +70,31 @@ class LoraStats:
     # the UNet model's weight switches (merge a LoRA set in, or restore the base): host time,
     # which for a merge ends with its one device sync (the finiteness check)
     switch_seconds: float = 0.0
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        """The totals as Triton custom metrics ``(name, description, labels, total)``."""
+        s = self
+        return [
+            ("katz_lora_loads_total", "LoRAs loaded to the device", {}, s.loads),
+            ("katz_lora_load_seconds_total", "time spent loading LoRAs (s)", {}, s.load_seconds),
+            ("katz_lora_load_failures_total", "LoRA loads that failed", {}, s.load_failures),
+            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "host"}, s.host_hits),
+            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "host"}, s.host_misses),
+            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "device"}, s.device_hits),
+            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "device"}, s.device_misses),
+            ("katz_lora_steps_before_patch_total", "UNet steps run on base weights while a LoRA loaded", {},
+             s.steps_before_patch),
+            ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
+            ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
+            ("katz_lora_switch_seconds_total", "time switching the UNet weights: LoRA sets merged in, base restored (s)",
+             {}, s.switch_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
+             s.upload_seconds),
+            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "device_wait"},
+             s.device_wait_seconds),
+        ]
 
 
 @dataclass

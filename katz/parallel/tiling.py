@@ -13,7 +13,7 @@ residuals crop exactly at each of their scales.
 
 The UNet's self-attention is global and a band does not see the rest of the
 image, so the blend approximates the unsharded prediction; it is not equal to
-it (README, "Latent parallelism": the measured distance).
+it (docs/techniques.md, "Latent parallelism": the measured distance).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from katz.diffusion.images import encode_png, to_uint8
-from katz.serving.preprocessing import read_params
+from katz.request import params_json
 
 PNG_TEXT_KEYS = ("seed", "steps", "guidance_scale", "scheduler", "width", "height", "controlnets", "loras")
 
@@ -38,7 +38,7 @@ class PngEncoder:
         pixels = inputs["image"]
         if not isinstance(pixels, np.ndarray):  # a torch tensor from the backend
             pixels = pixels.cpu().numpy()
-        params = read_params(inputs) if "params" in inputs else {}
+        params = params_json(inputs["params"]) if "params" in inputs else {}  # the settings it has, as text
         text = {f"katz:{k}": str(params[k]) for k in PNG_TEXT_KEYS if k in params}
         png = encode_png(np.ascontiguousarray(pixels, dtype=np.uint8), text)
         return {"png": np.array([png], dtype=object)}

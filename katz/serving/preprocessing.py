@@ -13,7 +13,6 @@ names go to every UNet instance's loader (:mod:`katz.lora.hints`), which starts 
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from katz.diffusion.images import control_image_processor, decode_control_image
 from katz.diffusion.text_encoding import tokenize
 from katz.lora.hints import HintSender
 from katz.lora.readahead import LoraReadahead
-from katz.request import parse_request
+from katz.request import RequestParams, parse_request
 
 
 class Preprocessing:
@@ -47,34 +46,31 @@ class Preprocessing:
             for data in req.control_images
         ]
         control = torch.cat(images) if images else torch.zeros((0, 3, req.height, req.width))
-        params = {
-            "seed": req.seed,
-            "steps": req.steps,
-            "guidance_scale": req.guidance_scale,
-            "width": req.width,
-            "height": req.height,
-            "scheduler": req.scheduler,
-            "controlnets": req.controlnets,
-            "controlnet_scales": req.controlnet_scales,
-            "control_guidance_start": req.control_guidance_start,
-            "control_guidance_end": req.control_guidance_end,
-            # content hashes of the control images at this size: keys of the feature cache
-            "control_image_keys": [
+        params = RequestParams(
+            seed=req.seed,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            width=req.width,
+            height=req.height,
+            scheduler=req.scheduler,
+            controlnets=req.controlnets,
+            controlnet_scales=req.controlnet_scales,
+            control_guidance_start=req.control_guidance_start,
+            control_guidance_end=req.control_guidance_end,
+            control_image_keys=[
                 hashlib.sha256(data + f"@{req.width}x{req.height}".encode()).hexdigest()[:32]
                 for data in req.control_images
             ],
-            "loras": req.loras,
-            "lora_scales": req.lora_scales,
-            "lora_k": req.lora_k,
-            "zero_negative": bool(
-                req.do_cfg and req.negative_prompt is None and dep.folder.force_zeros_for_empty_prompt
-            ),
-        }
+            loras=req.loras,
+            lora_scales=req.lora_scales,
+            lora_k=req.lora_k,
+            zero_negative=bool(req.do_cfg and req.negative_prompt is None and dep.folder.force_zeros_for_empty_prompt),
+        )
         ids = tokenize(self.tokenizers, req.prompt, req.negative_prompt, req.do_cfg)
         return {
             **{k: torch.from_numpy(v) for k, v in ids.items()},
             "control_images": control,
-            "params": np.array([json.dumps(params).encode()], dtype=object),
+            "params": params.to_tensor(),
             "seed": np.array([req.seed], dtype=np.int64),
         }
 
@@ -94,7 +90,3 @@ class Preprocessing:
              s.read_seconds),
         ]
 
-
-def read_params(inputs: dict) -> dict:
-    """The ``params`` JSON written by :class:`Preprocessing`."""
-    return json.loads(bytes(inputs["params"].reshape(-1)[0]).decode())

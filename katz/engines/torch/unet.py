@@ -56,7 +56,7 @@ class UNetEngine:
             self.unet.to(memory_format=torch.channels_last)
         if self.accel is not None:
             pool, lock = process_pool(self.device)
-            for part, eager in (("step", self._step), ("down", self._down), ("up", self._up)):
+            for part, eager in (("step", self.eager_step), ("down", self._down), ("up", self._up)):
                 fn = self.accel.compiled(eager)
                 if self.accel.cuda_graphs:
                     self._graphs[part] = CudaGraphs(fn, f"unet.{part}", pool, lock, eager=eager)
@@ -141,9 +141,9 @@ class UNetEngine:
                 down, mid_residual = zero[1]
             out = self._graphs["step"](sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
             return out.clone(memory_format=torch.contiguous_format)
-        return self._step(sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
+        return self.eager_step(sample, timestep, encoder_hidden_states, added_cond, down, mid_residual)
 
-    def _step(self, sample, timestep, encoder_hidden_states, added_cond, down, mid):
+    def eager_step(self, sample, timestep, encoder_hidden_states, added_cond, down, mid):
         return self.unet(
             sample,
             timestep,
