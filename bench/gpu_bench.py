@@ -285,8 +285,8 @@ def fp8_variants(ens, eng, cne, step_args, img, requests: dict, res: dict, rowwi
             cn_args = (*step_args, feats)
             net8 = copy.deepcopy(net)
             out[f"fp8{tag}_controlnet_linears"] = len(quantize_linears(net8, rowwise))
-            body16 = functools.partial(ControlNetEngine._graph_body, net)
-            body8 = functools.partial(ControlNetEngine._graph_body, net8)
+            body16 = functools.partial(ControlNetEngine.graph_body, net)
+            body8 = functools.partial(ControlNetEngine.graph_body, net8)
             if "controlnet_graph_compiled_ms" not in res:
                 graph, (down16, mid16) = timed("controlnet_graph_compiled", body16, cn_args, True)
             else:
@@ -647,14 +647,11 @@ def main() -> None:
     def katz_cold_lora(k):
         def run():
             unet.bal.switch_to(())
-            unet.loras.wait_idle()  # the previous load's host-tier fill, so the clear below sticks
-            unet.loras.device_cache.items.clear()
-            unet.loras.host.items.clear()
-            unet.loras.host.used = unet.loras.device_cache.used = 0
+            unet.loras.clear_caches()
             for m in ens.models.values():
                 d = getattr(m, "deployment", None)
                 if d is not None and "loras" in vars(d):  # the text encoder's parsed-file cache
-                    d.loras._cache.clear()
+                    d.loras.clear_cache()
             evict(lora_dir / "style.safetensors")
             out = ens.generate(req(loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))
             applied.append(int(out["lora_applied_step"][0]))

@@ -186,7 +186,7 @@ def test_controlnet_model_cache_is_bounded(sdxl, tmp_path):
         shutil.copytree(sdxl / "controlnets" / "canny", tmp_path / name)
     folder = ModelFolder(sdxl, {n: tmp_path / n for n in ("a", "b", "c")})
     probe = ControlNetEngine(folder, resident=["a"])
-    one = probe._size(probe.nets["a"])
+    one = probe.model_bytes(probe.nets["a"])
     engine = ControlNetEngine(folder, resident=["a"], cache_bytes=int(2.5 * one))
     assert list(engine.nets) == ["a"]
     engine.get("b")

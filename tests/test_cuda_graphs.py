@@ -46,13 +46,13 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
 
     unet, cn = _engines(folder, Acceleration(cuda_graphs=True))
     # one signature per batch: the step with residuals (a plain step replays it with zeros), down, up
-    assert len(unet._graphs["step"]) == 2 and len(unet._graphs["down"]) == 2 and len(unet._graphs["up"]) == 2
+    assert len(unet.graphs["step"]) == 2 and len(unet.graphs["down"]) == 2 and len(unet.graphs["up"]) == 2
     torch.manual_seed(0)
     x = unet_example_inputs(folder, 2, SIZE, SIZE, "cuda", torch.float16)
     args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
     eager = unet.eager_step(*args, None, None)
     graphed = unet(*args)
-    assert unet._graphs["step"].replays == 1 and unet._graphs["step"].eager_calls == 0
+    assert unet.graphs["step"].replays == 1 and unet.graphs["step"].eager_calls == 0
     torch.testing.assert_close(graphed, eager, rtol=0, atol=2e-3)
 
     # ControlNet residuals: graph == eager, and split down/up == whole step
@@ -60,7 +60,7 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     # one control image for both CFG rows, as the pipeline sends it (the feature cache computes row 0)
     image = torch.rand(1, 3, SIZE, SIZE, device="cuda", dtype=torch.float16).expand(2, -1, -1, -1)
     down, mid = cn(name, *args, image, 0.7, "img-1")
-    replays = cn._graphs[name].replays
+    replays = cn.graphs[name].replays
     net = cn.nets[name]
     with torch.no_grad():
         e_down, e_mid = net(args[0], args[1], encoder_hidden_states=args[2], controlnet_cond=image,
@@ -87,7 +87,7 @@ def test_graphs_match_eager_and_see_loras(folder, tmp_path):
     # a shape not captured at load runs eagerly (never captured on a request)
     y = unet_example_inputs(folder, 2, SIZE + 64, SIZE, "cuda", torch.float16)
     unet(y["sample"], y["timestep"], y["encoder_hidden_states"], y["added_cond"])
-    assert unet._graphs["step"].eager_calls == 1 and len(unet._graphs["step"]) == 2
+    assert unet.graphs["step"].eager_calls == 1 and len(unet.graphs["step"]) == 2
 
 
 @pytest.mark.parametrize("compile_", [False, True])
@@ -99,16 +99,16 @@ def test_split_graphs_serve_plain_steps_with_zero_residuals(folder, compile_):
 
     unet = UNetEngine(folder, "cuda", torch.float16, accel=Acceleration(cuda_graphs=True, compile=compile_))
     compiled_calls = []
-    unet._graphs["up"].fn = _counting(unet._graphs["up"].fn, compiled_calls)
+    unet.graphs["up"].fn = _counting(unet.graphs["up"].fn, compiled_calls)
     unet.warm_up([(SIZE, SIZE)], batches=(1, 2), split=True, compile_batches=(2,))
-    assert len(unet._graphs["step"]) == 0 and len(unet._graphs["down"]) == 2 and len(unet._graphs["up"]) == 2
+    assert len(unet.graphs["step"]) == 0 and len(unet.graphs["down"]) == 2 and len(unet.graphs["up"]) == 2
     assert len(compiled_calls) == 3  # batch 2 only: two warm-up runs and the capture
     for batch in (1, 2):
         x = unet_example_inputs(folder, batch, SIZE, SIZE, "cuda", torch.float16)
         args = (x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_cond"])
         torch.testing.assert_close(unet(*args), unet.eager_step(*args, None, None), rtol=0, atol=2e-3 if not compile_ else 1e-2)
-    assert unet._graphs["up"].replays == 2 and unet._graphs["down"].replays == 2
-    assert unet._graphs["step"].eager_calls == 0 and unet._graphs["up"].eager_calls == 0
+    assert unet.graphs["up"].replays == 2 and unet.graphs["down"].replays == 2
+    assert unet.graphs["step"].eager_calls == 0 and unet.graphs["up"].eager_calls == 0
 
 
 def _counting(fn, calls):
@@ -128,14 +128,14 @@ def test_vae_decode_warmed_up_matches_eager(folder, compile_vae):
     s = folder.vae_scale_factor
     latents = torch.randn(1, 4, SIZE // s, SIZE // s, device="cuda", dtype=torch.float16)
     fast = vae(latents)
-    assert vae._fast.replays == 1 and fast.dtype == torch.float16
-    eager = vae._decode(latents.to(vae.compute_dtype))
+    assert vae.fast_decode.replays == 1 and fast.dtype == torch.float16
+    eager = vae.eager_decode(latents.to(vae.compute_dtype))
     torch.testing.assert_close(fast.float(), eager.float(), rtol=0, atol=1e-2 if compile_vae else 0)
     again = vae(latents * 0.5)  # a new replay does not change what an earlier call returned
     assert not torch.equal(again, fast) and torch.equal(fast, vae(latents))
     other = torch.randn(1, 4, SIZE // s // 2, SIZE // s // 2, device="cuda", dtype=torch.float16)
     vae(other)  # a size not warmed up: eager, no compilation or capture on a request
-    assert vae._fast.eager_calls == 0 and len(vae._fast) == 1
+    assert vae.fast_decode.eager_calls == 0 and len(vae.fast_decode) == 1
 
 
 def test_request_through_local_ensemble_unchanged(folder):
@@ -161,7 +161,7 @@ def test_request_through_local_ensemble_unchanged(folder):
             ens = LocalEnsemble(dep)
             images[mode, graphs] = np.asarray(ens.generate(dict(request))["image"], dtype=np.int16)
             if graphs:
-                assert ens.models["unet"].engine._graphs["down" if mode == "service" else "step"].replays > 0
+                assert ens.models["unet"].engine.graphs["down" if mode == "service" else "step"].replays > 0
     ref = images["inline", False]
     for key, img in images.items():
         assert np.abs(img - ref).max() <= 2, key

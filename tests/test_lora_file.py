@@ -307,14 +307,14 @@ def test_manager_loads_views_of_one_buffer_and_reuses_staging(tmp_path):
         _check_layers(wa, a)  # not overwritten by b's read
         _check_layers(wb, b)
         assert set(wa.layers) == {"unet"}  # the text-encoder part was neither read nor checked
-        entry = m.device_cache.get("a", m._file_key("a"))
+        entry = m.device_cache.get("a", m.cache_key("a"))
         assert entry.buffer is not None and not entry.extra
         size = sum(t.numel() * t.element_size() for k, t in a.items() if k.startswith("unet."))
         assert size <= entry.nbytes < size + 2 * lf.ALIGN
         ptr = entry.buffer.untyped_storage().data_ptr()
         assert all(t.untyped_storage().data_ptr() == ptr for layer in wa.layers["unet"].values()
                    for t in (layer.down, layer.up))
-        assert m.device_cache.used == entry.nbytes + m.device_cache.get("b", m._file_key("b")).nbytes
+        assert m.device_cache.used == entry.nbytes + m.device_cache.get("b", m.cache_key("b")).nbytes
         s = m.stats
         assert s.loads == 2 and s.host_misses == 2 and s.read_bytes > 0
         assert s.read_seconds > 0 and s.parse_seconds > 0 and s.upload_seconds > 0
@@ -340,7 +340,7 @@ def test_manager_host_hit_skips_disk_and_parsing(tmp_path, monkeypatch):
         (again,) = m.get(["a"])
         assert m.stats.host_hits == 1 and m.stats.loads == 2
         _check_layers(again, a)
-        host = m.host.get("a", m._file_key("a"))
+        host = m.host.get("a", m.cache_key("a"))
         assert again.layers["unet"]["a"].down.untyped_storage().data_ptr() != host.buffer.untyped_storage().data_ptr()
     finally:
         m.close()
@@ -359,7 +359,7 @@ def test_manager_host_tier_respects_its_budget(tmp_path):
     m = _manager(tmp_path)
     try:
         m.get(["a"])
-        size = m.device_cache.get("a", m._file_key("a")).nbytes * 3 // 2
+        size = m.device_cache.get("a", m.cache_key("a")).nbytes * 3 // 2
     finally:
         m.close()
     m = _manager(tmp_path, host_budget_bytes=size)  # one LoRA's data fits, not two
@@ -409,7 +409,7 @@ def test_manager_misaligned_file_and_other_errors(tmp_path):
         (w,) = m.get(["odd"])
         layer = w.layers["unet"]["a"]
         assert torch.equal(layer.down, down) and torch.equal(layer.up, up) and layer.alpha == 3.0
-        entry = m.device_cache.get("odd", m._file_key("odd"))
+        entry = m.device_cache.get("odd", m.cache_key("odd"))
         assert len(entry.extra) == 2 and entry.nbytes == entry.buffer.numel() + (down.numel() + up.numel()) * 4
         m.wait_idle()
         m.device_cache.items.clear()

@@ -184,12 +184,12 @@ def test_vae_decoder_load_survives_a_failed_compile(preset_dir):
     def broken(latents):
         raise RuntimeError("no working C compiler found")
 
-    vae._fast, vae.compiled = broken, True  # as a compiled decode without CUDA graphs is set up
+    vae.fast_decode, vae.compiled = broken, True  # as a compiled decode without CUDA graphs is set up
     with pytest.warns(RuntimeWarning, match="compiling the VAE decoder failed"):
         vae.warm_up([(64, 64)])
-    assert vae._fast is None and not vae.compiled
+    assert vae.fast_decode is None and not vae.compiled
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(vae(latents), vae._decode(latents))
-    vae._fast, vae.compiled = broken, False  # not compiled: a failure is the load's error
+    assert torch.equal(vae(latents), vae.eager_decode(latents))
+    vae.fast_decode, vae.compiled = broken, False  # not compiled: a failure is the load's error
     with pytest.raises(RuntimeError, match="C compiler"):
         vae.warm_up([(64, 64)])

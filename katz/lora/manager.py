@@ -136,6 +136,10 @@ class _LruBytes:
         self.items: OrderedDict[str, tuple[tuple, _Entry]] = OrderedDict()
         self.used = 0
 
+    def clear(self) -> None:
+        self.items.clear()
+        self.used = 0
+
     def get(self, name: str, key: tuple) -> _Entry | None:
         hit = self.items.get(name)
         if hit is None or hit[0] != key:
@@ -316,7 +320,8 @@ class LoraManager:
             self._pool.submit(self._staging.acquire, staging_bytes)  # cudaHostAlloc off the first load
 
     # ------------------------------------------------------------- queries
-    def _file_key(self, name: str) -> tuple:
+    def cache_key(self, name: str) -> tuple:
+        """The key the caches hold ``name`` under: its file's size and mtime (a rewritten file is a new entry)."""
         path = self.store.path(name)
         try:
             st = path.stat()
@@ -329,7 +334,7 @@ class LoraManager:
         with self._lock:
             for name in names:
                 try:
-                    key = self._file_key(name)
+                    key = self.cache_key(name)
                 except LoraError:
                     return True  # let get() report it now
                 if self.device_cache.get(name, key) is None:
@@ -360,7 +365,7 @@ class LoraManager:
         return True
 
     def _future(self, name: str) -> Future | None:
-        key = self._file_key(name)
+        key = self.cache_key(name)
         with self._lock:
             if self.device_cache.get(name, key) is not None:
                 return None
@@ -567,7 +572,7 @@ class LoraManager:
                     with self._lock:
                         if self._inflight.get(name, (None, None))[1] is fut:
                             del self._inflight[name]
-            key = self._file_key(name)
+            key = self.cache_key(name)
             with self._lock:
                 entry = self.device_cache.get(name, key)
                 self.stats.device_hits += fut is None
@@ -590,6 +595,14 @@ class LoraManager:
             with self._lock:
                 self.stats.wait_seconds += time.perf_counter() - start
         return out
+
+    def clear_caches(self) -> None:
+        """Empty the host and device tiers (a cold start for the next load; benchmarks, tests). Waits for
+        the loads in flight first, so a host-tier fill finishing later does not refill them."""
+        self.wait_idle()
+        with self._lock:
+            self.host.clear()
+            self.device_cache.clear()
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until the loader thread has done all it was given so far (loads and host-tier fills)."""

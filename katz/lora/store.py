@@ -32,6 +32,11 @@ class LoraStore:
             raise LoraError(f"lora {name!r}: this deployment has no LoRA directory")
         return self.directory / f"{name}{SUFFIX}"
 
+    def clear_cache(self) -> None:
+        """Forget the parsed LoRAs :meth:`get` keeps (the next ``get`` reads the file again)."""
+        with self._lock:
+            self._cache.clear()
+
     def exists(self, name: str) -> bool:
         return self.directory is not None and self.path(name).is_file()
 

@@ -90,7 +90,9 @@ class ControlNetEngine:
         """The per-part callables the engine runs (:class:`CudaGraphs` where graphs are on), by part."""
         return MappingProxyType(self._graphs)
 
-    def _size(self, net) -> int:
+    @staticmethod
+    def model_bytes(net) -> int:
+        """Bytes of a ControlNet's parameters (what the model cache counts)."""
         return sum(p.numel() * p.element_size() for p in net.parameters())
 
     def _load(self, name: str):
@@ -103,17 +105,17 @@ class ControlNetEngine:
         self.nets[name] = net
         self.loads += 1
         if self.accel is not None and name in self.resident:  # nets loaded on demand run eagerly
-            eager = functools.partial(self._graph_body, net)
+            eager = functools.partial(self.graph_body, net)
             fn = self.accel.compiled(eager)
             self._graphs[name] = (CudaGraphs(fn, f"controlnet.{name}", self._pool, self._pool_lock, eager=eager)
                                   if self.accel.cuda_graphs else fn)
         evictable = [n for n in self.nets if n not in self.resident and n != name]
-        while evictable and sum(self._size(n_) for n_ in self.nets.values()) > self.cache_bytes:
+        while evictable and sum(self.model_bytes(n_) for n_ in self.nets.values()) > self.cache_bytes:
             self.nets.pop(evictable.pop(0))
         return net
 
     @staticmethod
-    def _graph_body(net, sample, timestep, encoder_hidden_states, added_cond, features):
+    def graph_body(net, sample, timestep, encoder_hidden_states, added_cond, features):
         """The net's forward at conditioning scale 1 with the image features as an input."""
         net.controlnet_cond_embedding.graph_input = features
         try:

@@ -43,16 +43,17 @@ class VaeDecoderEngine:
         self.latents_mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, self.compute_dtype) if stats else None
         self.latents_std = torch.tensor(std).view(1, -1, 1, 1).to(device, self.compute_dtype) if stats else None
         self.warmup_s = 0.0  # compilation and graph capture at load
-        self._fast = None  # the compiled and/or captured decode, for the shapes warmed up
+        # the compiled and/or captured decode (CudaGraphs where graphs are on), for the shapes warmed up
+        self.fast_decode = None
         self._warmed: set[tuple[int, ...]] = set()
         self.compiled = False
         on_gpu = accel is not None and self.device.type == "cuda"
         if on_gpu and (accel.cuda_graphs or accel.compile_vae):
-            self._fast = self._fast_decode(accel.compiled(self._decode, on=accel.compile_vae), accel.cuda_graphs)
+            self.fast_decode = self._make_fast(accel.compiled(self.eager_decode, on=accel.compile_vae), accel.cuda_graphs)
             self.compiled = accel.compile_vae
 
-    def _fast_decode(self, fn, graphs: bool):
-        return CudaGraphs(fn, "vae.decode", *process_pool(self.device), eager=self._decode) if graphs else fn
+    def _make_fast(self, fn, graphs: bool):
+        return CudaGraphs(fn, "vae.decode", *process_pool(self.device), eager=self.eager_decode) if graphs else fn
 
     @torch.no_grad()
     def warm_up(self, sizes: Sequence[tuple[int, int]]) -> float:
@@ -60,7 +61,7 @@ class VaeDecoderEngine:
 
         Where compiling fails (inductor needs a C compiler and Triton on the host), the decode
         stays uncompiled (with a warning) instead of failing the model's load."""
-        if self._fast is None:
+        if self.fast_decode is None:
             return 0.0
         start = time.perf_counter()
         try:
@@ -70,10 +71,10 @@ class VaeDecoderEngine:
                 raise
             warnings.warn(f"katz: compiling the VAE decoder failed ({type(exc).__name__}: {exc}); "
                           "it decodes uncompiled", RuntimeWarning, stacklevel=2)
-            graphs = isinstance(self._fast, CudaGraphs)
+            graphs = isinstance(self.fast_decode, CudaGraphs)
             self.compiled, self._warmed = False, set()
-            self._fast = self._fast_decode(self._decode, graphs) if graphs else None
-            if self._fast is not None:
+            self.fast_decode = self._make_fast(self.eager_decode, graphs) if graphs else None
+            if self.fast_decode is not None:
                 self._warm(sizes)
         self.warmup_s += time.perf_counter() - start
         return time.perf_counter() - start
@@ -83,20 +84,20 @@ class VaeDecoderEngine:
         for height, width in sizes:
             x = torch.zeros(1, channels, height // self.scale, width // self.scale, device=self.device,
                             dtype=self.compute_dtype)
-            if isinstance(self._fast, CudaGraphs):
-                self._fast.capture(x)
+            if isinstance(self.fast_decode, CudaGraphs):
+                self.fast_decode.capture(x)
             else:
-                self._fast(x)
+                self.fast_decode(x)
             self._warmed.add(tuple(x.shape))
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.to(self.device, self.compute_dtype)
-        if self._fast is not None and tuple(latents.shape) in self._warmed:
-            return self._fast(latents).clone()  # a captured graph's output is overwritten by the next replay
-        return self._decode(latents)
+        if self.fast_decode is not None and tuple(latents.shape) in self._warmed:
+            return self.fast_decode(latents).clone()  # a captured graph's output is overwritten by the next replay
+        return self.eager_decode(latents)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def eager_decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.latents_mean is not None:
             mean = self.latents_mean.to(latents)
             std = self.latents_std.to(latents)
