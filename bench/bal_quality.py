@@ -6,8 +6,9 @@
 
 BAL (bounded asynchronous LoRA loading) starts denoising on the base weights while the LoRA loads
 and patches it in at step k at the latest: steps 0..k-1 run on the base weights, steps k..n-1 with
-the LoRA (``lora_k`` of a request; k = 0 is the synchronous image). For each step count, LoRA
-(rank x scale, or the files given with ``--lora``) and k, this renders every prompt/seed pair's
+the LoRA (``lora_k`` of a request; k = 0 is the synchronous image; k counts the loop's UNet
+evaluations, one more than ``steps`` with PNDM). For each step count, scheduler (``--schedulers``),
+LoRA (rank x scale, or the files given with ``--lora``) and k, this renders every prompt/seed pair's
 image with the LoRA in from step k and reports, against the k = 0 image of the same pair:
 
     effect kept = 1 - MSE(image_k, image_0) / MSE(image_without_lora, image_0)
@@ -166,10 +167,10 @@ def aggregate(records: list[dict], floor: float) -> list[dict]:
     over the prompt/seed pairs that have both the k image and the image without the LoRA."""
     configs: dict[tuple, dict] = {}
     for r in records:
-        key = (r["model"], r["steps"], r["lora"], r["scale"])
+        key = (r["model"], r.get("scheduler", "default"), r["steps"], r["lora"], r["scale"])
         configs.setdefault(key, {}).setdefault(r["k"], {})[r["case"]] = r
     out = []
-    for (model, steps, lora, scale), per_k in configs.items():
+    for (model, scheduler, steps, lora, scale), per_k in configs.items():
         never = per_k.get(NEVER, {})
         effect = [never[c]["mse"] for c in never]
         floor_ok = bool(effect) and float(np.mean(effect)) >= floor
@@ -185,7 +186,7 @@ def aggregate(records: list[dict], floor: float) -> list[dict]:
                 "ssim": float(np.mean([cases[c]["ssim"] for c in common])),
             }
         out.append({
-            "model": model, "steps": steps, "lora": lora, "scale": scale,
+            "model": model, "scheduler": scheduler, "steps": steps, "lora": lora, "scale": scale,
             "rank": next(iter(never.values()), {}).get("rank"),
             "effect_mse": float(np.mean(effect)) if effect else None,
             "effect_psnr": 10 * math.log10(255.0**2 / np.mean(effect)) if effect and np.mean(effect) > 0 else None,
@@ -251,11 +252,11 @@ class Renderer:
         self.ens.models["postprocessing"] = self.decoded
 
     def render(self, prompt: str, seed: int, steps: int, lora: str | None = None, scale: float = 1.0,
-               k: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               k: int = 0, scheduler: str = "default") -> tuple[np.ndarray, np.ndarray]:
         """(8-bit image, decoded image before rounding, float64 in [0, 255])."""
         self.unet._switch_to(())  # base weights in place: a LoRA still merged would count as in from step 0
         req = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed], np.int64),
-               "steps": np.array([steps], np.int32)}
+               "steps": np.array([steps], np.int32), "scheduler": np.array([scheduler.encode()], object)}
         if lora is not None:
             req["loras"] = np.array([lora.encode()], object)
             req["lora_scales"] = np.array([scale], np.float32)
@@ -313,10 +314,10 @@ def print_report(configs: list[dict], summary: dict, threshold: float, floor_db:
     print(f"\neffect kept = 1 - MSE(k, 0) / MSE(no LoRA, 0), per configuration ('-': the LoRA's effect is "
           f"below the guard, PSNR(no LoRA, k=0) > {floor_db:g} dB, or not measured)")
     head = "".join(f"{'k=' + k:>7}" for k in late)
-    print(f"{'model':<12} {'steps':>5} {'lora':<16} {'scale':>5} {'effect dB':>9} |{head}")
+    print(f"{'model':<12} {'scheduler':<9} {'steps':>5} {'lora':<16} {'scale':>5} {'effect dB':>9} |{head}")
     for c in configs:
         cells = "".join(_fmt(c["by_k"].get(int(k), {}).get("effect_kept"), "7.3f", "      -") for k in late)
-        print(f"{c['model']:<12} {c['steps']:>5} {c['lora']:<16} {c['scale']:>5g} "
+        print(f"{c['model']:<12} {c['scheduler']:<9} {c['steps']:>5} {c['lora']:<16} {c['scale']:>5g} "
               f"{_fmt(c['effect_psnr'], '9.1f')} |{cells}")
     steps_list = sorted({c["steps"] for c in configs})
     per_steps = {s: summarize([c for c in configs if c["steps"] == s], threshold) for s in steps_list}
@@ -356,8 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ranks", default="4,64", help="random LoRAs' ranks (without --lora)")
     p.add_argument("--scales", default="0.5,1", help="LoRA scales (lora_scales)")
     p.add_argument("--steps", default="20,30,50", help="step counts")
+    p.add_argument("--schedulers", default="default",
+                   help="request schedulers (katz.schedulers: default = the folder's own, euler, ddim, pndm, ...)")
     p.add_argument("--ks", default="0-8", help="the steps k the LoRA comes in at ('0-8' or '0,1,2,4'); 0 is always run")
-    p.add_argument("--prompts", type=int, default=2, help=f"how many of the {len(PROMPTS)} prompts")
+    p.add_argument("--prompts", type=int, default=1, help=f"how many of the {len(PROMPTS)} prompts")
     p.add_argument("--seeds", type=int, default=1, help="seeds per prompt")
     p.add_argument("--size", type=int, help="image side (default: the model's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if there is one)")
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         from katz.presets import ensure_preset
 
         models = [(name, ensure_preset(name)) for name in args.preset.split(",")]
-    steps_list, scales = _ints(args.steps), _floats(args.scales)
+    steps_list, scales, schedulers = _ints(args.steps), _floats(args.scales), args.schedulers.split(",")
     cases = [(pr, s) for pr in PROMPTS[: args.prompts] for s in range(args.seeds)]
     guard = psnr_to_mse(args.guard_db)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -420,40 +423,41 @@ def main(argv: list[str] | None = None) -> dict:
                 # rendering noise: the same image twice. Deterministic on the CPU (0); should it not be,
                 # effect kept is only defined where the LoRA's effect is 100x this noise.
                 name = next(iter(loras))
-                a = r.render(*cases[0], steps_list[0], name, scales[0], 0)[1]
-                b = r.render(*cases[0], steps_list[0], name, scales[0], 0)[1]
+                a = r.render(*cases[0], steps_list[0], name, scales[0], 0, schedulers[0])[1]
+                b = r.render(*cases[0], steps_list[0], name, scales[0], 0, schedulers[0])[1]
                 result["rerun_mse"] = mse(a, b)
                 floor = max(guard, 100 * result["rerun_mse"])
                 print(f"rerun MSE (same request twice): {result['rerun_mse']:.3g}", flush=True)
-            without: dict[tuple, tuple] = {}  # (steps, pair) -> the image without the LoRA, for every LoRA
+            without: dict[tuple, tuple] = {}  # (scheduler, steps, pair) -> the image without the LoRA
             # LoRAs and scales outside, step counts inside: a run cut off has every step count of its first LoRAs
             for lora, rank in loras.items():
                 for scale in scales:
-                    for steps in steps_list:
+                    for scheduler, steps in [(sc, st) for sc in schedulers for st in steps_list]:
                         ks = [k for k in sorted(set(_ints(args.ks)) | {0}) if k < steps]
                         for case in cases:
-                            if (steps, case) not in without:
-                                without[(steps, case)] = r.render(*case, steps)
+                            if (scheduler, steps, case) not in without:
+                                without[(scheduler, steps, case)] = r.render(*case, steps, scheduler=scheduler)
                                 images += 1
                             ref8 = ref = None
                             for k in [0, NEVER] + ks[1:]:
                                 t1 = time.perf_counter()
                                 if k == NEVER:
-                                    img8, img = without[(steps, case)]
+                                    img8, img = without[(scheduler, steps, case)]
                                 else:
-                                    img8, img = r.render(*case, steps, lora, scale, k)
+                                    img8, img = r.render(*case, steps, lora, scale, k, scheduler)
                                     images += 1
                                 if k == 0:
                                     ref8, ref = img8, img
                                 records.append({
-                                    "model": model_name, "steps": steps, "lora": lora, "rank": rank, "scale": scale,
+                                    "model": model_name, "scheduler": scheduler, "steps": steps, "lora": lora,
+                                    "rank": rank, "scale": scale,
                                     "case": f"{case[0]}|{case[1]}", "k": k, "mse": mse(img, ref),
                                     "psnr": psnr(img8, ref8),
                                     "ssim": ssim(img8, ref8, "cuda" if device == "cuda" else None),
                                     "seconds": None if k == NEVER else time.perf_counter() - t1,
                                 })
                                 write()
-                        print(f"  {lora} x {scale:g}, {steps} steps: {images} images, "
+                        print(f"  {lora} x {scale:g}, {scheduler}, {steps} steps: {images} images, "
                               f"{time.perf_counter() - start:.0f} s", flush=True)
     write()
     print(f"\n{images} images in {time.perf_counter() - start:.0f} s; rerun MSE {result['rerun_mse']:.3g}; "
