@@ -163,11 +163,11 @@ def summarize(configs: list[dict], threshold: float) -> dict:
 
 
 def aggregate(records: list[dict], floor: float) -> list[dict]:
-    """Per configuration (model, steps, LoRA, scale) and k: effect kept, mean PSNR and SSIM to k = 0,
+    """Per configuration (model, scheduler, steps, LoRA, scale) and k: effect kept, mean PSNR and SSIM to k = 0,
     over the prompt/seed pairs that have both the k image and the image without the LoRA."""
     configs: dict[tuple, dict] = {}
     for r in records:
-        key = (r["model"], r.get("scheduler", "default"), r["steps"], r["lora"], r["scale"])
+        key = (r["model"], r["scheduler"], r["steps"], r["lora"], r["scale"])
         configs.setdefault(key, {}).setdefault(r["k"], {})[r["case"]] = r
     out = []
     for (model, scheduler, steps, lora, scale), per_k in configs.items():

@@ -41,11 +41,10 @@ def test_largest_bound_needs_every_smaller_k_to_keep_enough():
 
 def _records(model, lora, effect, kept_by_k):
     """Records of one configuration and one pair whose effect kept at k is ``kept_by_k[k]``."""
-    out = [dict(model=model, steps=20, lora=lora, rank=4, scale=1.0, case="p|0", k=NEVER, mse=effect, psnr=30.0,
-                ssim=0.9)]
+    common = dict(model=model, scheduler="default", steps=20, lora=lora, rank=4, scale=1.0, case="p|0")
+    out = [dict(common, k=NEVER, mse=effect, psnr=30.0, ssim=0.9)]
     for k, kept in kept_by_k.items():
-        out.append(dict(model=model, steps=20, lora=lora, rank=4, scale=1.0, case="p|0", k=k,
-                        mse=(1 - kept) * effect, psnr=40.0 + k, ssim=0.99))
+        out.append(dict(common, k=k, mse=(1 - kept) * effect, psnr=40.0 + k, ssim=0.99))
     return out
 
 
