@@ -46,6 +46,15 @@ def test_poisson_and_gamma_arrivals():
                                                                         arrivals="gamma", cv=3.0))])
     assert bursty.mean() == pytest.approx(0.2, rel=0.2)
     assert bursty.std() / bursty.mean() == pytest.approx(3.0, rel=0.2)
+    # --exact-rate: a short bursty trace offers exactly --rate (span (n - 1) / rate), its bursts
+    # kept: the same draw scaled, the requests themselves unchanged
+    kw = dict(requests=12, rate=0.05, arrivals="gamma", cv=2.5, seed=50)
+    drawn, exact = synth.synthesize(_synth_args(**kw)), synth.synthesize(_synth_args(exact_rate=True, **kw))
+    assert abs(drawn[-1].arrival_s - 11 / 0.05) > 100  # this draw spans 9 s, not 220 s
+    assert exact[-1].arrival_s == pytest.approx(11 / 0.05)
+    scale = exact[-1].arrival_s / drawn[-1].arrival_s
+    assert [r.arrival_s for r in exact] == pytest.approx([r.arrival_s * scale for r in drawn])
+    assert [(r.loras, r.controlnets, r.width) for r in exact] == [(r.loras, r.controlnets, r.width) for r in drawn]
 
 
 def test_zipf_loras_controlnet_share_and_determinism(tmp_path):
