@@ -12,7 +12,7 @@ Phases, each timed and printed:
    count): the full-size random-weight SDXL folder (:mod:`bench.sdxl_random`, ~30 s on an H200) or
    a tiny preset, and the registered ControlNets (``--controlnets``, default ``canny,depth,pose``):
    the folder's own, and the others made once from its UNet with seeded random weights.
-2. **LoRA library** (:mod:`bench.lora_library`): ``--num-loras`` files with the UNet's real attention
+2. **LoRA library** (:mod:`bench.lora_library`, a child process running while the first server starts): ``--num-loras`` files with the UNet's real attention
    shapes, ranks from ``--lora-ranks``, fp16, half kohya and half diffusers/peft names; files
    already there are kept.
 3. **Traces** with ``katz trace synth`` (its own parser and code, in-process), one per arrival rate
@@ -127,12 +127,10 @@ def _make_controlnets(model_dir: Path, names: list[str], root: Path, device: str
 
 
 def setup_models(spec: dict) -> dict:
-    """Phases 1 and 2, run in a child process (:func:`run_setup_child`): the model folder, the
-    ControlNets and the LoRA library (it needs diffusers too, for the UNet's shapes)."""
+    """Phase 1, run in a child process (:func:`run_setup_child`): the model folder, the ControlNets
+    and the warm-up LoRA."""
     import torch
     from diffusers.utils import logging as dlogging
-
-    from bench.lora_library import ensure_library
 
     dlogging.set_verbosity_error()  # "modules that should be kept in float32: []" for every ControlNet made
 
@@ -161,12 +159,9 @@ def setup_models(spec: dict) -> dict:
     if missing:
         _make_controlnets(model_dir, missing, root, device)
     controlnets_s = time.perf_counter() - t0
-    lib = spec["library"]
-    library = ensure_library(Path(lib["dir"]), model_dir, lib["count"], tuple(lib["ranks"]), lib["seed"],
-                             lib["prefix"], lib["threads"], log=lambda m: print(f"[library] {m}", file=sys.stderr))
-    _write_warmup_lora(Path(lib["dir"]), model_dir)
+    _write_warmup_lora(Path(spec["lora_dir"]), model_dir)
     return {"model_dir": str(model_dir), "controlnets": dirs, "device": device, "model_s": model_s,
-            "controlnets_s": controlnets_s, "controlnets_made": missing, "library": library,
+            "controlnets_s": controlnets_s, "controlnets_made": missing,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"}
 
 
@@ -176,6 +171,43 @@ def run_setup_child(spec: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"model set-up failed (exit {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class Library:
+    """Phase 2 in the background: ``bench/lora_library.py`` in a child process, started once the
+    model folder is there and running while the first server starts (the server reads no LoRA
+    before the first replay; both are minutes of device time on a fresh GPU host). :meth:`wait`
+    before the first replay."""
+
+    def __init__(self, args, model_dir: Path):
+        self.manifest_path = Path(args.lora_dir) / "library.json"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "lora_library.py"), "--model-dir", str(model_dir),
+               "--out", str(args.lora_dir), "--count", str(args.num_loras),
+               "--ranks", ",".join(map(str, args.lora_ranks)), "--prefix", args.lora_prefix,
+               "--seed", str(args.lora_seed), "--threads", str(args.lora_threads)]
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.manifest: dict | None = None
+        self.waited_s = 0.0
+
+    def wait(self) -> dict:
+        if self.manifest is None:
+            t0 = time.perf_counter()
+            out, _ = self.proc.communicate()
+            self.waited_s = time.perf_counter() - t0
+            for line in out.splitlines():
+                log(f"[library] {line}")
+            if self.proc.returncode != 0:
+                raise SystemExit(f"the LoRA library failed (exit {self.proc.returncode})")
+            self.manifest = json.loads(self.manifest_path.read_text())
+            log(f"[library] ready {time.perf_counter() - self.t0:.1f}s after it started; waited {self.waited_s:.1f}s")
+        return self.manifest
+
+    def stop(self) -> None:
+        """On an interrupt: files are renamed into place only when complete, so killing is safe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ---------------------------------------------------------------------------- phase 3: traces
@@ -525,6 +557,17 @@ def compare_images(out: Path) -> dict | None:
     return {"max_abs": int(d.max()), "mean_abs": float(d.mean()), "shape": list(a.shape)}
 
 
+def record_library(results: Results, manifest: dict, args) -> None:
+    lib = {k: v for k, v in manifest.items() if k != "files"}
+    lib["rank_counts"] = {str(r): sum(1 for f in manifest["files"] if f["rank"] == r) for r in manifest["ranks"]}
+    lib["format_counts"] = {f: sum(1 for e in manifest["files"] if e["format"] == f) for f in ("peft", "kohya")}
+    lib["filesystem"] = filesystem(args.lora_dir)
+    if lib["filesystem"] == "tmpfs":
+        log(f"[library] WARNING: {args.lora_dir} is on tmpfs: its pages cannot be evicted, LoRA reads are warm")
+    results.data["library"] = lib
+    results.save()
+
+
 def evict_library(lora_dir: Path) -> tuple[float, float]:
     """Drop every library file from the page cache; seconds taken (the first time, the fsync also
     writes the freshly written library out) and the share of the pages still resident afterwards
@@ -640,7 +683,7 @@ def replay_one(server: Server, run: str, rate: str, trace: dict, args, out: Path
 
 
 def run_server(name: str, todo: list[tuple[str, str]], args, setup: dict, traces: dict, out: Path,
-               results: Results, control: dict, deadline: float | None) -> None:
+               results: Results, control: dict, deadline: float | None, library: Library) -> None:
     info = results.data["servers"].setdefault(name, {"starts": []})
     server = make_server(name, args, setup, out, len(info["starts"]) + 1)
     start = {"log": server.log_path.name, "command": shlex.join(server.cmd)}
@@ -666,7 +709,7 @@ def run_server(name: str, todo: list[tuple[str, str]], args, setup: dict, traces
             results.save()
             log(f"[{name}] warm-up FAILED: {exc}")
             return
-        results.save()
+        record_library(results, library.wait(), args)
         first = True
         for run, rate in todo:
             trace = traces[rate]
@@ -860,31 +903,23 @@ def main(argv=None) -> int:
         if not any(todos.values()):
             raise Done
         t0 = time.perf_counter()
-        setup = run_setup_child({
-            "preset": args.preset, "model_dir": str(args.model_dir), "work": str(args.work),
-            "controlnets": args.controlnets,
-            "library": {"dir": str(args.lora_dir), "count": args.num_loras, "ranks": list(args.lora_ranks),
-                        "seed": args.lora_seed, "prefix": args.lora_prefix, "threads": args.lora_threads}})
-        library = setup.pop("library")
+        setup = run_setup_child({"preset": args.preset, "model_dir": str(args.model_dir), "work": str(args.work),
+                                 "controlnets": args.controlnets, "lora_dir": str(args.lora_dir)})
+        library = Library(args, Path(setup["model_dir"]))
         log(f"[setup] model folder {setup['model_dir']} in {setup['model_s']:.1f}s; ControlNets "
             f"{', '.join(setup['controlnets'])} in {setup['controlnets_s']:.1f}s"
             + (f" (made {', '.join(setup['controlnets_made'])})" if setup["controlnets_made"] else "")
             + f"; {setup['gpu']} (set-up process {time.perf_counter() - t0:.1f}s)")
-        results.data.update({
-            "device": setup["gpu"], "setup": {**setup, "traces_s": traces_s},
-            "library": {k: v for k, v in library.items() if k != "files"},
-        })
-        results.data["library"]["filesystem"] = filesystem(args.lora_dir)
-        if results.data["library"]["filesystem"] == "tmpfs":
-            log(f"[library] WARNING: {args.lora_dir} is on tmpfs: its pages cannot be evicted, LoRA reads are warm")
-        results.data["library"]["rank_counts"] = {
-            str(r): sum(1 for f in library["files"] if f["rank"] == r) for r in args.lora_ranks}
+        results.data.update({"device": setup["gpu"], "setup": {**setup, "traces_s": traces_s}})
         results.save()
         control = _control_images(args)
-        for name, todo in todos.items():
-            if todo:
-                log(f"[{name}] to measure: {', '.join(f'{r}@{q}' for r, q in todo)}")
-                run_server(name, todo, args, setup, traces, out, results, control, deadline)
+        try:
+            for name, todo in todos.items():
+                if todo:
+                    log(f"[{name}] to measure: {', '.join(f'{r}@{q}' for r, q in todo)}")
+                    run_server(name, todo, args, setup, traces, out, results, control, deadline, library)
+        finally:
+            library.stop()
     except Done:
         pass
     except Interrupted as exc:
@@ -918,6 +953,7 @@ def _write_warmup_lora(lora_dir: Path, model_dir: Path) -> None:
     from bench.lora_library import Entry, Pools, unet_targets, write_file
 
     path = Path(lora_dir) / f"{WARMUP_LORA}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         targets, layers = unet_targets(model_dir)
         write_file(path, Entry(WARMUP_LORA, 10**6, 8, "peft"), targets, layers, Pools(1, 1 << 20), 1)
