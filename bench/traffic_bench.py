@@ -8,44 +8,46 @@
 
 Phases, each timed and printed:
 
-1. **Models** (in a child process, so this process never holds a CUDA context that nvidia-smi would
-   count): the full-size random-weight SDXL folder (:mod:`bench.sdxl_random`, ~30 s on an H200) or
-   a tiny preset, and the registered ControlNets (``--controlnets``, default ``canny,depth,pose``):
-   the folder's own, and the others made once from its UNet with seeded random weights.
-2. **LoRA library** (:mod:`bench.lora_library`, a child process running while the first server starts): ``--num-loras`` files with the UNet's real attention
-   shapes, ranks from ``--lora-ranks``, fp16, half kohya and half diffusers/peft names; files
-   already there are kept.
-3. **Traces** with ``katz trace synth`` (its own parser and code, in-process), one per arrival rate
-   (``--rates``): ``--requests`` requests with Gamma arrivals of coefficient of variation ``--cv``
-   scaled to offer exactly the rate (``--exact-rate``: a few bursty requests otherwise span anything),
-   LoRAs by Zipf(``--zipf``) popularity over the library (``--loras-per-request``), ControlNets on
-   a ``--controlnet-share`` of them (1..3 of the three), ``--resolutions``, ``--steps``. The seed of a
-   rate's trace is ``--trace-seed`` + the rate in thousandths, so a rate always gets the same
-   requests whatever else is run; both servers replay the same files. The LoRA-free variant is the
-   same file with every LoRA removed (same arrivals, sizes and ControlNets).
-4. **Per server** (``katz``, then ``peer``; ``--only`` picks): start it (``katz serve``, or
-   tritonserver over the rendered peer repository, :func:`render_peer_repository`), send one
-   warm-up request per resolution (all ControlNets, the first also with the ``warmup`` LoRA, which
-   no trace uses; not measured), then for each rate not measured yet: evict every library file from
-   the page cache (``POSIX_FADV_DONTNEED``, as e2e_bench), replay the trace open-loop
-   (:mod:`katz.traces.replay`, the code of ``katz trace replay``), scrape the server's metrics
-   before and after (Katz: ``katz_lora_*``; the peer: ``peer_lora_*``; both: Triton's
-   ``nv_inference_*``), summarise (:mod:`katz.traces.report`: throughput, p50/p90/p99, SLO
-   attainment and goodput for each of ``--slos``, errors) and rewrite ``results.json``. Katz then
-   replays the LoRA-free traces (``katz-no-lora``). After the last replay: GPU memory of all
-   processes (nvidia-smi) and the servers' memory gauges; stop the server.
+1. **Traces** with ``katz trace synth`` (its own parser and code, in-process), one per arrival rate
+   (``--rates``): ``--requests`` requests, Gamma arrivals of coefficient of variation ``--cv``
+   scaled to offer exactly the rate (``--exact-rate``: a few bursty requests otherwise span
+   anything), LoRAs by Zipf(``--zipf``) popularity over the library (``--loras-per-request``),
+   ControlNets on a ``--controlnet-share`` of them (1..3 of the three), ``--resolutions``,
+   ``--steps``. A rate's trace has the seed ``--trace-seed`` + the rate in thousandths, so it is the
+   same whatever else runs; both servers replay the same files. The LoRA-free variant is the same
+   file with every LoRA removed (same arrivals, sizes and ControlNets). When every (run, rate) is
+   measured already, nothing below runs.
+2. **Models** (in a child process, so that this process never holds a CUDA context nvidia-smi would
+   count): the full-size random-weight SDXL folder (:mod:`bench.sdxl_random`) or a tiny preset, and
+   the registered ControlNets (``--controlnets``, default ``canny,depth,pose``): the folder's own,
+   and the others made once from its UNet with seeded random weights.
+3. **LoRA library** (:mod:`bench.lora_library`, a child process running while the first server
+   starts): ``--num-loras`` files with the UNet's real attention shapes, ranks from
+   ``--lora-ranks``, fp16, half kohya and half diffusers/peft names; files already there are kept.
+4. **Per server** (``katz``, then ``peer``; ``--only`` picks one): start it (``katz serve``, or
+   tritonserver over the rendered peer repository, :func:`render_peer_repository`); warm it up
+   (:func:`warm_up`: 2-step requests with all ControlNets, with and without the ``warmup`` LoRA that
+   no trace uses, then at each other resolution; their images are compared between the servers);
+   probe it with bad requests (both must answer ``INVALID_ARG`` naming the field); then for each
+   rate not measured yet: evict every library file from the page cache (``POSIX_FADV_DONTNEED``,
+   as e2e_bench does), replay the trace open-loop (:mod:`katz.traces.replay`, the code of ``katz
+   trace replay``), scrape the server's metrics before and after (Katz: ``katz_lora_*``; the peer:
+   ``peer_lora_*``; both: Triton's ``nv_inference_*``), summarise (:mod:`katz.traces.report`:
+   throughput, p50/p90/p99, SLO attainment and goodput for each of ``--slos``, errors) and rewrite
+   ``results.json``. Katz then replays the LoRA-free traces (``katz-no-lora``). After its last
+   replay: GPU memory of all processes (nvidia-smi) and the server's memory gauges; stop it.
 5. **Report**: per rate, ``katz trace report``'s three plots with every run at that rate (small
    PNGs in ``plots/r<rate>/``); a table per run and rate; and one line per run,
-   ``goodput <name> <requests/s> at slo <s>``: the highest goodput over the measured rates at the
-   headline SLO (``--slo``), i.e. the most requests per second the server answered in time.
+   ``goodput <name> <requests/s> at slo <s>``: the highest goodput at the headline SLO (``--slo``)
+   over the rates measured completely, i.e. the most requests per second the server answered in time.
 
-Resumable: ``--out`` keeps ``results.json``, the traces, the replay logs (``logs/``) and server
-logs. A rerun with the same ``--out`` skips every (run, rate) measured completely on the same trace
-file (by its SHA-1) and measures the rest; ``--rates`` / ``--only`` narrow it. A run cut off
+Resumable: ``--out`` keeps ``results.json``, the traces, the replay logs (``logs/``) and server logs.
+A rerun with the same ``--out`` skips every (run, rate) measured completely on the same trace file
+(by its SHA-1) and measures the rest; ``--rates`` / ``--only`` narrow it. A run cut off
 (``--deadline-s``, SIGTERM from ``timeout``, Ctrl-C) stops the replay in flight, records what it
-measured as incomplete (measured again next time), stops the server and still prints the report.
-``--deadline-s`` also keeps a replay from starting when its trace would not end in time.
-Server caches persist across the rates of one server start (as in a server that runs on while load
+measured as incomplete (measured again next time), stops the server and still prints the report;
+``--deadline-s`` also keeps a replay from starting when its trace would not end in time. Server
+caches persist across the rates of one server start (as in a server that runs on while the load
 changes); each run records whether it was the first after a start (``first_after_start``).
 """
 
@@ -493,27 +495,29 @@ def make_server(name: str, args, setup: dict, out: Path, start_index: int) -> Se
     return Server(name, cmd, triton.server_env(install), ports, log_path, repo)
 
 
-def warm_up(server: Server, args, setup: dict, control: dict, image_path: Path) -> float:
-    """One request per trace resolution, all ControlNets, the first with the warm-up LoRA (in from
-    step 0: ``lora_k`` 0), 2 steps; the first one's central pixels are kept in ``image_path`` (.npy)
-    to compare the servers' images (:func:`compare_images`)."""
+def warm_up(server: Server, args, setup: dict, control: dict, image_dir: Path) -> float:
+    """Requests before the measured ones, 2 steps each, all ControlNets: at the first trace resolution
+    with the warm-up LoRA (in from step 0: ``lora_k`` 0), then the same without it (the base weights
+    must be back), then one at each other resolution. The first two images' central pixels are kept
+    in ``image_dir/<server>-{lora,base}.npy`` to compare the servers (:func:`compare_images`)."""
     import numpy as np
 
     from katz.client import Generation, infer, make_client
 
+    sizes = trace_sizes(args.resolutions)
+    names = list(setup["controlnets"])
+    requests = [(sizes[0], [WARMUP_LORA], "lora"), (sizes[0], [], "base"), *((size, [], None) for size in sizes[1:])]
     client = make_client(server.grpc_url, "grpc")
     t0 = time.perf_counter()
     try:
-        for i, (w, h) in enumerate(trace_sizes(args.resolutions)):
-            names = list(setup["controlnets"])
+        for (w, h), loras, keep in requests:
             gen = Generation(prompt="warm-up", seed=0, steps=2, width=w, height=h, controlnets=names,
-                             control_images=[control[(w, h)]] * len(names),
-                             loras=[WARMUP_LORA] if i == 0 else [], lora_k=0 if i == 0 else None)
+                             control_images=[control[(w, h)]] * len(names), loras=loras, lora_k=0 if loras else None)
             result = infer(client, gen, "grpc", timeout=args.timeout, png=False)
-            if i == 0:  # its central 256x256 at most: 196 KB, not 3 MB, in an --out that travels
+            if keep:  # the central 256x256 at most: 196 KB, not 3 MB, in an --out that travels
                 img = result.image
                 top, left = max(0, (img.shape[0] - 256) // 2), max(0, (img.shape[1] - 256) // 2)
-                np.save(image_path, np.ascontiguousarray(img[top:top + 256, left:left + 256]))
+                np.save(image_dir / f"{server.name}-{keep}.npy", np.ascontiguousarray(img[top:top + 256, left:left + 256]))
     finally:
         client.close()
     return time.perf_counter() - t0
@@ -544,19 +548,28 @@ def probe_validation(server: Server) -> dict[str, str]:
     return out
 
 
-def compare_images(out: Path) -> dict | None:
-    """The two servers' warm-up images (same request, seed, LoRA, ControlNets): largest and mean
-    absolute difference in uint8 levels; None until both exist."""
+def compare_images(image_dir: Path) -> dict | None:
+    """The warm-up images (:func:`warm_up`): per case (``lora``, ``base``) the largest and mean absolute
+    difference in uint8 levels between Katz and the peer (the same request); and per server between
+    its two images (what the LoRA changed: 0 would mean it was not applied). None until both exist."""
     import numpy as np
 
-    paths = [out / "warmup" / f"{name}.npy" for name in ("katz", "peer")]
-    if not all(p.exists() for p in paths):
+    cases = {(name, case): image_dir / f"{name}-{case}.npy" for name in ("katz", "peer") for case in ("lora", "base")}
+    if not all(p.exists() for p in cases.values()):
         return None
-    a, b = (np.load(p).astype(np.int16) for p in paths)
-    if a.shape != b.shape:
-        return {"error": f"shapes differ: {a.shape} vs {b.shape}"}
-    d = np.abs(a - b)
-    return {"max_abs": int(d.max()), "mean_abs": float(d.mean()), "shape": list(a.shape)}
+    img = {k: np.load(p).astype(np.int16) for k, p in cases.items()}
+
+    def diff(a, b) -> dict:
+        if a.shape != b.shape:
+            return {"error": f"shapes differ: {a.shape} vs {b.shape}"}
+        d = np.abs(a - b)
+        return {"max_abs": int(d.max()), "mean_abs": float(d.mean())}
+
+    return {
+        "katz_vs_peer": {case: diff(img["katz", case], img["peer", case]) for case in ("lora", "base")},
+        "lora_vs_base": {name: diff(img[name, "lora"], img[name, "base"]) for name in ("katz", "peer")},
+        "shape": list(img["katz", "lora"].shape),
+    }
 
 
 def record_library(results: Results, manifest: dict, args) -> None:
@@ -695,7 +708,7 @@ def run_server(name: str, todo: list[tuple[str, str]], args, setup: dict, traces
             start["start_s"] = server.start(args.server_start_timeout)
             log(f"[{name}] server ready in {start['start_s']:.1f}s (log {server.log_path})")
             (out / "warmup").mkdir(parents=True, exist_ok=True)
-            start["warmup_s"] = warm_up(server, args, setup, control, out / "warmup" / f"{name}.npy")
+            start["warmup_s"] = warm_up(server, args, setup, control, out / "warmup")
             start["validation"] = probe_validation(server)
             log(f"[{name}] warm-up in {start['warmup_s']:.1f}s; bad requests: "
                 + "; ".join(f"{k}: {v[:90]}" for k, v in start["validation"].items()))
@@ -939,10 +952,12 @@ def main(argv=None) -> int:
         except Exception as exc:  # a plot must not lose the table
             log(f"[report] plots failed: {type(exc).__name__}: {exc}")
     lines = print_report(results, args.slos, args.slo)
-    diff = compare_images(out)
+    diff = compare_images(out / "warmup")
     if diff is not None:
         results.data["warmup_image_diff"] = diff
-        log(f"warm-up image, Katz against the peer (same request; uint8 levels): {diff}")
+        log(f"warm-up images (2 steps, all ControlNets; uint8 levels): Katz against the peer, with the LoRA "
+            f"{diff['katz_vs_peer']['lora']}, without {diff['katz_vs_peer']['base']}; the LoRA's effect: "
+            f"Katz {diff['lora_vs_base']['katz']}, the peer {diff['lora_vs_base']['peer']}")
     results.data["goodput_lines"] = lines
     results.data["elapsed_s"] = time.time() - begin
     results.save()
