@@ -251,7 +251,8 @@ def ensure_library(out: Path, model_dir: Path, count: int, ranks=RANKS, seed: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, required=True, help="diffusers folder whose unet/config.json gives the shapes")
+    p.add_argument("--model-dir", type=Path, required=True,
+                   help="diffusers folder whose unet/config.json gives the shapes")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--ranks", default=",".join(map(str, RANKS)))

@@ -202,6 +202,7 @@ class Library:
             if self.proc.returncode != 0:
                 raise SystemExit(f"the LoRA library failed (exit {self.proc.returncode})")
             self.manifest = json.loads(self.manifest_path.read_text())
+            self.manifest["_waited_s"] = self.waited_s
             log(f"[library] ready {time.perf_counter() - self.t0:.1f}s after it started; waited {self.waited_s:.1f}s")
         return self.manifest
 
@@ -517,7 +518,8 @@ def warm_up(server: Server, args, setup: dict, control: dict, image_dir: Path) -
             if keep:  # the central 256x256 at most: 196 KB, not 3 MB, in an --out that travels
                 img = result.image
                 top, left = max(0, (img.shape[0] - 256) // 2), max(0, (img.shape[1] - 256) // 2)
-                np.save(image_dir / f"{server.name}-{keep}.npy", np.ascontiguousarray(img[top:top + 256, left:left + 256]))
+                crop = np.ascontiguousarray(img[top:top + 256, left:left + 256])
+                np.save(image_dir / f"{server.name}-{keep}.npy", crop)
     finally:
         client.close()
     return time.perf_counter() - t0
@@ -573,13 +575,16 @@ def compare_images(image_dir: Path) -> dict | None:
 
 
 def record_library(results: Results, manifest: dict, args) -> None:
-    lib = {k: v for k, v in manifest.items() if k != "files"}
+    lib = {k: v for k, v in manifest.items() if k not in ("files", "_waited_s")}
+    lib["waited_s"] = manifest.get("_waited_s", 0.0)  # what the first replay waited for it
     lib["rank_counts"] = {str(r): sum(1 for f in manifest["files"] if f["rank"] == r) for r in manifest["ranks"]}
     lib["format_counts"] = {f: sum(1 for e in manifest["files"] if e["format"] == f) for f in ("peft", "kohya")}
     lib["filesystem"] = filesystem(args.lora_dir)
     if lib["filesystem"] == "tmpfs":
         log(f"[library] WARNING: {args.lora_dir} is on tmpfs: its pages cannot be evicted, LoRA reads are warm")
     results.data["library"] = lib
+    if results.data.get("setups"):
+        results.data["setups"][-1]["library"] = lib
     results.save()
 
 
@@ -748,6 +753,7 @@ def run_server(name: str, todo: list[tuple[str, str]], args, setup: dict, traces
         t0 = time.perf_counter()
         server.stop()
         start["stop_s"] = time.perf_counter() - t0
+        log(f"[{name}] stopped in {start['stop_s']:.1f}s")
         results.save()
 
 
@@ -901,6 +907,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         traces = write_traces(args, out)  # first: with nothing left to measure, no set-up at all
         traces_s = time.perf_counter() - t0
+        log(f"[traces] {len(traces)} rates in {traces_s:.1f}s")
         for key, tr in traces.items():
             log(f"[traces] r={key}: {tr['requests']} requests over {tr['span_s']:.0f}s, {tr['with_loras']} with LoRAs, "
                 f"{tr['with_controlnets']} with ControlNets: {tr['command']}")
@@ -925,7 +932,10 @@ def main(argv=None) -> int:
             f"{', '.join(setup['controlnets'])} in {setup['controlnets_s']:.1f}s"
             + (f" (made {', '.join(setup['controlnets_made'])})" if setup["controlnets_made"] else "")
             + f"; {setup['gpu']} (set-up process {time.perf_counter() - t0:.1f}s)")
-        results.data.update({"device": setup["gpu"], "setup": {**setup, "traces_s": traces_s}})
+        results.data["device"] = setup["gpu"]
+        # one entry per invocation (each GPU call builds everything again): its phases' times
+        results.data.setdefault("setups", []).append(
+            {**setup, "traces_s": traces_s, "only": args.only, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         results.save()
         control = _control_images(args)
         try:

@@ -306,7 +306,8 @@ class TritonPythonModel:
                     code = pb_utils.TritonError.UNAVAILABLE
                 else:
                     pb_utils.Logger.log_error(f"{self.model_name}: {traceback.format_exc()}")
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)))
+                error = pb_utils.TritonError(message, code)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
         self._publish_metrics()
         return responses
 
