@@ -806,6 +806,11 @@ def print_report(results: Results, slos: list[float], headline: float) -> list[s
         if best is not None:
             lines.append((f"goodput {name} {best[1]:.3f} at slo {headline:g}",
                           best[2] + ("" if best[0] else ", cut off")))
+    for name, info in results.data.get("servers", {}).items():
+        mem = info.get("gpu_memory_after")
+        if mem and "used_gb" in mem:
+            procs = ", ".join(f"{k} {v:.1f}" for k, v in sorted(mem.get("by_process_gb", {}).items()))
+            print(f"GPU memory after the {name} run (nvidia-smi, all processes): {mem['used_gb']:.1f} GB ({procs})")
     if lines:
         print(f"\nBest goodput over the measured rates (requests answered OK within {headline:g} s, per second): "
               + ", ".join(f"{line.split()[1]} at {rate} req/s offered" for line, rate in lines))
