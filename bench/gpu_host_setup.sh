@@ -3,6 +3,8 @@
 # from carried files; prints its python. Made by bench/make_gpu_carry.sh; carry `.whl` and `.e2e`
 # (about 50 MB together).
 #   .whl/diffusers-*.whl        diffusers (not in the image)
+#   .whl/peft-*.whl             peft as tested with that diffusers here (the image has its own version;
+#                               the diffusers peer, bench/peer, loads LoRAs through it)
 #   .e2e/numpy-1.26*.whl        the Triton python stub's numpy tensors break with numpy 2
 #   .e2e/triton_slim.tar.xz     tritonserver 2.51, the Python backend, the 3.12 stub and their libraries,
 #                               from the nvidia-pytriton wheel (53 MB; trimmed to what one Python needs)
@@ -21,12 +23,12 @@ SITE=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["pu
 for entry in "$IMAGE_SITE"/*; do
   name=$(basename "$entry")
   case "${name,,}" in
-    numpy|numpy-*|numpy.libs|scipy|scipy-*|scipy.libs|sklearn|scikit_learn*|pandas|pandas-*|_distutils_hack|distutils-precedence.pth) ;;
+    numpy|numpy-*|numpy.libs|scipy|scipy-*|scipy.libs|sklearn|scikit_learn*|pandas|pandas-*|peft|peft-*|_distutils_hack|distutils-precedence.pth) ;;
     *) ln -s "$entry" "$SITE/$name" ;;
   esac
 done
 $BASE -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
-  .whl/diffusers-*.whl .e2e/*.whl >&2
+  .whl/diffusers-*.whl .whl/peft-*.whl .e2e/*.whl >&2
 tar -xzf .e2e/tritonclient.tgz -C "$SITE"
 tmp=$(mktemp -d)
 tar -xJf .e2e/triton_slim.tar.xz -C "$tmp"
@@ -37,10 +39,10 @@ mv "$tmp/pytriton_slim/libs" "$SITE/nvidia_pytriton.libs"
 echo "$PWD" > "$SITE/katz-dev.pth"  # this checkout on sys.path, also for the stub
 "$VENV/bin/python3" - >&2 <<'PY'
 import os, sysconfig
-import numpy, torch, transformers, diffusers
+import numpy, torch, transformers, diffusers, peft
 d, so = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
 print("numpy", numpy.__version__, "torch", torch.__version__, "transformers", transformers.__version__,
-      "diffusers", diffusers.__version__, "| libpython for the stub:", os.path.join(d, so or "?"),
+      "diffusers", diffusers.__version__, "peft", peft.__version__, "| libpython for the stub:", os.path.join(d, so or "?"),
       "present" if so and os.path.exists(os.path.join(d, so)) else "MISSING")
 PY
 echo "$VENV/bin/python3"

@@ -6,6 +6,8 @@ SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 DL="python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
 mkdir -p .whl .e2e
 $DL -d .whl diffusers==0.42.1
+# the diffusers peer's LoRA backend (bench/peer): the version tested here, not the image's own
+$DL -d .whl "peft==$(.venv/bin/python -c 'import peft; print(peft.__version__)')"
 $DL --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .e2e numpy==1.26.4 python-rapidjson==1.20
 tmp=$(mktemp -d)
 mkdir -p "$tmp/pytriton_slim/libs"

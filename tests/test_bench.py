@@ -69,3 +69,182 @@ def test_gpu_memory_is_attributed_to_models_by_stub_command_line():
     mib = 1024**2 / 1e9
     assert got == {"unet": 2048 * mib, "katz_pipeline": 1536 * mib, "other:tritonserver": 256 * mib}
     assert memory_by_model("105, 64\n", {}) == {"other:105": 64 * mib}
+
+
+# ---------------------------------------------------------------- traffic benchmark (issue 23)
+def _peer_schedulers() -> dict:
+    """The peer's scheduler table, read from its model.py (which imports Triton's backend utils)."""
+    import ast
+
+    tree = ast.parse((ROOT / "bench" / "peer" / "katz" / "1" / "model.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["SCHEDULERS"]:
+            return ast.literal_eval(node.value)
+    raise AssertionError("no SCHEDULERS in the peer's model.py")
+
+
+def _io(config: str) -> dict:
+    """``{(input|output, name): (data_type, dims, optional)}`` of a config.pbtxt's tensors."""
+    import re
+
+    out = {}
+    for kind in ("input", "output"):
+        block = re.search(rf"^{kind} \[(.*?)^\]", config, re.S | re.M).group(1)
+        for m in re.finditer(r'name: "(\w+)" data_type: (\w+) dims: \[ ([^\]]*) \]( optional: true)?', block):
+            out[(kind, m.group(1))] = (m.group(2), m.group(3).strip(), bool(m.group(4)))
+    return out
+
+
+def test_peer_takes_katz_request_tensors_and_renders_per_device(tmp_path):
+    """The peer's model repository has the `katz` ensemble's inputs and outputs (so one client drives
+    both servers), Katz's scheduler names, and renders with this run's folders for CPU or GPU."""
+    from bench.traffic_bench import render_peer_repository
+    from katz.diffusion.schedulers import SCHEDULERS
+
+    peer = (ROOT / "bench" / "peer" / "katz" / "config.pbtxt").read_text()
+    ensemble = (ROOT / "model_repository" / "katz" / "config.pbtxt").read_text()
+    assert _io(peer) == _io(ensemble) and len(_io(peer)) == 20
+    assert _peer_schedulers() == SCHEDULERS
+    kw = dict(model_dir=tmp_path / "m", controlnets={"canny": "/c/canny", "depth": "/c/depth"}, lora_dir=tmp_path / "l",
+              dtype="float32", max_adapters=3, lora_mode="unfused", torch_threads=1)
+    repo = render_peer_repository(tmp_path / "cpu", gpu=None, **kw)
+    text = (repo / "katz" / "config.pbtxt").read_text()
+    assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in text and "KIND_GPU" not in text
+    for key, value in (("model_dir", tmp_path / "m"), ("controlnets", "canny=/c/canny,depth=/c/depth"),
+                       ("lora_dir", tmp_path / "l"), ("dtype", "float32"), ("max_adapters", 3),
+                       ("lora_mode", "unfused"), ("torch_threads", 1)):
+        assert f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}' in text, key
+    assert (repo / "katz" / "1" / "model.py").read_bytes() == (ROOT / "bench/peer/katz/1/model.py").read_bytes()
+    gpu = (render_peer_repository(tmp_path / "gpu", gpu=1, **kw) / "katz" / "config.pbtxt").read_text()
+    assert "instance_group [ { kind: KIND_GPU count: 1 gpus: [ 1 ] } ]" in gpu
+    assert _io(gpu) == _io(peer)
+    with pytest.raises(ValueError, match="cannot go into config.pbtxt"):
+        render_peer_repository(tmp_path / "bad", gpu=None, **{**kw, "lora_dir": 'a"b'})
+
+
+def test_lora_library_formats_merge_alike_in_katz_and_diffusers(preset_dir, tmp_path):
+    """Library files of both formats (peft names; kohya names in SDXL's original block numbering) adapt
+    every attention projection of the UNet, and Katz's merge equals diffusers' load_lora_weights +
+    set_adapters + fuse_lora; the writer is deterministic and resumable."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import logging as dlogging
+
+    from bench.lora_library import ensure_library
+    from katz.lora.patch import LoraPatcher
+    from katz.lora.safetensors import read_lora_file
+    from katz.lora.weights import parse_lora
+
+    dlogging.set_verbosity_error()
+    folder = preset_dir("tiny-sdxl")
+    lib = tmp_path / "lib"
+    manifest = ensure_library(lib, folder, count=2, ranks=(4, 8), seed=0, log=lambda m: None)
+    files = {f["name"]: f for f in manifest["files"]}
+    assert [files[n]["format"] for n in ("lora-000", "lora-001")] == ["peft", "kohya"]
+    assert all((lib / f"{n}.safetensors").stat().st_size == f["bytes"] for n, f in files.items())
+    again = ensure_library(lib, folder, count=2, ranks=(4, 8), seed=0, log=lambda m: None)
+    assert again["written_files"] == 0  # resumable: complete files are kept
+    other = tmp_path / "other"
+    ensure_library(other, folder, count=2, ranks=(4, 8), seed=0, log=lambda m: None)
+    assert all((lib / f"{n}.safetensors").read_bytes() == (other / f"{n}.safetensors").read_bytes() for n in files)
+    with open(other / "lora-001.safetensors", "r+b") as f:  # a truncated file is written again
+        f.truncate(1000)
+    assert ensure_library(other, folder, count=2, ranks=(4, 8), seed=0, log=lambda m: None)["written_files"] == 1
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    for name, entry in files.items():
+        tensors = read_lora_file(lib / f"{name}.safetensors", name)
+        if entry["format"] == "kohya":
+            assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in tensors)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        weights = parse_lora(tensors, name, "sdxl", modules={"unet": unet})
+        assert len(weights.layers["unet"]) == manifest["targets"]
+        LoraPatcher(unet, "unet").apply([(weights, 0.7)])
+        katz = unet.state_dict()
+        adapter = name.replace("-", "_")
+        pipe.load_lora_weights(str(lib), weight_name=f"{name}.safetensors", adapter_name=adapter)
+        pipe.set_adapters([adapter], adapter_weights=[0.7])
+        pipe.fuse_lora(components=["unet"], adapter_names=[adapter])
+        fused = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+        changed = [k for k in katz if not torch.equal(katz[k], base[k])]
+        assert len(changed) == manifest["targets"]  # one weight per adapted projection
+        assert max((fused[k] - katz[k]).abs().max().item() for k in katz) < 1e-5, name
+        pipe.unfuse_lora(components=["unet"])
+        pipe.delete_adapters(adapter)
+
+
+def test_traffic_metrics_keep_lora_tiers_apart():
+    from bench.traffic_bench import lora_figures, metric_delta, parse_metrics
+
+    def text(host_hits, device_hits, loads):
+        return (f'# TYPE katz_lora_cache_hits_total counter\n'
+                f'katz_lora_cache_hits_total{{model="unet",tier="host"}} {host_hits}\n'
+                f'katz_lora_cache_hits_total{{model="unet",tier="device"}} {device_hits}\n'
+                f'katz_lora_loads_total{{model="unet"}} {loads}\n'
+                f'katz_gpu_memory_bytes{{model="unet",kind="reserved"}} 5e9\n'
+                f'nv_inference_request_summary_us{{model="katz",quantile="0.5"}} 7\n'
+                f'nv_cpu_utilization 0.5\n')
+
+    before, after = parse_metrics(text(1, 2, 3)), parse_metrics(text(4, 10, 5))
+    assert not any("quantile" in k or k.startswith("nv_cpu") for k in after)
+    delta = metric_delta(before, after)
+    assert delta['katz_gpu_memory_bytes{model="unet",kind="reserved"}'] == 5e9  # a gauge: its value, not a change
+    figures = lora_figures(delta, "katz")
+    assert (figures["host_hits"], figures["device_hits"], figures["loads"]) == (3, 8, 2)
+
+
+@pytest.mark.integration
+def test_traffic_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
+    """bench/traffic_bench.py --preset tiny-sdxl: both servers started, the same trace replayed on each
+    (and LoRA-free on Katz), a goodput line per run, the results JSON; a rerun resumes (nothing left)."""
+    import re
+    import time
+
+    preset_dir("tiny-sdxl")  # built here, not inside the benchmark
+    out = tmp_path / "traffic"
+    cmd = [sys.executable, "bench/traffic_bench.py", "--preset", "tiny-sdxl", "--out", str(out)]
+    env = dict(os.environ, KATZ_CACHE=str(cache_root.parent))
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    goodput = dict(re.findall(r"^goodput (\S+) ([0-9.]+) at slo 10$", proc.stdout, re.M))
+    assert set(goodput) == {"katz", "katz-no-lora", "peer"} and all(float(g) > 0 for g in goodput.values()), proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    trace = res["traces"]["2"]
+    for run in ("katz", "katz-no-lora", "peer"):
+        rec = res["runs"][run]["2"]
+        assert rec["complete"] and rec["first_after_start"] == (run != "katz-no-lora"), run
+        s = rec["summary"]
+        assert (s["requests"], s["ok"], s["failed"]) == (trace["requests"], trace["requests"], 0), run
+        assert s["p50_s"] <= s["p90_s"] <= s["p99_s"] and set(s["slos"]) == {"5", "10"}
+        assert rec["resident_after_evict"] == 0.0  # the library was cold before the replay
+    assert res["runs"]["katz"]["2"]["trace_sha1"] == res["runs"]["peer"]["2"]["trace_sha1"] == trace["sha1"]
+    assert res["runs"]["katz-no-lora"]["2"]["trace_sha1"] == trace["no_lora_sha1"] != trace["sha1"]
+    # the LoRA figures from each server's own metrics
+    with_loras = trace["with_loras"]
+    assert with_loras > 0
+    assert res["runs"]["katz"]["2"]["lora"]["loads"] >= 1 and res["runs"]["peer"]["2"]["lora"]["loads"] >= 1
+    assert res["runs"]["katz-no-lora"]["2"]["lora"]["loads"] == 0
+    assert res["runs"]["peer"]["2"]["metrics"]['peer_requests_total{model="katz"}'] == trace["requests"]
+    # both servers reject bad fields alike, naming them; and give the same image for the same request
+    for name in ("katz", "peer"):
+        probes = res["servers"][name]["starts"][0]["validation"]
+        assert "INVALID_ARGUMENT" in probes["steps"] and "steps: 0 is outside [1, 150]" in probes["steps"], probes
+        assert "loras: unknown LoRA 'no-such-lora'" in probes["loras"], probes
+        assert "controlnets: unknown ControlNet 'nope'" in probes["controlnets"], probes
+    images = res["warmup_image_diff"]  # same request, fp32: the peer computes what Katz computes
+    assert all(images["katz_vs_peer"][case]["max_abs"] <= 2 for case in ("lora", "base")), images
+    for name in ("katz", "peer"):  # the LoRA was applied, then taken out again: far above the servers' difference
+        assert images["lora_vs_base"][name]["mean_abs"] > 10 * images["katz_vs_peer"]["lora"]["mean_abs"] + 0.01, images
+    library = json.loads((out / "work" / "loras" / "library.json").read_text())
+    assert res["library"]["count"] == 8 and {f["format"] for f in library["files"]} == {"peft", "kohya"}
+    for plot in ("latency_cdf.png", "latency_over_time.png", "queue_length.png"):
+        assert (out / "plots" / "r2" / plot).read_bytes().startswith(b"\x89PNG")
+    # a rerun with the same --out finds everything measured: no set-up, no server
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "every rate already measured" in again.stdout, again.stdout[-2000:]
+    assert "server ready" not in again.stdout and "[setup]" not in again.stdout
+    assert re.findall(r"^goodput .*$", again.stdout, re.M) == re.findall(r"^goodput .*$", proc.stdout, re.M)
+    print(f"traffic_bench smoke run: {took:.1f}s")

@@ -46,6 +46,15 @@ def test_poisson_and_gamma_arrivals():
                                                                         arrivals="gamma", cv=3.0))])
     assert bursty.mean() == pytest.approx(0.2, rel=0.2)
     assert bursty.std() / bursty.mean() == pytest.approx(3.0, rel=0.2)
+    # --exact-rate: a short bursty trace offers exactly --rate (span (n - 1) / rate), its bursts
+    # kept: the same draw scaled, the requests themselves unchanged
+    kw = dict(requests=12, rate=0.05, arrivals="gamma", cv=2.5, seed=50)
+    drawn, exact = synth.synthesize(_synth_args(**kw)), synth.synthesize(_synth_args(exact_rate=True, **kw))
+    assert abs(drawn[-1].arrival_s - 11 / 0.05) > 100  # this draw spans 9 s, not 220 s
+    assert exact[-1].arrival_s == pytest.approx(11 / 0.05)
+    scale = exact[-1].arrival_s / drawn[-1].arrival_s
+    assert [r.arrival_s for r in exact] == pytest.approx([r.arrival_s * scale for r in drawn])
+    assert [(r.loras, r.controlnets, r.width) for r in exact] == [(r.loras, r.controlnets, r.width) for r in drawn]
 
 
 def test_zipf_loras_controlnet_share_and_determinism(tmp_path):
@@ -126,11 +135,30 @@ def test_report_numbers_and_plots(tmp_path):
     assert s["throughput_rps"] == pytest.approx(9 / (11.0 - 0.0))
     assert report.summarize(runs[1], slo=2.0)["slo_attainment"] == 1.0
     assert report.summarize(runs[1], slo=2.0)["max_in_flight"] == 1
+    # p90 and goodput: answered OK within the SLO per second of the span (first send 0 to last answer 11)
+    assert s["p90_s"] == pytest.approx(3.0)
+    assert s["span_s"] == pytest.approx(11.0) and s["goodput_rps"] == pytest.approx(6 / 11.0)
+    several = report.summarize(runs[0], slo=[2.0, 3.0])
+    assert several["slos"]["2"] == {"attainment": pytest.approx(0.6), "goodput_rps": pytest.approx(6 / 11.0)}
+    assert several["slos"]["3"] == {"attainment": pytest.approx(0.9), "goodput_rps": pytest.approx(9 / 11.0)}
+    assert several["slo_attainment"] == pytest.approx(0.6)  # the first SLO's
+    # a failure answered last (e.g. a timeout) lengthens the span: goodput counts the time it held
+    late = tmp_path / "late.csv"
+    _write_log(late, [(0, 1.0, True), (1, 21.0, False)])
+    t = report.summarize(report.load_log(late), slo=2.0)
+    assert t["span_s"] == pytest.approx(21.0) and t["goodput_rps"] == pytest.approx(1 / 21.0)
+    assert t["throughput_rps"] == pytest.approx(1 / 21.0)
     out = tmp_path / "plots"
-    proc = _katz("trace", "report", str(a), str(b), "--labels", "baseline,katz", "--slo", "2", "--out-dir", str(out))
+    proc = _katz("trace", "report", str(a), str(b), "--labels", "baseline,katz", "--slo", "2,3", "--out-dir", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "baseline" in proc.stdout and "katz" in proc.stdout and "60.0%" in proc.stdout
+    lines = {line[:26].strip(): line[26:].split() for line in proc.stdout.splitlines()}
+    assert lines["SLO attainment (<= 2s)"] == ["60.0%", "100.0%"]
+    assert lines["SLO attainment (<= 3s)"] == ["90.0%", "100.0%"]
+    assert lines["goodput (req/s) (<= 3s)"] == [f"{9 / 11:.3f}", f"{10 / 10:.3f}"]
+    assert lines["p90 latency (s)"] == ["3.000", "1.000"]
     assert "1x UNAVAILABLE" in proc.stdout
+    assert _katz("trace", "report", str(a), "--slo", "0", "--no-plots").returncode == 2  # SLOs are > 0 s
     for name in ("latency_cdf.png", "latency_over_time.png", "queue_length.png"):
         data = (out / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000

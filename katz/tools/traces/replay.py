@@ -244,6 +244,8 @@ def cmd_replay(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from katz.tools.traces import report
+
     p = sub.add_parser("replay", help="replay a trace open-loop (asyncio gRPC) and log every request",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trace", type=Path)
@@ -258,6 +260,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-consecutive-failures", type=int, default=20,
                    help="stop sending after this many unreachable-server failures in a row (0: never)")
     p.add_argument("--lora-k", type=int, help="BAL bound sent with every request (default: the server's)")
-    p.add_argument("--slo", type=float, default=10.0, help="latency SLO in seconds, for the summary")
+    p.add_argument("--slo", type=report.parse_slos, default=[10.0],
+                   help="latency SLO in seconds for the summary, or several comma-separated (5,10)")
     p.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     p.set_defaults(func=cmd_replay)

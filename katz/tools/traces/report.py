@@ -2,12 +2,15 @@
 
 Each log (from ``katz trace replay``) is one run — e.g. a baseline and Katz on
 the same trace. Printed per run: requests, successes, failures, throughput
-(successful requests per second between the first send and the last answer),
-p50/p95/p99/mean latency of the successful requests, SLO attainment (the share
-of *all* requests answered successfully within ``--slo`` seconds) and the
-largest number of requests in flight. Saved as PNG in ``--out-dir``:
-``latency_cdf.png``, ``latency_over_time.png`` and ``queue_length.png`` (requests
-sent but not answered, over time), every run in each plot.
+(successful requests per second over the run's span: from the first send to the
+last answer, an error being an answer too), p50/p90/p95/p99/mean latency of the
+successful requests, and for each SLO of ``--slo`` (one or several seconds,
+``--slo 5,10``) the SLO attainment (the share of *all* requests answered
+successfully within it) and the goodput (requests answered successfully within
+it per second of the same span), and the largest number of requests in flight.
+Saved as PNG in ``--out-dir``: ``latency_cdf.png``, ``latency_over_time.png``
+and ``queue_length.png`` (requests sent but not answered, over time), every run
+in each plot, the first SLO drawn in.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -58,23 +62,45 @@ def load_log(path: Path, label: str | None = None) -> Run:
     return Run(label or Path(path).stem, np.array(sent, float), np.array(done, float), np.array(ok, bool), errors)
 
 
-def summarize(run: Run, slo: float) -> dict:
+def span_s(run: Run) -> float:
+    """The run's span: from the first request sent to the last one answered, successfully or not
+    (a request that timed out was answered at its deadline), so failures at the end of a run do not
+    shorten it. 0 when nothing was sent and answered."""
+    sent = run.sent[np.isfinite(run.sent)]
+    done = run.done[np.isfinite(run.sent) & np.isfinite(run.done)]
+    return float(done.max() - sent.min()) if len(done) and len(sent) else 0.0
+
+
+def summarize(run: Run, slo: float | Sequence[float]) -> dict:
+    """The run's figures. ``slo``: one SLO or several (s). ``slo_attainment`` and ``goodput_rps``
+    are the first SLO's; ``slos`` maps each (``f"{s:g}"``) to its ``attainment`` and ``goodput_rps``."""
+    slos = [float(slo)] if np.isscalar(slo) else [float(s) for s in slo]
     lat = run.latency
     n = len(run.ok)
-    sent = run.sent[np.isfinite(run.sent)]
-    done = run.done[run.ok]
-    span = float(done.max() - sent.min()) if len(done) and len(sent) else 0.0
+    span = span_s(run)
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    per_slo = {}
+    for s in slos:
+        within = int((lat <= s).sum())
+        per_slo[f"{s:g}"] = {
+            "attainment": within / n if n else float("nan"),
+            "goodput_rps": within / span if span > 0 else float("nan"),
+        }
+    first = per_slo[f"{slos[0]:g}"]
     return {
         "requests": n,
         "ok": int(run.ok.sum()),
         "failed": int(n - run.ok.sum()),
-        "throughput_rps": (len(done) / span) if span > 0 else float("nan"),
+        "span_s": span,
+        "throughput_rps": (len(lat) / span) if span > 0 else float("nan"),
         "p50_s": pct(50),
+        "p90_s": pct(90),
         "p95_s": pct(95),
         "p99_s": pct(99),
         "mean_s": float(lat.mean()) if len(lat) else float("nan"),
-        "slo_attainment": float((lat <= slo).sum() / n) if n else float("nan"),
+        "slo_attainment": first["attainment"],
+        "goodput_rps": first["goodput_rps"],
+        "slos": per_slo,
         "max_in_flight": int(queue_length(run)[1].max()) if n else 0,
     }
 
@@ -95,25 +121,29 @@ ROWS = (
     ("failed", "failed", "{:d}"),
     ("throughput_rps", "throughput (req/s)", "{:.3f}"),
     ("p50_s", "p50 latency (s)", "{:.3f}"),
+    ("p90_s", "p90 latency (s)", "{:.3f}"),
     ("p95_s", "p95 latency (s)", "{:.3f}"),
     ("p99_s", "p99 latency (s)", "{:.3f}"),
     ("mean_s", "mean latency (s)", "{:.3f}"),
-    ("slo_attainment", "SLO attainment", "{:.1%}"),
+    ("attainment", "SLO attainment", "{:.1%}"),  # one row per SLO
+    ("goodput_rps", "goodput (req/s)", "{:.3f}"),  # one row per SLO
     ("max_in_flight", "max in flight", "{:d}"),
 )
 
 
-def format_summary(runs: list[Run], slo: float) -> str:
+def format_summary(runs: list[Run], slo: float | Sequence[float]) -> str:
     stats = [summarize(r, slo) for r in runs]
+    slos = list(stats[0]["slos"]) if stats else []
     width = max(12, *(len(r.label) for r in runs))
-    lines = [f"{'':<22}" + "".join(f"{r.label:>{width + 2}}" for r in runs)]
+    lines = [f"{'':<26}" + "".join(f"{r.label:>{width + 2}}" for r in runs)]
     for key, name, fmt in ROWS:
-        label = f"{name} (<= {slo:g}s)" if key == "slo_attainment" else name
-        cells = []
-        for s in stats:
-            v = s[key]
-            cells.append("-" if isinstance(v, float) and not np.isfinite(v) else fmt.format(v))
-        lines.append(f"{label:<22}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        if key in ("attainment", "goodput_rps"):  # per SLO
+            rows = [(f"{name} (<= {s}s)", [st["slos"][s][key] for st in stats]) for s in slos]
+        else:
+            rows = [(name, [st[key] for st in stats])]
+        for label, values in rows:
+            cells = ["-" if isinstance(v, float) and not np.isfinite(v) else fmt.format(v) for v in values]
+            lines.append(f"{label:<26}" + "".join(f"{c:>{width + 2}}" for c in cells))
     for run in runs:
         if run.errors:
             common: dict[str, int] = {}
@@ -125,7 +155,9 @@ def format_summary(runs: list[Run], slo: float) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[Run], slo: float, out_dir: Path) -> list[Path]:
+def plot(runs: list[Run], slo: float, out_dir: Path, dpi: int = 110,
+         size: tuple[float, float] = (7, 4.5)) -> list[Path]:
+    """Save the three plots; ``dpi`` and ``size`` (inches) make them smaller where many are kept."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +167,7 @@ def plot(runs: list[Run], slo: float, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=size)
     for run in runs:
         lat = np.sort(run.latency)
         if len(lat):
@@ -147,10 +179,10 @@ def plot(runs: list[Run], slo: float, out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(out_dir / "latency_cdf.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=size)
     for i, run in enumerate(runs):
         color = f"C{i}"
         ax.scatter(run.sent[run.ok], run.latency, s=10, color=color, label=run.label)
@@ -163,10 +195,10 @@ def plot(runs: list[Run], slo: float, out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(out_dir / "latency_over_time.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=size)
     for run in runs:
         t, q = queue_length(run)
         ax.step(t, q, where="post", label=run.label)
@@ -175,9 +207,20 @@ def plot(runs: list[Run], slo: float, out_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(out_dir / "queue_length.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=dpi)
     plt.close(fig)
     return paths
+
+
+def parse_slos(text: str) -> list[float]:
+    """``"5,10"`` -> ``[5.0, 10.0]``: positive seconds."""
+    try:
+        slos = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, e.g. 10 or 5,10; got {text!r}") from None
+    if not slos or any(not np.isfinite(s) or s <= 0 for s in slos):
+        raise argparse.ArgumentTypeError(f"SLOs must be positive seconds; got {text!r}")
+    return slos
 
 
 def cmd_report(args) -> int:
@@ -193,7 +236,7 @@ def cmd_report(args) -> int:
     print(format_summary(runs, args.slo))
     if not args.no_plots:
         out = args.out_dir or args.logs[0].with_name(args.logs[0].stem + "-report")
-        for path in plot(runs, args.slo, out):
+        for path in plot(runs, args.slo[0], out):
             print(f"wrote {path}")
     return 0
 
@@ -203,7 +246,8 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("logs", type=Path, nargs="+", help="replay logs (one per run)")
     p.add_argument("--labels", help="comma-separated run names (default: the logs' names)")
-    p.add_argument("--slo", type=float, default=10.0, help="latency SLO in seconds")
+    p.add_argument("--slo", type=parse_slos, default=[10.0],
+                   help="latency SLO in seconds, or several comma-separated (5,10): attainment and goodput for each")
     p.add_argument("--out-dir", type=Path, help="where the PNG plots go (default: <first log>-report/)")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_report)

@@ -4,7 +4,10 @@ The model, each part a flag:
 
 * arrivals: Poisson at ``--rate`` req/s, or bursty — Gamma-distributed gaps with
   the same mean and coefficient of variation ``--cv`` (> 1 is burstier than
-  Poisson; ``--cv 1`` is Poisson again);
+  Poisson; ``--cv 1`` is Poisson again); ``--exact-rate`` scales the drawn
+  arrival times so that the trace's own mean rate is ``--rate`` (its span is
+  ``(requests - 1) / rate``): a short bursty trace otherwise offers a rate far
+  from the one asked (12 requests with ``--cv 2.5`` spanned 9 s at 0.05 req/s);
 * LoRAs: ``--loras-per-request`` (a distribution, e.g. ``0:0.2,1:0.5,2:0.2,3:0.1``)
   distinct adapters per request, drawn by Zipf popularity (exponent ``--zipf``)
   over ``--num-loras`` adapters named ``<prefix>000`` …, or over ``--lora-names``
@@ -57,15 +60,20 @@ def zipf_weights(n: int, s: float) -> np.ndarray:
     return w / w.sum()
 
 
-def arrivals(rng: np.random.Generator, rate: float, count: int, kind: str, cv: float) -> np.ndarray:
-    """``count`` arrival times (s) with mean gap ``1/rate``; first at 0."""
+def arrivals(rng: np.random.Generator, rate: float, count: int, kind: str, cv: float,
+             exact: bool = False) -> np.ndarray:
+    """``count`` arrival times (s) with mean gap ``1/rate``; first at 0. ``exact``: scaled so the
+    last one is at ``(count - 1) / rate`` (the gaps keep their proportions, so the bursts stay)."""
     if kind == "poisson":
         gaps = rng.exponential(1.0 / rate, count)
     else:  # gamma: shape k = 1/cv^2, scale = mean / k
         k = 1.0 / (cv * cv)
         gaps = rng.gamma(k, 1.0 / (rate * k), count)
     times = np.cumsum(gaps)
-    return times - times[0]
+    times = times - times[0]
+    if exact and count > 1 and times[-1] > 0:
+        times = times * ((count - 1) / rate / times[-1])
+    return times
 
 
 def synthesize(args) -> list[TraceRow]:
@@ -83,7 +91,7 @@ def synthesize(args) -> list[TraceRow]:
     scale_lo, scale_hi = float(lo), float(hi or lo)
 
     count = args.requests or max(1, int(round(args.duration * args.rate)))
-    times = arrivals(rng, args.rate, count, args.arrivals, args.cv)
+    times = arrivals(rng, args.rate, count, args.arrivals, args.cv, getattr(args, "exact_rate", False))
     rows = []
     for i, t in enumerate(times):
         w, h = resolutions[rng.choice(len(resolutions), p=res_w)]
@@ -126,6 +134,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, req/s")
     p.add_argument("--arrivals", choices=("poisson", "gamma"), default="poisson")
     p.add_argument("--cv", type=float, default=3.0, help="gamma: coefficient of variation of the gaps")
+    p.add_argument("--exact-rate", action="store_true",
+                   help="scale the arrival times so the trace's mean rate is exactly --rate (short traces)")
     p.add_argument("--num-loras", type=int, default=100, help="adapters in the Zipf population")
     p.add_argument("--lora-prefix", default="lora-")
     p.add_argument("--lora-names", help="comma-separated adapter names, most popular first (instead of --num-loras)")
