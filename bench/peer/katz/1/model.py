@@ -42,15 +42,6 @@ import triton_python_backend_utils as pb_utils
 INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "scheduler",
           "controlnets", "control_images", "controlnet_scales", "control_guidance_start", "control_guidance_end",
           "loras", "lora_scales", "lora_k")
-# Katz's scheduler names (katz/diffusion/schedulers.py; tests/test_bench.py checks they agree) -> diffusers classes
-SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 LORA_COMPONENTS = ["unet", "text_encoder", "text_encoder_2"]
 
 
@@ -144,11 +135,9 @@ class TritonPythonModel:
 
     def _scheduler(self, name):
         if name not in self._schedulers:
-            import diffusers
+            from katz.diffusion.schedulers import make_scheduler  # the request's name -> the diffusers class
 
-            cls_name, overrides = SCHEDULERS[name]
-            self._schedulers[name] = getattr(diffusers, cls_name).from_config(
-                {**self.base.scheduler.config, **overrides})
+            self._schedulers[name] = make_scheduler(name, dict(self.base.scheduler.config))
         return self._schedulers[name]
 
     # ------------------------------------------------------------------ LoRAs
