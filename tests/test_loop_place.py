@@ -144,9 +144,9 @@ def test_memory_gauges(preset_dir):
     assert memory_gauges("cpu") == []  # torch's CUDA allocator only
     ens = _ensemble(preset_dir("tiny-sdxl"), "unet")
     unet = ens.models["unet"]
-    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     weights = sum(p.numel() * p.element_size() for p in unet.engine.unet.parameters())
     assert parts == {"weights": weights, "pristine": 0.0, "lora_cache": 0.0}
     ens.generate(_req(loras=["style"]))
-    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     assert 0 < parts["pristine"] < weights and parts["lora_cache"] > 0

@@ -524,7 +524,8 @@ class _Load:
 
 class _Arrival:
     """The loads a merge streams in (:class:`katz.lora.patch.Arrival`): which layers' bytes are on
-    the device, waiting for more, and the loads' outcome. ``waited``: seconds spent blocked."""
+    the device, waiting for more, and the loads' outcome. ``waited``: seconds spent blocked (also
+    counted in the manager's ``wait_seconds``)."""
 
     def __init__(self, manager: "LoraManager", loads: dict[str, _Load]):
         self._manager = manager
@@ -559,7 +560,12 @@ class _Arrival:
                     p.upto < end for p, end in self._ends.values()):
                 raise RuntimeError("a LoRA load ended without uploading every layer it published")
         finally:
-            self.waited += time.perf_counter() - t0
+            self._waited(time.perf_counter() - t0)
+
+    def _waited(self, seconds: float) -> None:
+        self.waited += seconds
+        with self._manager._lock:
+            self._manager.stats.wait_seconds += seconds
 
     def fence(self) -> None:
         for load in self._loads.values():
@@ -575,7 +581,7 @@ class _Arrival:
                 if self._manager.device.type == "cuda":
                     load.progress.buffer.record_stream(torch.cuda.current_stream(self._manager.device))
         finally:
-            self.waited += time.perf_counter() - t0
+            self._waited(time.perf_counter() - t0)
 
 
 def _streamable(layout: list) -> bool:
@@ -1130,7 +1136,6 @@ class LoraManager:
         A load that cannot stream (a tensor to copy out of its bytes) is waited for. Raises
         :class:`LoraError`."""
         out, streaming = [], {}
-        t0 = time.perf_counter()
         for name in names:
             fut = self._future(name)
             with self._lock:
@@ -1139,9 +1144,12 @@ class LoraManager:
                 out.extend(self.get([name]))
                 continue
             progress = load.progress
+            t0 = time.perf_counter()
             with self._progress:
                 while progress.weights is None and not progress.ended:
                     self._progress.wait()
+            with self._lock:
+                self.stats.wait_seconds += time.perf_counter() - t0
             if progress.ended or progress.weights is None or fut.done():
                 out.extend(self.get([name]))
                 continue
@@ -1149,11 +1157,7 @@ class LoraManager:
                 self.stats.device_misses += 1
             streaming[name] = load
             out.append(progress.weights)
-        if not streaming:
-            return out, None
-        arrival = _Arrival(self, streaming)
-        arrival.waited = time.perf_counter() - t0
-        return out, arrival
+        return out, (_Arrival(self, streaming) if streaming else None)
 
     def clear_caches(self) -> None:
         """Empty the host and device tiers (a cold start for the next load; benchmarks, tests). Waits for
