@@ -44,7 +44,8 @@ class GcPauses:
     def __init__(self):
         self.collections = [0, 0, 0]
         self.seconds = [0.0, 0.0, 0.0]
-        self.longest = 0.0
+        self.longest = 0.0  # since the model was loaded
+        self.at_load = 0.0  # the full collection of everything loading made (freeze_after_load)
         self._start: float | None = None
         gc.callbacks.append(self._callback)
 
@@ -76,13 +77,25 @@ class GcPauses:
         return out
 
     def gauges(self) -> list[tuple[str, str, dict, float]]:
-        return [("katz_gc_longest_pause_seconds", "the longest Python garbage collection since start (s)", {},
-                 self.longest)]
+        return [
+            ("katz_gc_longest_pause_seconds", "the longest Python garbage collection since the model was loaded (s)",
+             {}, self.longest),
+            ("katz_gc_load_collection_seconds", "a full Python garbage collection of what loading made, once, before "
+             "it was frozen out of the collector's sight (what a full collection would have cost a request; s)", {},
+             self.at_load),
+        ]
 
 
-def freeze_after_load() -> None:
+def freeze_after_load() -> float:
     """Move everything loading made (modules, compiled code, captured graphs: millions of objects
     after torch.compile) out of the garbage collector's sight: it lives as long as the model, and a
-    full collection during a request would otherwise scan all of it with every thread stopped."""
+    full collection during a request (which Python starts on its own once enough objects survived)
+    would otherwise scan all of it with every thread stopped. Returns the seconds the full
+    collection before the freeze took (kept as :attr:`GcPauses.at_load`)."""
+    watch = GcPauses.watch()
+    t0 = time.perf_counter()
     gc.collect()
+    seconds = time.perf_counter() - t0
     gc.freeze()
+    watch.at_load, watch.longest = seconds, 0.0
+    return seconds
