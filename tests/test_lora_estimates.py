@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from katz.lora.estimates import LinearEstimate, LoadEstimates
-from katz.lora.manager import LoraManager, Popularity, default_host_budget
+from katz.lora.manager import LoraManager
+from katz.lora.tiers import Popularity, default_host_budget
 from katz.lora.patch import LoraPatcher
 from katz.lora.store import LoraStore
 from test_lora_file import _Net, _peft_lora

@@ -26,18 +26,18 @@ buffer is not pinned).
 
 The manager keeps running estimates of each phase per tier (:mod:`katz.lora.estimates`);
 :meth:`LoraManager.eta` predicts from them, and from the loads queued ahead, when a set of
-LoRAs will be on the device.
+LoRAs will be on the device. The tiers' entries, eviction and admission are in
+:mod:`katz.lora.tiers`; what is counted, in :mod:`katz.lora.stats`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -47,185 +47,15 @@ from katz.lora.estimates import LoadEstimates
 from katz.lora.patch import LoraPatcher
 from katz.lora.readahead import resident_fraction
 from katz.lora.safetensors import COMPONENT_PREFIXES, read_lora_bytes, tensor_views
+from katz.lora.stats import LoraStats
 from katz.lora.store import LoraStore
+from katz.lora.tiers import ByteTier, Entry, Popularity, Spec, default_host_budget, layout_of, numel, streamable, \
+    weights_from
 from katz.lora.weights import COMPONENTS, LoraLayer, LoraWeights, parse_lora
 
 # a file this much in the page cache loads from the page_cache tier, else from the disk tier
 RESIDENT_FRACTION = 0.95
 HOST_CHUNK_BYTES = 16 << 20  # a host-tier load copies and uploads this much at a time
-# upper bounds (s) of the switch-time buckets (katz_lora_switches_total{le=...}); switches over
-# SLOW_SWITCH_S are counted apart (katz_lora_slow_switches_total)
-SWITCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-SLOW_SWITCH_S = 0.1
-
-
-@dataclass
-class LoraStats:
-    """Totals since start, exported as Triton custom metrics (:meth:`metrics` counters, :meth:`gauges`;
-    published by the ``unet`` model).
-
-    ``read_seconds`` .. ``device_wait_seconds`` split the loader thread's time over the stages of a
-    load, failed loads included; for successful loads they add up to ``load_seconds`` less
-    ``load_delay_s`` and bookkeeping. ``host_fill_seconds`` comes after a load, when its waiters
-    have been let go. Read bandwidth: ``read_bytes / read_seconds``.
-
-    The BAL fields are per request with LoRAs (:class:`katz.lora.bal.LoopLoras`): what was predicted
-    at its first step and what happened.
-    """
-
-    loads: int = 0
-    load_seconds: float = 0.0
-    load_failures: int = 0
-    loads_by_tier: dict = field(default_factory=Counter)  # tier -> loads (host, page_cache, disk)
-    load_seconds_by_tier: dict = field(default_factory=Counter)  # tier -> seconds of those loads
-    host_hits: int = 0
-    host_misses: int = 0
-    host_rejected: int = 0  # loads the host tier did not keep: less popular than what they would evict
-    device_hits: int = 0
-    device_misses: int = 0
-    steps_before_patch: int = 0
-    patches: int = 0
-    wait_seconds: float = 0.0
-    read_seconds: float = 0.0  # header + waiting for the file bytes beyond the parsing done meanwhile (host misses)
-    read_bytes: int = 0  # bytes read from LoRA files (host misses)
-    parse_seconds: float = 0.0  # parse_lora + LoraPatcher.validate (host misses)
-    upload_seconds: float = 0.0  # issuing the uploads and the device finiteness check, views of the device buffer
-    device_wait_seconds: float = 0.0  # waiting for the upload and the finiteness check (the load's one host sync)
-    host_copy_seconds: float = 0.0  # host hits: host tier -> staging buffer
-    host_fill_seconds: float = 0.0  # after a load: staging buffer -> host tier (off the request's path)
-    pristine_seconds: float = 0.0  # the loader making pristine copies of the weights a new LoRA targets
-    # the UNet model's weight switches (merge a LoRA set in, or restore the base): host time, which for a
-    # merge that streams in a loading LoRA includes waiting for its bytes (switch_wait_seconds of it)
-    switches: int = 0
-    switch_seconds: float = 0.0
-    switch_wait_seconds: float = 0.0
-    switch_max_seconds: float = 0.0
-    slow_switches: int = 0  # switches over SLOW_SWITCH_S
-    switch_buckets: list = field(default_factory=lambda: [0] * (len(SWITCH_BUCKETS) + 1))  # le bucket counts
-    switch_gc_collections: int = 0  # Python garbage collections that ran during a switch
-    # BAL, per request with LoRAs (counted at its end)
-    requests: int = 0
-    hot_requests: int = 0  # the LoRAs were on the device or in the host tier at the first step
-    predicted_ready_seconds: float = 0.0  # at the first step: when the LoRA set would be on the device
-    ready_seconds: float = 0.0  # from the first step to the LoRA set in place (requests that had it in)
-    predicted_step_sum: int = 0  # the step the LoRA set was predicted to go in at (bounded by k)
-    applied_step_sum: int = 0  # the step it went in at (requests that had it in)
-    step_error_sum: int = 0  # |applied - predicted| summed
-    late_requests: int = 0  # requests whose LoRAs went in later than predicted
-    waited_requests: int = 0  # requests that waited for their LoRAs at some step
-
-    def record_switch(self, seconds: float, waited: float, gc_collections: int) -> None:
-        self.switches += 1
-        self.switch_seconds += seconds
-        self.switch_wait_seconds += waited
-        self.switch_max_seconds = max(self.switch_max_seconds, seconds)
-        self.slow_switches += seconds > SLOW_SWITCH_S
-        self.switch_buckets[sum(seconds > b for b in SWITCH_BUCKETS)] += 1
-        self.switch_gc_collections += gc_collections
-
-    def metrics(self) -> list[tuple[str, str, dict, float]]:
-        """The totals as Triton custom metrics ``(name, description, labels, total)``."""
-        s = self
-        out = [
-            ("katz_lora_loads_total", "LoRAs loaded to the device", {}, s.loads),
-            ("katz_lora_load_seconds_total", "time spent loading LoRAs (s)", {}, s.load_seconds),
-            ("katz_lora_load_failures_total", "LoRA loads that failed", {}, s.load_failures),
-            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "host"}, s.host_hits),
-            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "host"}, s.host_misses),
-            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "device"}, s.device_hits),
-            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "device"}, s.device_misses),
-            ("katz_lora_host_rejected_total", "loaded LoRAs the host tier did not keep (less popular than what "
-             "they would evict)", {}, s.host_rejected),
-            ("katz_lora_steps_before_patch_total", "UNet steps run on base weights while a LoRA loaded", {},
-             s.steps_before_patch),
-            ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
-            ("katz_lora_wait_seconds_total", "time steps waited for a LoRA (s)", {}, s.wait_seconds),
-            ("katz_lora_switch_seconds_total", "time switching the UNet weights: LoRA sets merged in, base restored (s)",
-             {}, s.switch_seconds),
-            ("katz_lora_switch_wait_seconds_total", "of the switch time, waiting for a loading LoRA's bytes (s)",
-             {}, s.switch_wait_seconds),
-            ("katz_lora_switch_count_total", "UNet weight switches", {}, s.switches),
-            ("katz_lora_slow_switches_total", f"UNet weight switches over {SLOW_SWITCH_S * 1e3:.0f} ms", {},
-             s.slow_switches),
-            ("katz_lora_switch_gc_total", "Python garbage collections during weight switches", {},
-             s.switch_gc_collections),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
-             s.upload_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "device_wait"},
-             s.device_wait_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "host_copy"},
-             s.host_copy_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "pristine"},
-             s.pristine_seconds),
-            ("katz_lora_bal_requests_total", "requests with LoRAs, by what their LoRAs were at the first step",
-             {"start": "hot"}, s.hot_requests),
-            ("katz_lora_bal_requests_total", "requests with LoRAs, by what their LoRAs were at the first step",
-             {"start": "cold"}, s.requests - s.hot_requests),
-            ("katz_lora_predicted_ready_seconds_total", "predicted at each request's first step: seconds until its "
-             "LoRA set is on the device", {}, s.predicted_ready_seconds),
-            ("katz_lora_ready_seconds_total", "seconds from each request's first step to its LoRA set in place", {},
-             s.ready_seconds),
-            ("katz_lora_predicted_step_total", "predicted step at which each request's LoRAs go in, summed", {},
-             s.predicted_step_sum),
-            ("katz_lora_applied_step_total", "step at which each request's LoRAs went in, summed", {},
-             s.applied_step_sum),
-            ("katz_lora_step_error_total", "|applied - predicted step| summed over requests", {}, s.step_error_sum),
-            ("katz_lora_late_requests_total", "requests whose LoRAs went in later than predicted", {},
-             s.late_requests),
-            ("katz_lora_waited_requests_total", "requests that waited for their LoRAs at some step", {},
-             s.waited_requests),
-        ]
-        for tier in ("host", "page_cache", "disk"):
-            out.append(("katz_lora_tier_loads_total", "LoRA loads by the tier they came from", {"tier": tier},
-                        s.loads_by_tier[tier]))
-            out.append(("katz_lora_tier_load_seconds_total", "LoRA load time by the tier they came from (s)",
-                        {"tier": tier}, s.load_seconds_by_tier[tier]))
-        cumulative = 0
-        for bound, count in zip((*SWITCH_BUCKETS, float("inf")), s.switch_buckets):
-            cumulative += count
-            le = "+Inf" if bound == float("inf") else f"{bound:g}"
-            out.append(("katz_lora_switches_total", "UNet weight switches taking at most le seconds", {"le": le},
-                        cumulative))
-        return out
-
-    def gauges(self) -> list[tuple[str, str, dict, float]]:
-        return [("katz_lora_switch_max_seconds", "the longest UNet weight switch since start (s)", {},
-                 self.switch_max_seconds)]
-
-
-@dataclass
-class _Spec:
-    """Where one LoRA tensor lies in its entry's buffer (``offset``, ``shape``, ``dtype``), or the
-    tensor itself when it is not a view of the buffer (``tensor``)."""
-
-    offset: int = -1
-    shape: tuple = ()
-    dtype: torch.dtype | None = None
-    tensor: torch.Tensor | None = None
-
-
-# one layer of a LoRA: component, module path, alpha, file key, down, up
-_LayoutRow = tuple[str, str, "float | None", str, _Spec, _Spec]
-
-
-@dataclass
-class _Entry:
-    """A cached LoRA: its bytes (``buffer``, uint8; None for a LoRA with no tensors here), where each
-    layer's tensors lie in them (``layout``), and, in the device tier, ``weights`` whose tensors are
-    views into ``buffer`` or are among ``extra`` (tensors that could not be views: a file offset not
-    a multiple of the dtype size). ``nbytes`` counts both (what the tier's byte budget counts)."""
-
-    name: str
-    weights: LoraWeights | None
-    buffer: torch.Tensor | None
-    extra: tuple[torch.Tensor, ...]
-    nbytes: int
-    layout: list = field(default_factory=list)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.buffer, *self.extra) if t is not None]
 
 
 @dataclass
@@ -245,102 +75,6 @@ class _Prepared:
     seconds: float
 
 
-class Popularity:
-    """How many of the last ``window`` LoRA uses named each LoRA (a request counts once per LoRA)."""
-
-    def __init__(self, window: int = 512):
-        self.window = window
-        self._recent: deque[str] = deque()
-        self._counts: Counter = Counter()
-        self._lock = threading.Lock()
-
-    def note(self, names: Iterable[str]) -> None:
-        if self.window <= 0:
-            return
-        with self._lock:
-            for name in dict.fromkeys(names):
-                self._recent.append(name)
-                self._counts[name] += 1
-            while len(self._recent) > self.window:
-                old = self._recent.popleft()
-                self._counts[old] -= 1
-                if not self._counts[old]:
-                    del self._counts[old]
-
-    def count(self, name: str) -> int:
-        with self._lock:
-            return self._counts.get(name, 0)
-
-
-class _LruBytes:
-    """A map of :class:`_Entry` with a byte budget. Over budget, the least popular entries go first
-    (:class:`Popularity`; the least recently used among equally popular ones, so with no popularity
-    it is an LRU). ``admit``: a new entry that would evict a more popular one is not kept (a one-off
-    LoRA does not push out a popular one); otherwise the newest entry always stays."""
-
-    def __init__(self, budget: int, popularity: Popularity | None = None, admit: bool = False):
-        self.budget = budget
-        self.popularity = popularity
-        self.admit = admit
-        self.items: OrderedDict[str, tuple[tuple, _Entry]] = OrderedDict()
-        self.used = 0
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.used = 0
-
-    def get(self, name: str, key: tuple) -> _Entry | None:
-        hit = self.items.get(name)
-        if hit is None or hit[0] != key:
-            return None
-        self.items.move_to_end(name)
-        return hit[1]
-
-    def peek(self, name: str, key: tuple) -> _Entry | None:
-        """:meth:`get` without counting as a use."""
-        hit = self.items.get(name)
-        return hit[1] if hit is not None and hit[0] == key else None
-
-    def _count(self, name: str) -> int:
-        return self.popularity.count(name) if self.popularity is not None else 0
-
-    def _victims(self, name: str, nbytes: int) -> list[str] | None:
-        """What keeping ``nbytes`` more for ``name`` would evict; None where admission refuses it."""
-        over = self.used - (self.items[name][1].nbytes if name in self.items else 0) + nbytes - self.budget
-        victims: list[str] = []
-        if over > 0:
-            for victim in sorted((n for n in self.items if n != name), key=self._count):  # stable: LRU first
-                if over <= 0:
-                    break
-                victims.append(victim)
-                over -= self.items[victim][1].nbytes
-            # a victim stays unless the newcomer was used more (ties keep what is there: two equally
-            # popular LoRAs taking turns would each be read again every time); unused ones go LRU
-            if self.admit and (over > 0 or any(0 < self._count(name) <= self._count(v) or
-                                               self._count(name) < self._count(v) for v in victims)):
-                return None
-        return victims
-
-    def admits(self, name: str, nbytes: int) -> bool:
-        """Whether :meth:`put` would keep an entry of ``nbytes`` for ``name`` now."""
-        return self._victims(name, nbytes) is not None
-
-    def put(self, name: str, key: tuple, entry: _Entry) -> bool:
-        """Keep ``entry``; returns False where admission turned it away (nothing was evicted then)."""
-        victims = self._victims(name, entry.nbytes)
-        if victims is None:
-            return False
-        self.drop(name)
-        for victim in victims:
-            self.drop(victim)
-        self.items[name] = (key, entry)
-        self.used += entry.nbytes
-        return True
-
-    def drop(self, name: str) -> None:
-        old = self.items.pop(name, None)
-        if old is not None:
-            self.used -= old[1].nbytes
 class StagingBuffer:
     """One reusable host buffer (uint8) for reads and uploads, pinned when ``pin``; grows to the
     largest request, in steps of :attr:`GRANULE` bytes.
@@ -372,59 +106,6 @@ class StagingBuffer:
         if stream is not None:
             self._event = torch.cuda.Event()
             self._event.record(stream)
-
-
-def _byte_offset(t: torch.Tensor, base: torch.Tensor) -> int | None:
-    """Byte offset of contiguous ``t``'s data in ``base`` (contiguous uint8), or None if not in it."""
-    if (
-        base is None
-        or t.numel() == 0
-        or not t.is_contiguous()
-        or t.device != base.device
-        or t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
-    ):
-        return None
-    start = t.storage_offset() * t.element_size() - base.storage_offset()
-    if start < 0 or start + t.numel() * t.element_size() > base.numel():
-        return None
-    return start
-
-
-
-
-def _spec(t: torch.Tensor, base: torch.Tensor | None, host: bool) -> _Spec:
-    start = _byte_offset(t, base)
-    if start is None:
-        return _Spec(tensor=t.to("cpu") if host else t)
-    return _Spec(offset=start, shape=tuple(t.shape), dtype=t.dtype)
-
-
-def _layout(weights: LoraWeights, base: torch.Tensor | None, host: bool = False) -> list:
-    """Where ``weights``' tensors lie in ``base`` (uint8), row by row (:data:`_LayoutRow`); tensors
-    outside it are kept as they are (``host``: as CPU copies)."""
-    return [(comp, path, l.alpha, l.key, _spec(l.down, base, host), _spec(l.up, base, host))
-            for comp, group in weights.layers.items() for path, l in group.items()]
-
-
-def _weights_from(name: str, layout: list, buffer: torch.Tensor | None) -> tuple[LoraWeights, list[torch.Tensor]]:
-    """The LoRA ``layout`` describes, as views into ``buffer`` (any device); tensors that are not in
-    it are copied to its device (asynchronously towards a GPU). Returns ``(weights, those copies)``."""
-    extra: list[torch.Tensor] = []
-
-    def tensor(spec: _Spec) -> torch.Tensor:
-        if spec.tensor is not None:
-            moved = spec.tensor.to(buffer.device, non_blocking=buffer.device.type == "cuda")
-            extra.append(moved)
-            return moved
-        n = spec.dtype.itemsize
-        for d in spec.shape:
-            n *= d
-        return buffer[spec.offset : spec.offset + n].view(spec.dtype).view(spec.shape)
-
-    layers: dict[str, dict[str, LoraLayer]] = {}
-    for comp, path, alpha, key, down, up in layout:
-        layers.setdefault(comp, {})[path] = LoraLayer(down=tensor(down), up=tensor(up), alpha=alpha, key=key)
-    return LoraWeights(name=name, layers=layers), extra
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -471,8 +152,6 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 def _is_alpha(key: str) -> bool:
     return key.endswith(".alpha")  # the alpha role in every key format parse_lora reads
-
-
 
 
 class LoadProgress:
@@ -539,7 +218,7 @@ class _Arrival:
             p = load.progress
             for comp, path, _alpha, _key, down, up in p.layout:
                 layer = p.weights.layers[comp][path]
-                end = max(s.offset + s.dtype.itemsize * _numel(s.shape) for s in (down, up))
+                end = max(s.offset + s.dtype.itemsize * numel(s.shape) for s in (down, up))
                 self._ends[id(layer)] = (p, end)
 
     def arrived(self, layer: LoraLayer) -> bool:
@@ -584,36 +263,6 @@ class _Arrival:
             self._waited(time.perf_counter() - t0)
 
 
-def _streamable(layout: list) -> bool:
-    """Whether every tensor of a LoRA lies in its buffer (a merge can then follow its bytes)."""
-    return all(spec.tensor is None for row in layout for spec in row[4:])
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-HOST_BUDGET_FRACTION = 0.25  # of the memory free at start (MemAvailable), for the host tier by default
-HOST_BUDGET_CAP = 16 << 30
-
-
-def default_host_budget(meminfo: str = "/proc/meminfo") -> int:
-    """The host tier's default budget: :data:`HOST_BUDGET_FRACTION` of the machine's free memory
-    (``MemAvailable``) now, at most :data:`HOST_BUDGET_CAP`; 2 GiB where that cannot be read."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    return min(HOST_BUDGET_CAP, int(available * HOST_BUDGET_FRACTION))
-    except (OSError, ValueError, IndexError):
-        pass
-    return 2 << 30
-
-
 def _progress_condition() -> threading.Condition:
     cond = threading.Condition()
     cond.version = 0  # bumped on every change of any load's progress
@@ -647,8 +296,8 @@ class LoraManager:
         self.device = torch.device(device)
         self.popularity = Popularity(popularity_window)
         budget = default_host_budget() if host_budget_bytes < 0 else host_budget_bytes
-        self.host = _LruBytes(budget, self.popularity, admit=popularity_window > 0)
-        self.device_cache = _LruBytes(device_budget_bytes, self.popularity)
+        self.host = ByteTier(budget, self.popularity, admit=popularity_window > 0)
+        self.device_cache = ByteTier(device_budget_bytes, self.popularity)
         self.load_delay_s = load_delay_s  # simulates slow storage: each file read (tests, benchmarks)
         self.stats = LoraStats()
         self.estimates = LoadEstimates()
@@ -911,7 +560,7 @@ class LoraManager:
             with self._lock:
                 setattr(self.stats, stat, getattr(self.stats, stat) + dt)
 
-    def _read_entry(self, name: str, progress: LoadProgress) -> tuple[_Entry, torch.Tensor | None]:
+    def _read_entry(self, name: str, progress: LoadProgress) -> tuple[Entry, torch.Tensor | None]:
         """Load ``name`` from disk: (device entry, the staging bytes to fill the host tier from, or None).
 
         While the read threads fill the staging buffer, this thread makes the device buffer, the
@@ -928,7 +577,7 @@ class LoraManager:
             prepared = self._prepare(read, None)
             if prepared is None:
                 return None
-            if prepared.invalid is None and _streamable(prepared.layout):
+            if prepared.invalid is None and streamable(prepared.layout):
                 progress.publish(prepared.weights, prepared.dev, prepared.layout)  # a merge may start on it
             uploading[0] = self._upload_chunks(read, prepared.dev, progress)
             return prepared
@@ -945,7 +594,7 @@ class LoraManager:
         if read.overlap_error is not None:  # a component the family lacks, a key parse_lora rejects
             raise read.overlap_error
         if not read.keys:  # nothing for these components (e.g. a text-encoder-only LoRA)
-            return _Entry(name, LoraWeights(name=name, layers={}), None, (), 0), None
+            return Entry(name, LoraWeights(name=name, layers={}), None, (), 0), None
         if prepared is None:  # a tensor must be copied out of the bytes: prepare after the upload
             with self._timed("upload_seconds"), self._stream_ctx():
                 dev = self._upload(read.buffer)
@@ -962,7 +611,7 @@ class LoraManager:
         if prepared.invalid is not None:
             raise prepared.invalid
         nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
-        return _Entry(name, prepared.weights, dev, tuple(extra), nbytes, prepared.layout), read.buffer
+        return Entry(name, prepared.weights, dev, tuple(extra), nbytes, prepared.layout), read.buffer
 
     def _upload_chunks(self, read, dev: torch.Tensor, progress: LoadProgress) -> float:
         """Upload each chunk of ``read`` to ``dev`` as soon as the read threads have it, in buffer order,
@@ -1015,7 +664,7 @@ class LoraManager:
                 spans.append((at, at + spec.nbytes, spec.dtype))
         with self._timed("parse_seconds"):
             weights = parse_lora(tensors, name, self.store.family, check_finite=False)
-            layout = _layout(weights, dev)
+            layout = layout_of(weights, dev)
         invalid = None
         with self._timed("parse_seconds"):
             try:
@@ -1035,21 +684,21 @@ class LoraManager:
                 if comp in weights.layers and hasattr(patcher, "prepare"):
                     patcher.prepare(weights)
 
-    def _upload_entry(self, host: _Entry, progress: LoadProgress) -> _Entry:
+    def _upload_entry(self, host: Entry, progress: LoadProgress) -> Entry:
         """A host-tier entry on the device, chunk by chunk (no disk, no parsing, no value checks: done
         when it was read; the plans are made again for the new tensors, off the request's path)."""
         if host.buffer is None:
-            return _Entry(host.name, LoraWeights(name=host.name, layers={}), None, (), 0)
+            return Entry(host.name, LoraWeights(name=host.name, layers={}), None, (), 0)
         n = host.buffer.numel()
         with self._timed("upload_seconds"), self._stream_ctx():
             dev = torch.empty(n, dtype=torch.uint8, device=self.device)
-            weights, extra = _weights_from(host.name, host.layout, dev)
+            weights, extra = weights_from(host.name, host.layout, dev)
         with self._timed("parse_seconds"):
             for comp, patcher in self.patchers.items():
                 if comp in weights.layers:
                     patcher.validate(weights, check_values=False)
         self._prepare_pristine(weights)
-        if _streamable(host.layout):
+        if streamable(host.layout):
             progress.publish(weights, dev, host.layout)
         staged = self._staging.acquire(n)
         for at in range(0, n, HOST_CHUNK_BYTES):
@@ -1064,9 +713,9 @@ class LoraManager:
         with self._timed("device_wait_seconds"):
             if self._stream is not None:
                 self._stream.synchronize()
-        return _Entry(host.name, weights, dev, tuple(extra), host.nbytes, host.layout)
+        return Entry(host.name, weights, dev, tuple(extra), host.nbytes, host.layout)
 
-    def _fill_host(self, name: str, key: tuple, entry: _Entry, staged: torch.Tensor) -> None:
+    def _fill_host(self, name: str, key: tuple, entry: Entry, staged: torch.Tensor) -> None:
         """Keep the bytes just loaded in the host tier (ordinary memory) if it admits them.
 
         Runs on the loader thread after the load's future is resolved, before the next load, so
@@ -1080,11 +729,11 @@ class LoraManager:
         with self._timed("host_fill_seconds"):
             blob = torch.empty(staged.numel(), dtype=torch.uint8)
             blob.copy_(staged)
-            layout = [(c, p, a, k, *(_Spec(tensor=s.tensor.to("cpu")) if s.tensor is not None else s for s in (d, u)))
+            layout = [(c, p, a, k, *(Spec(tensor=s.tensor.to("cpu")) if s.tensor is not None else s for s in (d, u)))
                       for c, p, a, k, d, u in entry.layout]
             extra = tuple(s.tensor for row in layout for s in row[4:] if s.tensor is not None)
             with self._lock:
-                if not self.host.put(name, key, _Entry(name, None, blob, extra, entry.nbytes, layout)):
+                if not self.host.put(name, key, Entry(name, None, blob, extra, entry.nbytes, layout)):
                     self.stats.host_rejected += 1
 
     def get(self, names: list[str], timeout: float | None = None) -> list[LoraWeights]:
@@ -1122,7 +771,7 @@ class LoraManager:
                 self.stats.wait_seconds += time.perf_counter() - start
         return out
 
-    def _used_by_caller(self, entry: _Entry) -> None:
+    def _used_by_caller(self, entry: Entry) -> None:
         if self.device.type == "cuda":
             # The caller's stream reads these buffers: if the entry is evicted meanwhile, the
             # allocator must not hand them to the loader's stream before that stream is done.
