@@ -63,6 +63,7 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
         model = labels.pop("model", "")
+        labels.pop("version", None)  # Triton's own metrics: one model version here
         # the other labels' values, e.g. katz_lora_load_phase_seconds_total[read], katz_lora_cache_bytes[host,used]
         key = (m.group(1) + (f"[{','.join(labels.values())}]" if labels else ""), model)
         out[key] = out.get(key, 0.0) + float(m.group(3))
