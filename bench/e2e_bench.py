@@ -305,7 +305,10 @@ def main() -> None:
     lat: dict[str, list[float]] = {}
     if args.resume and args.out and args.out.exists():
         before_run = json.loads(args.out.read_text())
-        lat = before_run.pop("katz_e2e_latencies_s", {})
+        lat = before_run.pop("katz_e2e_latencies_s", None)
+        if lat is None:  # a finished run's JSON: the latencies are in its per-case lists
+            lat = {k[len("katz_e2e_"):-len("_all_s")]: v for k, v in before_run.items()
+                   if k.startswith("katz_e2e_") and k.endswith("_all_s")}
         res = {**before_run, **{k: v for k, v in res.items() if k not in before_run}}
         print(f"resuming {args.out}: {', '.join(f'{c} {len(x)}' for c, x in lat.items()) or 'no requests yet'}",
               flush=True)
@@ -395,6 +398,8 @@ def main() -> None:
                 "over_100ms": delta("katz_lora_slow_switches_total"),
                 "gc_during_switches": delta("katz_lora_switch_gc_total"),
                 "gc_longest_pause_ms": now.get(("katz_gc_longest_pause_seconds", "unet"), float("nan")) * 1e3,
+                # what one full collection cost the UNet's process after loading (frozen since)
+                "gc_load_collection_ms": now.get(("katz_gc_load_collection_seconds", "unet"), float("nan")) * 1e3,
             }
 
         def measure(case: str, run) -> None:
@@ -556,7 +561,8 @@ def main() -> None:
         sw = res["katz_e2e_switches"]
         print(f"weight switches this run: {sw['switches']:.0f}, mean {sw['mean_ms']:.1f} ms, longest since start "
               f"{sw['max_ms']:.1f} ms, over 100 ms {sw['over_100ms']:.0f}, GC collections during them "
-              f"{sw['gc_during_switches']:.0f} (longest GC pause {sw['gc_longest_pause_ms']:.1f} ms)")
+              f"{sw['gc_during_switches']:.0f} (longest GC pause {sw['gc_longest_pause_ms']:.1f} ms; a full collection "
+              f"of what loading made took {sw['gc_load_collection_ms']:.0f} ms, frozen since)")
     ratio = {c: res.get(f"katz_e2e_{c}_paired_ratio") for c in LORA_CASES}
     if ratio.get("cold_lora_bal") is not None and ratio.get("cold_lora_k0") is not None:
         print(f"cold LoRA, paired: BAL {ratio['cold_lora_bal']:.3f} vs k = 0 {ratio['cold_lora_k0']:.3f} "
@@ -566,7 +572,7 @@ def main() -> None:
               f"{ratio['page_cache_lora_k0']:.3f}")
     print("CUDA graphs:", res["katz_e2e_graph_metrics"])
     if args.out:
-        args.out.write_text(json.dumps(res, indent=2))
+        args.out.write_text(json.dumps({**res, "katz_e2e_latencies_s": lat}, indent=2))
 
 
 if __name__ == "__main__":

@@ -23,15 +23,18 @@ the end of the request (:meth:`UNetLoras.settle`), or earlier when it is ready.
 
 Two sides take part:
 
-* the loop (:class:`RequestLoras`, one per request): which step it is at, whether the LoRAs are
-  in yet, and what it asks of the UNet each step (``loras``, ``lora_scales``, ``lora_wait`` and,
-  with several UNet shards, ``lora_skip``). Sharded UNets must agree on the weights of a step, so
-  the loop decides for them: the LoRAs go in at the step after every shard reported them ready,
-  and until then every shard keeps the base weights.
+* the loop (:class:`RequestLoras`, one per request, where the loop calls the UNet per step):
+  which step it is at, whether the LoRAs are in yet, and what it asks of the UNet each step
+  (``loras``, ``lora_scales``, ``lora_wait``, ``lora_step`` and, with several UNet shards,
+  ``lora_skip``). Sharded UNets must agree on the weights of a step, so the loop decides for them:
+  the LoRAs go in at the step after every shard reported them ready, and until then every shard
+  keeps the base weights (no hot start, no prediction).
 * the UNet instance (:class:`UNetLoras`): the weight set in place, the choice for one step
   (:meth:`UNetLoras.choose`), the switch (merge in / restore), and the order in which a batch
   of queued calls runs: grouped by weight set, the set in place first, so the instance switches
-  weights as rarely as its queue allows.
+  weights as rarely as its queue allows. A loop run in the UNet's process (the default) has a
+  :class:`LoopLoras` per request: its steps' choices, what was predicted at its first step and
+  what happened (the ``katz_lora_*`` per-request counters).
 """
 
 from __future__ import annotations

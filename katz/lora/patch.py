@@ -341,7 +341,8 @@ class LoraPatcher:
         self._pristine_ready()
         paths, units = self.merge_units(plans)
         # Modules patched before but not now: back to base.
-        stale = [path for path in self._dirty if path not in paths]
+        now = set(paths)
+        stale = [path for path in self._dirty if path not in now]
         self._dirty.update(paths)
         copy_all([self._index.modules[p].weight for p in stale], [self._pristine[p] for p in stale])
         self._dirty.difference_update(stale)
