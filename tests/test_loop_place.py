@@ -159,7 +159,7 @@ def test_gc_after_load_is_frozen_and_pauses_are_counted():
 
     from katz.serving.metrics import GcPauses, freeze_after_load
 
-    loaded = [[i] for i in range(300_000)]  # stands for a model's objects
+    loaded = [[i] for i in range(100_000)]  # stands for a model's objects
     try:
         at_load = freeze_after_load()
         watch = GcPauses.watch()
@@ -171,4 +171,4 @@ def test_gc_after_load_is_frozen_and_pauses_are_counted():
         assert ("katz_gc_seconds_total", (("generation", "2"),)) in names
     finally:
         gc.unfreeze()
-    assert len(loaded) == 300_000
+    assert len(loaded) == 100_000
