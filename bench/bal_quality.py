@@ -80,8 +80,8 @@ def main() -> None:
     unet = ens.models["unet"]
 
     def run(prompt, seed, k, lora=True):
-        unet.bal.switch_to(())  # cold: base weights in place, nothing on the device
-        unet.loras.device_cache.items.clear()
+        unet.bal.switch_to(())  # cold: base weights in place, nothing on the device or in the host tier
+        unet.loras.clear_caches()
         req = {"prompt": np.array([prompt.encode()], object), "seed": np.array([seed], np.int64),
                "steps": np.array([args.steps], np.int32)}
         if lora:
