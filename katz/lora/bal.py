@@ -230,6 +230,7 @@ class UNetLoras:
         self.applied = weights
         if weights:
             self.manager.stats.patches += 1
+            self.manager.observe_merge(names, seconds - waited)
 
     def settle(self) -> None:
         """Read the finiteness of the weights merged last (waits for the device if it must): raise

@@ -3,9 +3,9 @@
 A LoRA comes from one of four *tiers*: ``device`` (the manager's device cache: nothing to load),
 ``host`` (its host tier: a copy to the device), ``page_cache`` (the file's pages are in the OS page
 cache: a memory copy, parsing, an upload) or ``disk`` (the same, reading from storage). For each
-tier the manager observes the *phases* of every load (``read``, ``parse``, ``upload``, ``merge``)
-and the load's critical path (``load``: from the loader starting it to the LoRA being usable on
-the device), each as ``(bytes, seconds)``.
+tier the manager observes the *phases* of every load (``read``, ``parse``, ``upload``) and the
+load's critical path (``load``: from the loader starting it to the LoRA being usable on the device),
+and each switch's ``merge`` (host work, under ``device``), each as ``(bytes of the files, seconds)``.
 
 Each estimate is an exponentially weighted least-squares line ``seconds = a + b * bytes`` (a
 fixed cost per load and a rate) that forgets old loads at ``DECAY`` per load, so it follows a

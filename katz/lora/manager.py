@@ -190,13 +190,12 @@ class LoadProgress:
 class _Load:
     """A load submitted to the loader thread: the file's cache ``key``, the ``future`` resolved when
     the LoRA is on the device, the ``tier`` it comes from (set again when the loader starts it),
-    its file's ``nbytes``, when it was submitted and started, and its :class:`LoadProgress`."""
+    its file's ``nbytes``, its :class:`LoadProgress` and when the loader started it."""
 
     key: tuple
     fut: Future
     tier: str
     nbytes: int
-    submitted: float
     progress: LoadProgress
     started: float | None = None
 
@@ -406,6 +405,15 @@ class LoraManager:
     def _busy_seconds(self, tier: str, nbytes: int) -> float:
         return self.estimates.seconds(tier, nbytes)
 
+    def observe_merge(self, names: list[str], seconds: float) -> None:
+        """A switch merged ``names`` in (``seconds`` of host work, waits excluded): the ``merge``
+        estimate, per byte of the LoRA files (the ``device`` tier: a merge is the same from any tier)."""
+        try:
+            nbytes = sum(self.cache_key(n)[0] for n in names)
+        except LoraError:
+            return
+        self.estimates.observe("device", "merge", nbytes, seconds)
+
     def note_request(self, names: list[str]) -> None:
         """Count a request's LoRAs (once per request) for the tiers' popularity."""
         self.popularity.note(names)
@@ -451,8 +459,7 @@ class LoraManager:
             fut: Future = Future()
             tier = "host" if self.host.peek(name, key) is not None else self._file_tier(name)
             self._inflight.pop(name, None)  # re-inserted last: the loader's order
-            load = self._inflight[name] = _Load(key, fut, tier, key[0], time.perf_counter(),
-                                                LoadProgress(self._progress))
+            load = self._inflight[name] = _Load(key, fut, tier, key[0], LoadProgress(self._progress))
             self._pool.submit(self._load, name, load)
             return fut
 
@@ -822,6 +829,8 @@ class LoraManager:
 
     def close(self) -> None:
         with self._lock:
-            for load in self._inflight.values():
-                load.fut.cancel()  # a load not started yet; waiters get CancelledError
+            loads = list(self._inflight.values())
+        for load in loads:
+            if load.fut.cancel():  # a load not started yet; waiters get CancelledError
+                load.progress.end()
         self._pool.shutdown(wait=False, cancel_futures=True)
