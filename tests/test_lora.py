@@ -717,10 +717,16 @@ def test_store_reads_only_the_requested_components(preset_dir):
 # --------------------------------------------------------------------------- #
 class _Drip:
     """An arrival (katz.lora.patch.Arrival) letting ``per`` more layers in at each wait, in the
-    order given, and raising ``fail`` at wait number ``fail_at``."""
+    order given, and raising ``fail`` at wait number ``fail_at``. Like bytes still on their way, a
+    layer's tensors hold NaN until it arrives (a merge reading them early is caught)."""
 
     def __init__(self, layers, per, fail_at=None, fail=None):
-        self.order = {id(l): i for i, l in enumerate(layers)}
+        self.layers = list(layers)
+        self.order = {id(l): i for i, l in enumerate(self.layers)}
+        self.values = [(l.down.clone(), l.up.clone()) for l in self.layers]
+        for l in self.layers:
+            l.down.fill_(float("nan"))
+            l.up.fill_(float("nan"))
         self.per, self.released, self.waits = per, 0, 0
         self.fail_at, self.fail = fail_at, fail
         self.fences = 0
@@ -733,6 +739,9 @@ class _Drip:
         self.waits += 1
         if self.waits == self.fail_at:
             raise self.fail
+        for i in range(self.released, min(self.released + self.per, len(self.layers))):
+            self.layers[i].down.copy_(self.values[i][0])
+            self.layers[i].up.copy_(self.values[i][1])
         self.released += self.per
 
     def fence(self):
@@ -746,19 +755,25 @@ def _layers(*loras):
     return [l for w in loras for l in w.layers["unet"].values()]
 
 
-@pytest.mark.parametrize("two", [False, True], ids=["one-lora", "two-loras"])
-def test_streamed_merge_is_the_one_shot_merge_bit_for_bit(sd15, two):
+@pytest.mark.parametrize("two, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)],
+                         ids=["one-lora", "two-loras", "float64-lora"])
+def test_streamed_merge_is_the_one_shot_merge_bit_for_bit(sd15, two, dtype):
     """Merging each unit as its layers' bytes arrive gives the weights the one-shot merge gives, bit
-    for bit (the same units, the same kernels), and restores the base exactly."""
+    for bit (the same units, the same kernels), and restores the base exactly; no unit reads a layer
+    before it arrived (a float64 LoRA is converted to the weights' dtype only then)."""
     unet = copy.deepcopy(sd15["unet"])
     base = _weights_hash(unet)
     paths = _attn_paths(unet)
     a = _random_lora(unet, "unet", paths, "a", seed=1, alpha=2.0)
     b = _random_lora(unet, "unet", paths[::3], "b", seed=2)  # several LoRAs on a module: per-module units
+    for layer in _layers(a, b):
+        layer.down, layer.up = layer.down.to(dtype), layer.up.to(dtype)
     loras = [(a, 0.8), (b, 1.3)] if two else [(a, 0.8)]
     one_shot = copy.deepcopy(unet)
     LoraPatcher(one_shot, "unet").apply(loras)
     p = LoraPatcher(unet, "unet")
+    for w, _ in loras:
+        p.validate(w, check_values=False)  # as the loader does, before the bytes are there
     drip = _Drip(_layers(*(w for w, _ in loras)), per=5)
     p.apply(loras, arrival=drip)
     assert drip.finished and drip.waits > 5 and drip.fences > 1  # merged in several rounds
@@ -772,6 +787,7 @@ def test_streamed_merge_that_fails_midway_leaves_the_base(sd15):
     base = _weights_hash(unet)
     a = _random_lora(unet, "unet", _attn_paths(unet), "a", seed=1)
     p = LoraPatcher(unet, "unet")
+    p.validate(a, check_values=False)
     drip = _Drip(_layers(a), per=4, fail_at=3, fail=LoraError("lora 'a': tensor 'x' contains NaN or infinite values"))
     with pytest.raises(LoraError, match="NaN"):
         p.apply([(a, 1.0)], arrival=drip)

@@ -56,12 +56,13 @@ class Arrival(Protocol):
 
 @dataclass
 class MergeUnit:
-    """A piece of a merge: one batch of same-shape layers with one LoRA each (``group`` holds
-    ``(weight, pristine, up, down)`` 2-D views and ``alpha``), or one module (``path``) with several
-    LoRAs or a weight the batched kernels do not take (``items``). ``layers``: the LoRA layers it reads."""
+    """A piece of a merge: one batch of same-shape layers with one LoRA each (``group`` holds the
+    ``(weight, pristine)`` 2-D views of each, in the order of ``layers``, and ``alpha``), or one
+    module (``path``) with several LoRAs or a weight the batched kernels do not take (``items``).
+    ``layers``: the LoRA layers it reads."""
 
     layers: list[LoraLayer]
-    group: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    group: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     alpha: float = 0.0
     path: str = ""
     items: list[tuple[float, LoraLayer]] = field(default_factory=list)
@@ -319,9 +320,10 @@ class LoraPatcher:
             if len(items) == 1 and views is not None:
                 # one LoRA on a module: batched with the modules of its shape and factor
                 scale, layer = items[0]
-                up, down = layer.matrices(weight.dtype, weight.device)
-                key = (tuple(views[0].shape), weight.dtype, weight.device, up.shape[1], scale * layer.factor)
-                groups.setdefault(key, []).append(((views[0], views[1], up, down), layer))
+                # the factors' matrices are taken when the unit runs: a conversion to the weight's
+                # dtype reads the LoRA's bytes, which may not have arrived yet
+                key = (tuple(views[0].shape), weight.dtype, weight.device, layer.rank, scale * layer.factor)
+                groups.setdefault(key, []).append(((views[0], views[1]), layer))
             else:
                 units.append(MergeUnit(layers=[layer for _s, layer in items], path=path, items=items))
         for key, members in groups.items():
@@ -366,7 +368,11 @@ class LoraPatcher:
 
     def _run_unit(self, unit: MergeUnit) -> None:
         if unit.group:
-            _merge_group(unit.group, alpha=unit.alpha)
+            members = []
+            for (weight, base), layer in zip(unit.group, unit.layers):
+                up, down = layer.matrices(weight.dtype, weight.device)
+                members.append((weight, base, up, down))
+            _merge_group(members, alpha=unit.alpha)
         else:
             _merge_into(self._index.modules[unit.path].weight, self._pristine[unit.path], unit.items)
 
