@@ -20,7 +20,7 @@ weights the LoRA targets, then uploads each chunk as soon as the read threads ha
 it (in buffer order, on a side stream), so a merge waiting for the LoRA can start on
 what has arrived. Once all bytes are up: one finiteness pass on the device and one
 host sync. The host tier is filled afterwards, once the waiting request can already go on,
-and only with LoRAs at least as popular as what they would evict (:class:`Popularity`).
+and only with LoRAs used more than what they would evict (:mod:`katz.lora.tiers`).
 The same code runs on a CPU device (the uploads are then CPU copies and the staging
 buffer is not pinned).
 

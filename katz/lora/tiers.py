@@ -1,8 +1,8 @@
 """The LoRA manager's tiers: what a cached LoRA is (:class:`Entry`: its bytes and where each tensor
 lies in them), how the tiers choose what to keep (:class:`ByteTier`: a byte budget, evicting the
-least used LoRAs first and, for the host tier, admitting only LoRAs used at least as much as what
-they would evict, counted by :class:`Popularity` over the recent requests), and the host tier's
-default budget (:func:`default_host_budget`)."""
+least used LoRAs first and, for the host tier, admitting only LoRAs used more than what they
+would evict, counted by :class:`Popularity` over the recent requests), and the host tier's default
+budget (:func:`default_host_budget`)."""
 
 from __future__ import annotations
 
@@ -144,8 +144,9 @@ class Popularity:
 class ByteTier:
     """A map of :class:`Entry` with a byte budget. Over budget, the least popular entries go first
     (:class:`Popularity`; the least recently used among equally popular ones, so with no popularity
-    it is an LRU). ``admit``: a new entry that would evict a more popular one is not kept (a one-off
-    LoRA does not push out a popular one); otherwise the newest entry always stays."""
+    it is an LRU). ``admit``: a new entry is kept only if it was used more than each entry it would
+    evict (a one-off LoRA does not push out a popular one; ties keep what is there; entries never
+    used go LRU); otherwise the newest entry always stays."""
 
     def __init__(self, budget: int, popularity: Popularity | None = None, admit: bool = False):
         self.budget = budget
