@@ -254,6 +254,8 @@ class Renderer:
         # model runs steps 0..k-1 on the base weights and waits for it at step k (its `must` path),
         # exactly as with a cold LoRA whose load outlasts k steps; no sleeping, so no time wasted.
         self.unet.loras.ready = lambda names: False
+        self.unet.loras.eta = lambda names: float("inf")  # nor predicted to be, however far the GPU runs ahead
+        self.unet.bal.hot = lambda want: False  # nor hot in a cache at the first step
         self.decoded = _KeepDecoded(self.ens.models["postprocessing"])
         self.ens.models["postprocessing"] = self.decoded
         # LocalEnsemble.generate always encodes a PNG (~0.27 s for a noise-like 1024² image, a fifth

@@ -8,10 +8,17 @@
 2. ``katz serve --model-dir ...`` in a subprocess: tritonserver with the Katz models on GPU 0.
 3. A gRPC client (:mod:`katz.client`, as a user would) sends requests one at a time: plain, then
    ``--cases``: with the ControlNet, with a cold LoRA (a fresh file name per request, evicted from
-   the page cache) at the server's default bound k and at k = 0, and with both the ControlNet and
-   a cold LoRA. Latency p50/p90 per case, ratios to diffusers. The client asks for the pixels only,
-   as diffusers returns them (``--png``: the PNG too).
-4. Orchestration overhead per step from the server's counters: the denoising loop's execute time
+   the page cache) at the server's default bound k and at k = 0, with a page-cache LoRA (a fresh
+   file name per request, its pages in the OS page cache) at the default bound and at k = 0, and
+   with both the ControlNet and a cold LoRA. Latency p50/p90 per case, ratios to diffusers. The
+   client asks for the pixels only, as diffusers returns them (``--png``: the PNG too).
+   Per LoRA request: the step its LoRAs went in at (the response's ``lora_applied_step``), the
+   step the server predicted at its first step, the tier its LoRA loaded from, the load, the wait
+   and the weight switches; over the run: every switch's time (the merge in, the restore in the
+   plain request after it), the longest, and how many took over 100 ms.
+4. ``--resume``: a run cut off (the JSON is rewritten after every request) goes on from where
+   its ``--out`` stops: finished cases are kept, a case cut off gets its missing requests.
+5. Orchestration overhead per step from the server's counters: the denoising loop's execute time
    (Triton's ``katz_pipeline`` compute time) minus the ``unet`` model's device time
    (``katz_unet_run_seconds_total``, CUDA events), per step, against the UNet step itself, and that
    step's wall time split into the loop's own work, the BLS transport and the ``unet`` model's
@@ -45,7 +52,7 @@ from katz.deploy.repository import QUEUED_MODELS  # noqa: E402
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
-    """Triton's Prometheus counters: ``(name, model label) -> value`` (summed over other labels)."""
+    """Triton's Prometheus metrics: ``(name[other label values], model label) -> value``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out: dict[tuple[str, str], float] = {}
     for line in text.splitlines():
@@ -54,10 +61,11 @@ def metrics(port: int) -> dict[tuple[str, str], float]:
         m = re.match(r'^(\w+)(\{[^}]*\})?\s+([-+0-9.eE]+|nan|NaN)$', line)
         if not m:
             continue
-        model = re.search(r'model="([^"]*)"', m.group(2) or "")
-        # katz_lora_load_phase_seconds_total{phase}, katz_gpu_memory_bytes{kind}, katz_unet_memory_bytes{part}
-        label = re.search(r'(?:phase|kind|part)="([^"]*)"', m.group(2) or "")
-        key = (m.group(1) + (f"[{label.group(1)}]" if label else ""), model.group(1) if model else "")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        model = labels.pop("model", "")
+        labels.pop("version", None)  # Triton's own metrics: one model version here
+        # the other labels' values, e.g. katz_lora_load_phase_seconds_total[read], katz_lora_cache_bytes[host,used]
+        key = (m.group(1) + (f"[{','.join(labels.values())}]" if labels else ""), model)
         out[key] = out.get(key, 0.0) + float(m.group(3))
     return out
 
@@ -125,6 +133,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 CASES = ["controlnet", "cold_lora_bal", "cold_lora_k0", "controlnet_cold_lora"]
+# the cases with a LoRA: a cold file (evicted from the page cache) or one in the page cache; at the
+# server's default bound k, or at k = 0 (loaded before the first step)
+LORA_CASES = {"cold_lora_bal": ("cold", None), "cold_lora_k0": ("cold", 0), "controlnet_cold_lora": ("cold", None),
+              "page_cache_lora_bal": ("page_cache", None), "page_cache_lora_k0": ("page_cache", 0)}
+ALL_CASES = ["controlnet", *LORA_CASES]
 
 
 def lora_metrics(counters: dict) -> dict[str, float]:
@@ -139,7 +152,18 @@ CASE_COUNTERS = {
     "unet_runs": ("katz_unet_runs_total", "unet", 1.0),
     "lora_wait_ms": ("katz_lora_wait_seconds_total", "unet", 1e3),
     "lora_switch_ms": ("katz_lora_switch_seconds_total", "unet", 1e3),
+    "lora_switches": ("katz_lora_switch_count_total", "unet", 1.0),
+    "lora_slow_switches": ("katz_lora_slow_switches_total", "unet", 1.0),
+    "lora_switch_wait_ms": ("katz_lora_switch_wait_seconds_total", "unet", 1e3),
     "lora_load_ms": ("katz_lora_load_seconds_total", "unet", 1e3),
+    "lora_predicted_step": ("katz_lora_predicted_step_total", "unet", 1.0),
+    "lora_predicted_ready_ms": ("katz_lora_predicted_ready_seconds_total", "unet", 1e3),
+    "lora_ready_ms": ("katz_lora_ready_seconds_total", "unet", 1e3),
+    "lora_hot": ("katz_lora_bal_requests_total[hot]", "unet", 1.0),
+    "lora_loads_disk": ("katz_lora_tier_loads_total[disk]", "unet", 1.0),
+    "lora_loads_page_cache": ("katz_lora_tier_loads_total[page_cache]", "unet", 1.0),
+    "lora_loads_host": ("katz_lora_tier_loads_total[host]", "unet", 1.0),
+    "gc_ms": ("katz_gc_seconds_total[2]", "unet", 1e3),
 }
 
 
@@ -154,9 +178,27 @@ def case_breakdown(sums: dict, requests: int) -> dict:
     than the plain request's means the GPU was shared, e.g. with a LoRA upload), the LoRA wait at
     step k, the weight switches and the LoRA load (which runs beside the loop)."""
     out = {k: v / requests for k, v in sums.items() if k != "unet_runs"}
+    out["lora_switch_ms_per_switch"] = sums["lora_switch_ms"] / sums["lora_switches"] if sums.get("lora_switches") \
+        else float("nan")
     out["unet_step_ms"] = sums["unet_device_ms"] / sums["unet_runs"] if sums.get("unet_runs") else float("nan")
     out["loop_minus_unet_ms"] = out["loop_ms"] - out["unet_device_ms"]
     return out
+
+
+def switch_summary(records: list[dict]) -> dict:
+    """Weight switches over the requests ``records`` (each a :func:`case_counters` dict): how many, their
+    mean, the longest request's switch time (a request switches once: its set in, or the base back),
+    and how many took over 100 ms (the server's count)."""
+    switches = sum(r.get("lora_switches", 0) for r in records)
+    total = sum(r.get("lora_switch_ms", 0.0) for r in records)
+    return {
+        "requests": len(records),
+        "switches": switches,
+        "mean_ms": total / switches if switches else float("nan"),
+        "max_request_ms": max((r.get("lora_switch_ms", 0.0) for r in records), default=float("nan")),
+        "over_100ms": sum(r.get("lora_slow_switches", 0) for r in records),
+        "wait_ms": sum(r.get("lora_switch_wait_ms", 0.0) for r in records),
+    }
 
 
 def loop_overhead(before: dict, after: dict, requests: int, steps: int) -> dict:
@@ -234,7 +276,8 @@ def main() -> None:
     p.add_argument("--controlnet-mode", default="service", choices=("inline", "service", "local"))
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--cases", type=lambda v: v.split(","), default=CASES,
-                   help=f"cases after the plain request, in order (default: {','.join(CASES)})")
+                   help=f"cases after the plain request, in order (default: {','.join(CASES)}; "
+                        f"all: {','.join(ALL_CASES)})")
     p.add_argument("--serve-args", default="", help="more `katz serve` flags, e.g. '--no-cuda-graphs'")
     p.add_argument("--paired", action="store_true",
                    help="send a plain request before each request of the other cases and report each case's "
@@ -250,16 +293,31 @@ def main() -> None:
                    help="request the PNG too (default: the pixels only, as diffusers' baseline returns them; "
                         "the PNG encode of a random-weight, noise-like 1024² image takes ~0.27 s)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--resume", action="store_true",
+                   help="go on from --out: keep its finished cases (and diffusers' figures), run the requests its "
+                        "cut-off case and the cases after it still need")
     args = p.parse_args()
+    unknown = [c for c in args.cases if c not in ALL_CASES]
+    if unknown:
+        p.error(f"unknown --cases {', '.join(unknown)} (known: {', '.join(ALL_CASES)})")
 
     folder, lora_dir, control, prompt, res = prepare(args)
     lat: dict[str, list[float]] = {}
+    if args.resume and args.out and args.out.exists():
+        before_run = json.loads(args.out.read_text())
+        lat = before_run.pop("katz_e2e_latencies_s", None)
+        if lat is None:  # a finished run's JSON: the latencies are in its per-case lists
+            lat = {k[len("katz_e2e_"):-len("_all_s")]: v for k, v in before_run.items()
+                   if k.startswith("katz_e2e_") and k.endswith("_all_s")}
+        res = {**before_run, **{k: v for k, v in res.items() if k not in before_run}}
+        print(f"resuming {args.out}: {', '.join(f'{c} {len(x)}' for c, x in lat.items()) or 'no requests yet'}",
+              flush=True)
 
     def checkpoint() -> None:  # what is measured so far, in case the run is cut off
         if args.out:
             args.out.write_text(json.dumps({**res, "katz_e2e_latencies_s": lat}, indent=2))
 
-    if not args.skip_diffusers:
+    if not args.skip_diffusers and "diffusers_plain_s" not in res:
         diffusers_baseline(folder, lora_dir, args, control, prompt, res)
         checkpoint()
     if torch.cuda.is_available():
@@ -307,39 +365,89 @@ def main() -> None:
         control.save(buf, "PNG")
         base = Generation(prompt=prompt, seed=1, steps=args.steps, width=args.size, height=args.size)
 
+        applied_step = [-1]  # of the last request
+
         def timed(request: Generation) -> float:
             t = time.perf_counter()
             result = infer(client, request, "grpc", png=args.png)
+            seconds = time.perf_counter() - t
             assert result.image.shape == (request.height, request.width, 3), "no image"
             assert result.png or not args.png, "no PNG"
-            return time.perf_counter() - t
+            applied_step[0] = result.lora_applied_step
+            return seconds
+
+        def counted(run) -> tuple[float, dict]:
+            """``run()``'s seconds and the server's counters over it (:data:`CASE_COUNTERS`)."""
+            start = metrics(ports["metrics"])
+            seconds = run()
+            one: dict = {}
+            case_counters(start, metrics(ports["metrics"]), one)
+            return seconds, one
+
+        def run_switches(start: dict, now: dict) -> None:
+            """Every weight switch of this run after the warm-up (``katz_e2e_switches``): count, mean, the
+            longest (the server's gauge: since it started), over 100 ms."""
+            def delta(name: str) -> float:
+                return now.get((name, "unet"), 0.0) - start.get((name, "unet"), 0.0)
+
+            n = delta("katz_lora_switch_count_total")
+            res["katz_e2e_switches"] = {
+                "switches": n,
+                "mean_ms": delta("katz_lora_switch_seconds_total") * 1e3 / n if n else float("nan"),
+                "max_ms": now.get(("katz_lora_switch_max_seconds", "unet"), float("nan")) * 1e3,
+                "over_100ms": delta("katz_lora_slow_switches_total"),
+                "gc_during_switches": delta("katz_lora_switch_gc_total"),
+                "gc_longest_pause_ms": now.get(("katz_gc_longest_pause_seconds", "unet"), float("nan")) * 1e3,
+                # what one full collection cost the UNet's process after loading (frozen since)
+                "gc_load_collection_ms": now.get(("katz_gc_load_collection_seconds", "unet"), float("nan")) * 1e3,
+            }
 
         def measure(case: str, run) -> None:
-            lat[case] = []
             paired = args.paired and case != "plain"
+            lat.setdefault(case, [])
             if paired:
-                lat[f"{case}_plain"] = []
-            sums: dict = {}
-            each = res[f"katz_e2e_{case}_each_request_ms"] = []  # the same counters, request by request
-            for _ in range(args.repeats):
+                lat.setdefault(f"{case}_plain", [])
+            each = res.setdefault(f"katz_e2e_{case}_each_request_ms", [])  # the counters, request by request
+            raw = res.setdefault(f"katz_e2e_{case}_counters", [])  # the same, unscaled (switch counts)
+            plain_raw = res.setdefault(f"katz_e2e_{case}_plain_counters", [])  # of the paired plain requests
+            applied = res.setdefault(f"katz_e2e_{case}_applied_steps", [])
+            for _ in range(len(lat[case]), args.repeats):
                 if paired:  # a plain request just before each one: drift cancels in the pair's ratio
-                    lat[f"{case}_plain"].append(timed(base))
-                start = metrics(ports["metrics"])
-                lat[case].append(run())
-                one: dict = {}
-                case_counters(start, metrics(ports["metrics"]), one)
-                for key, value in one.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    seconds, one = counted(lambda: timed(base))
+                    lat[f"{case}_plain"].append(seconds)
+                    plain_raw.append(one)
+                seconds, one = counted(run)
+                lat[case].append(seconds)
+                raw.append(one)
+                applied.append(applied_step[0])
                 each.append(case_breakdown(one, 1))
                 checkpoint()
-            res[f"katz_e2e_{case}_per_request_ms"] = case_breakdown(sums, args.repeats)
+            sums: dict = {}
+            for one in raw:
+                for key, value in one.items():
+                    sums[key] = sums.get(key, 0.0) + value
+            res[f"katz_e2e_{case}_per_request_ms"] = case_breakdown(sums, len(raw))
+            res[f"katz_e2e_{case}_switches"] = switch_summary(raw)
+            if paired:
+                res[f"katz_e2e_{case}_plain_switches"] = switch_summary(plain_raw)
             print(f"katz {case}: {', '.join(f'{x:.2f}' for x in lat[case])} s; per request, ms: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in res[f"katz_e2e_{case}_per_request_ms"].items()),
                   flush=True)
-            if sums.get("lora_load_ms"):  # which requests' LoRA came in late: load and wait, request by request
-                loads = ", ".join(f"{r['lora_load_ms']:.0f}" for r in each)
-                waits = ", ".join(f"{r['lora_wait_ms']:.0f}" for r in each)
-                print(f"katz {case}, each request: lora_load_ms {loads}; lora_wait_ms {waits}", flush=True)
+            if case in LORA_CASES:  # when each request's LoRA came in, as predicted, and what it cost
+                def row(key: str, fmt: str = ".0f") -> str:
+                    return ", ".join(format(r.get(key, float("nan")), fmt) for r in raw)
+
+                print(f"katz {case}, each request: applied step {applied}; predicted step {row('lora_predicted_step')}; "
+                      f"predicted ready ms {row('lora_predicted_ready_ms')}; ready ms {row('lora_ready_ms')}; "
+                      f"lora_load_ms {row('lora_load_ms')}; lora_wait_ms {row('lora_wait_ms')}; "
+                      f"switch ms {row('lora_switch_ms', '.1f')}; loads from disk/page cache/host "
+                      f"{row('lora_loads_disk')} / {row('lora_loads_page_cache')} / {row('lora_loads_host')}",
+                      flush=True)
+                sw = res[f"katz_e2e_{case}_switches"]
+                print(f"katz {case}, switches: {sw['switches']:.0f} in {sw['requests']} requests, mean "
+                      f"{sw['mean_ms']:.1f} ms, longest request {sw['max_request_ms']:.1f} ms, over 100 ms "
+                      f"{sw['over_100ms']:.0f}" + (f"; the restores in the plain requests before them: mean "
+                      f"{res[f'katz_e2e_{case}_plain_switches']['mean_ms']:.1f} ms" if paired else ""), flush=True)
             if paired:
                 ratios = [x / y for x, y in zip(lat[case], lat[f"{case}_plain"])]
                 res[f"katz_e2e_{case}_paired_ratio"] = statistics.median(ratios)
@@ -347,10 +455,12 @@ def main() -> None:
                       f"(median {statistics.median(ratios):.3f})", flush=True)
 
         timed(Generation(prompt=prompt, seed=1, steps=2, width=args.size, height=args.size))  # warm-up
-        before = metrics(ports["metrics"])
+        run_start = before = metrics(ports["metrics"])
+        plain_done = len(lat.get("plain", []))
         measure("plain", lambda: timed(base))
         after = metrics(ports["metrics"])
-        res.update(loop_overhead(before, after, args.repeats, args.steps))
+        if plain_done < args.repeats:  # a resumed run keeps the overhead its plain requests measured
+            res.update(loop_overhead(before, after, args.repeats - plain_done, args.steps))
         if live_profiles is not None:  # the warm-up and the plain requests (profiles are saved after execute)
             save_profiles(live_profiles, args.profile)
         if args.trace:
@@ -359,28 +469,38 @@ def main() -> None:
                 print(f"--- {gaps.name}: {gaps.read_text().splitlines()[0]}", flush=True)
         checkpoint()
         cn = Generation(**{**vars(base), "controlnets": ["canny"], "control_images": [buf.getvalue()]})
-        n_cold = 0
+        n_copies = 0
 
-        def cold(request: Generation, k: int | None) -> float:
-            nonlocal n_cold
-            n_cold += 1
-            name = f"cold{n_cold}"
-            shutil.copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors")
-            evict(lora_dir / f"{name}.safetensors")
-            return timed(Generation(**{**vars(request), "loras": [name], "lora_k": k}))
+        def with_lora(request: Generation, where: str, k: int | None) -> float:
+            """``request`` with a fresh copy of the LoRA (a name the server has not seen): evicted from
+            the page cache (``cold``) or with its pages in it (``page_cache``); the copy is deleted after."""
+            nonlocal n_copies
+            n_copies += 1
+            name = f"{where}{os.getpid()}_{n_copies}"
+            path = lora_dir / f"{name}.safetensors"
+            shutil.copy(lora_dir / "style.safetensors", path)
+            if where == "cold":
+                evict(path)
+            else:
+                path.read_bytes()  # every page in the page cache
+            try:
+                return timed(Generation(**{**vars(request), "loras": [name], "lora_k": k}))
+            finally:
+                path.unlink()
 
-        runs = {
-            "controlnet": lambda: timed(cn),
-            "cold_lora_bal": lambda: cold(base, None),
-            "cold_lora_k0": lambda: cold(base, 0),
-            "controlnet_cold_lora": lambda: cold(cn, None),
-        }
+        runs = {"controlnet": lambda: timed(cn)}
+        for case, (where, k) in LORA_CASES.items():
+            runs[case] = lambda where=where, k=k, req=(cn if case.startswith("controlnet") else base): \
+                with_lora(req, where, k)
         end = after
         for case in args.cases:
             measure(case, runs[case])
             end = metrics(ports["metrics"])  # after each case, in case the run is cut off
             res["katz_e2e_lora_metrics"] = lora_metrics(end)
+            run_switches(run_start, end)
             checkpoint()
+        if not args.cases:
+            run_switches(run_start, end)
         if live_profiles is not None and args.cases:  # the UNet switching LoRA sets, among the rest
             save_profiles(live_profiles, args.profile / "all_cases", ("unet",), "all cases")
         res["katz_e2e_gpu_memory_used_gb"] = gpu_memory_used_gb() if on_gpu else float("nan")
@@ -408,16 +528,17 @@ def main() -> None:
     print(f"\n{res['device']}, {model}, {args.size}², {args.steps} steps, CFG, {'fp16' if on_gpu else 'fp32'}; "
           f"Katz through tritonserver (gRPC client, ControlNet {args.controlnet_mode}), {args.repeats} requests/case")
     rows = [("plain", "diffusers_plain_s"), ("controlnet", "diffusers_controlnet_s"),
+            ("page_cache_lora_bal", "diffusers_cold_lora_s"), ("page_cache_lora_k0", "diffusers_cold_lora_s"),
             ("cold_lora_bal", "diffusers_cold_lora_s"), ("cold_lora_k0", "diffusers_cold_lora_s"),
             ("controlnet_cold_lora", "diffusers_controlnet_cold_lora_s")]
     rows = [(case, dkey) for case, dkey in rows if f"katz_e2e_{case}_p50_s" in res]
-    print(f"{'case':16} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}"
+    print(f"{'case':20} {'diffusers s':>11} {'Katz p50 s':>10} {'p90 s':>7} {'Katz/diff':>9} {'vs plain':>8}"
           + (f" {'paired':>7}" if args.paired else ""))
     for case, dkey in rows:
         d = res.get(dkey, float("nan"))
         k50 = res[f"katz_e2e_{case}_p50_s"]
         paired = f" {res.get(f'katz_e2e_{case}_paired_ratio', 1.0):7.3f}" if args.paired else ""
-        print(f"{case:16} {d:11.2f} {k50:10.2f} {res[f'katz_e2e_{case}_p90_s']:7.2f} {k50 / d:9.2f} "
+        print(f"{case:20} {d:11.2f} {k50:10.2f} {res[f'katz_e2e_{case}_p90_s']:7.2f} {k50 / d:9.2f} "
               f"{k50 / res['katz_e2e_plain_p50_s']:8.3f}{paired}")
     print(f"per-model ms per plain request: { {k: round(v, 1) for k, v in res['katz_e2e_stage_ms_per_request'].items()} }")
     print(f"UNet step (device time in the server) {res['katz_e2e_unet_step_ms']:.1f} ms; loop orchestration overhead "
@@ -436,9 +557,22 @@ def main() -> None:
               + "; ".join(f"{m} " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items()))
                           for m, parts in sorted(res["katz_e2e_torch_memory_gb"].items())))
     print("LoRA:", res["katz_e2e_lora_metrics"])
+    if res.get("katz_e2e_switches"):
+        sw = res["katz_e2e_switches"]
+        print(f"weight switches this run: {sw['switches']:.0f}, mean {sw['mean_ms']:.1f} ms, longest since start "
+              f"{sw['max_ms']:.1f} ms, over 100 ms {sw['over_100ms']:.0f}, GC collections during them "
+              f"{sw['gc_during_switches']:.0f} (longest GC pause {sw['gc_longest_pause_ms']:.1f} ms; a full collection "
+              f"of what loading made took {sw['gc_load_collection_ms']:.0f} ms, frozen since)")
+    ratio = {c: res.get(f"katz_e2e_{c}_paired_ratio") for c in LORA_CASES}
+    if ratio.get("cold_lora_bal") is not None and ratio.get("cold_lora_k0") is not None:
+        print(f"cold LoRA, paired: BAL {ratio['cold_lora_bal']:.3f} vs k = 0 {ratio['cold_lora_k0']:.3f} "
+              f"(BAL {'faster' if ratio['cold_lora_bal'] < ratio['cold_lora_k0'] else 'NOT faster'})")
+    if ratio.get("page_cache_lora_bal") is not None and ratio.get("page_cache_lora_k0") is not None:
+        print(f"page-cache LoRA, paired: BAL {ratio['page_cache_lora_bal']:.3f} vs k = 0 "
+              f"{ratio['page_cache_lora_k0']:.3f}")
     print("CUDA graphs:", res["katz_e2e_graph_metrics"])
     if args.out:
-        args.out.write_text(json.dumps(res, indent=2))
+        args.out.write_text(json.dumps({**res, "katz_e2e_latencies_s": lat}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ through :class:`katz.lora.manager.LoraManager` as the server loads them, then
 :class:`katz.lora.patch.LoraPatcher` switches base -> A, A -> B, B -> base ``--repeats`` times. For each
 switch: the host time until ``apply`` returns (what the denoising loop waits for) and until the GPU
 has finished it, and one switch under the torch profiler (CUDA kernels launched, the top host ops).
+
+Then the switch as the server meets it (``server_like``, A -> B each): the GPU still busy with
+``--queued-ms`` of work the loop queued ahead (the merge's finiteness read at once, as before, or
+deferred, as the server's switch does now); the first merge of a patcher, copying the pristine
+weights inside the switch or after the loader made them (``LoraPatcher.prepare``); and the switch
+while the loader thread loads a third LoRA from a cold file (the two threads share the GIL).
 Prints a table and writes ``--out`` JSON.
 """
 
@@ -27,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, sync  # noqa: E402
 from katz.lora.patch import LoraPatcher  # noqa: E402
-from katz.lora.random import make_random_lora
+from katz.lora.random import make_random_lora  # noqa: E402
+from katz.lora.readahead import evict  # noqa: E402
 from katz.lora.manager import LoraManager  # noqa: E402
 from katz.lora.store import LoraStore  # noqa: E402
 
@@ -51,6 +58,8 @@ def main() -> None:
     p.add_argument("--preset", help="a tiny preset instead of the full-size SDXL UNet (CPU smoke run)")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--queued-ms", type=float, default=33.0,
+                   help="GPU work queued before each server-like switch (a step the loop launched ahead)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     kind, dtype = bench_device()
@@ -58,7 +67,7 @@ def main() -> None:
     unet = build_unet(args.preset, str(device), dtype)
     patcher = LoraPatcher(unet, "unet")
     lora_dir = Path(tempfile.mkdtemp(prefix="katz-lora-switch-"))
-    for seed, name in ((1, "a"), (2, "b")):
+    for seed, name in ((1, "a"), (2, "b"), (3, "c")):
         make_random_lora(lora_dir / f"{name}.safetensors", unet, {}, rank=args.rank, seed=seed, fmt="peft",
                          dtype=dtype)
     manager = LoraManager(LoraStore(lora_dir, "sdxl"), [patcher], device, device_budget_bytes=4 << 30)
@@ -98,6 +107,7 @@ def main() -> None:
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
     ]
     patcher.apply([])
+    res["server_like"] = server_like(args, unet, patcher, manager, a, b, lora_dir, device, cuda)
     manager.close()
 
     print(f"{res['device']}, UNet {'preset ' + args.preset if args.preset else 'SDXL (full size)'}, {dtype}, "
@@ -107,8 +117,75 @@ def main() -> None:
         print(f"{key:12} {res[key]['returned_ms']:18.2f} {res[key]['done_ms']:12.2f}")
     print(f"A -> B under the profiler: {res['a_to_b_cuda_kernels']} CUDA kernels; top host ops (name, calls, "
           f"self ms): {res['a_to_b_top_host_ops']}")
+    for key, value in res["server_like"].items():
+        print(f"server-like {key:34} {value:8.2f} ms")
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))
+
+
+def server_like(args, unet, patcher, manager, a, b, lora_dir, device, cuda) -> dict:
+    """Median host ms of A -> B switches in the conditions the UNet process meets (module docstring)."""
+    x = torch.randn(4096, 4096, device=device, dtype=torch.float16) if cuda else None
+
+    def queue_work() -> None:
+        """About ``--queued-ms`` of GPU work, not waited for (none on the CPU: it has no queue)."""
+        if x is None:
+            return
+        t0 = time.perf_counter()
+        y = x @ x
+        sync()
+        per = max(time.perf_counter() - t0, 1e-4)
+        for _ in range(max(1, int(args.queued_ms / 1e3 / per))):
+            y = x @ x
+        del y
+
+    def switch(apply, before=lambda: None) -> list[float]:
+        times = []
+        for _ in range(args.repeats):
+            patcher.apply([(w, 1.0) for w in a])
+            sync()
+            before()
+            t0 = time.perf_counter()
+            apply()
+            times.append((time.perf_counter() - t0) * 1e3)
+            patcher.settle()
+            sync()
+        return times
+
+    out = {
+        "a_to_b_gpu_queued_check_now": switch(lambda: patcher.apply([(w, 1.0) for w in b]), queue_work),
+        "a_to_b_gpu_queued_check_deferred": switch(lambda: patcher.apply([(w, 1.0) for w in b], defer_check=True),
+                                                   queue_work),
+    }
+
+    def during_load() -> None:  # a third LoRA, cold, loading on the loader thread meanwhile
+        manager.clear_caches()
+        evict(lora_dir / "c.safetensors")
+        manager.prefetch(["c"])
+        time.sleep(0.02)  # the loader is into the file (reading, parsing) when the switch starts
+
+    out["a_to_b_while_loading_check_deferred"] = switch(
+        lambda: patcher.apply([(w, 1.0) for w in b], defer_check=True), during_load)
+    manager.wait_idle()
+    patcher.apply([])
+    sync()
+    first, prepared = [], []
+    for _ in range(max(1, min(args.repeats, 3))):  # a new patcher: no pristine copies yet
+        for times, prepare in ((first, False), (prepared, True)):
+            fresh = LoraPatcher(unet, "unet")
+            if prepare:
+                fresh.prepare(b[0])
+                sync()
+            t0 = time.perf_counter()
+            fresh.apply([(w, 1.0) for w in b])
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+            fresh.restore()
+            sync()
+            del fresh
+    out["first_merge_copying_pristine"] = first
+    out["first_merge_after_prepare"] = prepared
+    return {k: statistics.median(v) for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,19 @@ def _deployment_default(name: str):
     return Deployment.default(name)
 
 
+def _mb_or_auto(value: str) -> int | str:
+    """A size in MiB (an int >= 0) or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        mb = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB or 'auto', not {value!r}") from None
+    if mb < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 MiB, not {mb}")
+    return mb
+
+
 def flag_of(field: str) -> str:
     """The ``katz serve`` flag that sets the deployment setting ``field``."""
     return FLAGS.get(field, "--" + field.replace("_", "-"))
@@ -78,7 +91,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache-mb", type=int, default=D("feature_cache_bytes") >> 20, help="control-image feature cache")
     p.add_argument("--lora-k", type=int, default=2,
                    help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
-    p.add_argument("--lora-host-cache-mb", type=int, default=D("lora_host_cache_bytes") >> 20, help="parsed LoRAs kept in host memory")
+    p.add_argument("--lora-host-cache-mb", type=_mb_or_auto, default="auto",
+                   help="LoRA file bytes kept in host memory (the host tier; popular LoRAs first); default auto: "
+                        "a quarter of the memory free at start, at most 16 GiB")
     p.add_argument("--lora-device-cache-mb", type=int, default=D("lora_device_cache_bytes") >> 20, help="LoRAs kept on the device")
     p.add_argument("--no-lora-readahead", dest="lora_readahead", action="store_false",
                    help="do not read arriving requests' LoRA files into the page cache ahead of the UNet")
@@ -179,7 +194,7 @@ def build_deployment(args):
         device=device,
         dtype=dtype,
         torch_threads=args.torch_threads,
-        lora_host_cache_bytes=args.lora_host_cache_mb << 20,
+        lora_host_cache_bytes=-1 if args.lora_host_cache_mb == "auto" else args.lora_host_cache_mb << 20,
         lora_device_cache_bytes=args.lora_device_cache_mb << 20,
         lora_load_delay_s=args.lora_load_delay,
         lora_readahead=args.lora_readahead,

@@ -53,7 +53,9 @@ class Deployment:
     device: str = "cpu"
     dtype: str = "float32"
     torch_threads: int = 0
-    lora_host_cache_bytes: int = 2 << 30
+    # the LoRA manager's host tier; -1: a quarter of the memory free at start, at most 16 GiB
+    # (katz.lora.manager.default_host_budget)
+    lora_host_cache_bytes: int = -1
     lora_device_cache_bytes: int = 1 << 30
     lora_load_delay_s: float = 0.0  # simulated slow storage, for tests and benchmarks
     lora_readahead: bool = True  # preprocessing reads arriving requests' LoRA files into the page cache
@@ -120,7 +122,10 @@ class Deployment:
         if self.fp8 and self.engine != "torch":
             raise DeploymentError("fp8", "is for the torch engines, not engine tensorrt (a TensorRT engine's "
                                   "precision is set when it is built)")
-        for name in ("lora_host_cache_bytes", "lora_device_cache_bytes", "controlnet_cache_bytes",
+        if self.lora_host_cache_bytes < -1:
+            raise DeploymentError("lora_host_cache_bytes", f"must be >= 0 (or -1: sized from the free memory), "
+                                  f"not {self.lora_host_cache_bytes}")
+        for name in ("lora_device_cache_bytes", "controlnet_cache_bytes",
                      "feature_cache_bytes", "torch_threads"):
             if getattr(self, name) < 0:
                 raise DeploymentError(name, f"must be >= 0, not {getattr(self, name)}")

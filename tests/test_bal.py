@@ -37,9 +37,10 @@ def _req(loras=(), k=None, seed=1):
 
 
 def make_cold(unet):
-    """Base weights in place and nothing on the device: the next LoRA request loads from disk."""
+    """Base weights in place and nothing on the device or in the host tier (a LoRA there is hot: in
+    from step 0): the next LoRA request loads from the file."""
     unet.bal.switch_to(())
-    unet.loras.device_cache.items.clear()
+    unet.loras.clear_caches()
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,19 @@ def test_slow_loader_patches_at_step_k_exactly(slow, k):
 
 
 def test_k0_equals_synchronous_and_hot_lora_is_in_from_step_0(slow):
+    unet = slow.models["unet"]
     sync = slow.generate(_req(["style"], k=0))
     hot = slow.generate(_req(["style"], k=4))  # still on the device from the first request
     assert int(hot["lora_applied_step"][0]) == 0
     assert np.array_equal(sync["image"], hot["image"])
+    # in the host tier only (the file would take 3 s): hot too, in from step 0 after a host-to-device copy
+    unet.bal.switch_to(())
+    unet.loras.wait_idle()
+    unet.loras.device_cache.clear()
+    hits = unet.loras.stats.host_hits
+    from_host = slow.generate(_req(["style"], k=4))
+    assert int(from_host["lora_applied_step"][0]) == 0 and unet.loras.stats.host_hits == hits + 1
+    assert np.array_equal(sync["image"], from_host["image"])
 
 
 def test_bal_image_differs_only_by_the_early_steps(slow):
@@ -197,3 +207,44 @@ def test_unet_orders_queued_calls_by_weight_set(preset_dir, lora_dir):
     assert applied == [True, True, True, False, True]
     changed = [s for i, s in enumerate(switches) if i == 0 or s != switches[i - 1]]
     assert len(changed) == len(set(switches)) == 3
+
+
+def test_slow_load_goes_in_at_the_first_step_after_it_is_ready(preset_dir, lora_dir):
+    """A load that takes several steps (slow storage, 0.2 s) goes in at the first step that starts
+    after it is on the device, well before the bound k; the request's prediction and the step it
+    went in at are counted (katz_lora_* metrics)."""
+    import time
+
+    ens = _ensemble(preset_dir("tiny-sdxl"), lora_dir, delay=0.2, loop="unet")
+    unet = ens.models["unet"]
+    ens.generate(_req())  # the step time is known
+    steps, k = 16, 15
+    calls, ready_at = [], []
+    choose, future = unet.bal.choose, unet.loras._future
+
+    def timed_choose(*args, **kwargs):
+        t0 = time.perf_counter()
+        weights = choose(*args, **kwargs)
+        calls.append((t0, time.perf_counter(), bool(weights)))
+        return weights
+
+    def watched_future(name):
+        fut = future(name)
+        if fut is not None and not fut.done():
+            fut.add_done_callback(lambda f: ready_at.append(time.perf_counter()))  # runs as the load ends
+        return fut
+
+    unet.bal.choose, unet.loras._future = timed_choose, watched_future
+    req = _req(["style"], k=k)
+    req["steps"] = np.array([steps], np.int32)
+    out = ens.generate(req)
+    applied = int(out["lora_applied_step"][0])
+    assert 0 < applied < k and [c[2] for c in calls] == [False] * applied + [True] * (steps - applied)
+    assert calls[applied - 1][0] < ready_at[0] < calls[applied][1]  # the first step after the load
+    s = unet.loras.stats
+    assert s.requests == 1 and s.applied_step_sum == applied and s.steps_before_patch == applied
+    assert s.waited_requests == 0 and 0 <= s.predicted_step_sum <= k and s.predicted_ready_seconds > 0
+    counters = {(n, tuple(sorted(labels.items()))): v for n, _d, labels, v in unet.metrics()}
+    assert counters[("katz_lora_applied_step_total", ())] == applied
+    assert counters[("katz_lora_bal_requests_total", (("start", "cold"),))] == 1
+    assert counters[("katz_lora_switches_total", (("le", "+Inf"),))] == s.switches >= 1

@@ -144,9 +144,31 @@ def test_memory_gauges(preset_dir):
     assert memory_gauges("cpu") == []  # torch's CUDA allocator only
     ens = _ensemble(preset_dir("tiny-sdxl"), "unet")
     unet = ens.models["unet"]
-    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     weights = sum(p.numel() * p.element_size() for p in unet.engine.unet.parameters())
     assert parts == {"weights": weights, "pristine": 0.0, "lora_cache": 0.0}
     ens.generate(_req(loras=["style"]))
-    parts = {labels["part"]: value for _n, _d, labels, value in unet.gauges()}
+    parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     assert 0 < parts["pristine"] < weights and parts["lora_cache"] > 0
+
+
+def test_gc_after_load_is_frozen_and_pauses_are_counted():
+    """What loading made is frozen out of the collector's sight (a full collection during a request
+    would scan it all with every thread stopped); collections after are timed per generation."""
+    import gc
+
+    from katz.serving.metrics import GcPauses, freeze_after_load
+
+    loaded = [[i] for i in range(100_000)]  # stands for a model's objects
+    try:
+        at_load = freeze_after_load()
+        watch = GcPauses.watch()
+        assert watch.at_load == at_load > 0
+        before = list(watch.collections)
+        gc.collect()
+        assert watch.collections[2] == before[2] + 1 and 0 < watch.longest < at_load
+        names = {(n, tuple(labels.items())) for n, _d, labels, _v in watch.metrics()}
+        assert ("katz_gc_seconds_total", (("generation", "2"),)) in names
+    finally:
+        gc.unfreeze()
+    assert len(loaded) == 100_000

@@ -381,7 +381,7 @@ def test_same_list_is_not_merged_again(sd15):
     p.apply([(a, 1.0)])
     calls = []
     original = p._merge
-    p._merge = lambda plans: (calls.append(1), original(plans))
+    p._merge = lambda *args: (calls.append(1), original(*args))[1]
     p.apply([(a, 1.0)])
     assert calls == []
     p.apply([(a, 0.5)])
@@ -710,3 +710,128 @@ def test_store_reads_only_the_requested_components(preset_dir):
             assert torch.equal(layer.down, full.layers[comp][path].down)
             assert layer.alpha == full.layers[comp][path].alpha
     assert store.get("style", ("text_encoder", "text_encoder_2")).layers == {}
+
+
+# --------------------------------------------------------------------------- #
+# Merging LoRAs that are still arriving; the deferred finiteness check
+# --------------------------------------------------------------------------- #
+class _Drip:
+    """An arrival (katz.lora.patch.Arrival) letting ``per`` more layers in at each wait, in the
+    order given, and raising ``fail`` at wait number ``fail_at``. Like bytes still on their way, a
+    layer's tensors hold NaN until it arrives (a merge reading them early is caught)."""
+
+    def __init__(self, layers, per, fail_at=None, fail=None):
+        self.layers = list(layers)
+        self.order = {id(l): i for i, l in enumerate(self.layers)}
+        self.values = [(l.down.clone(), l.up.clone()) for l in self.layers]
+        for l in self.layers:
+            l.down.fill_(float("nan"))
+            l.up.fill_(float("nan"))
+        self.per, self.released, self.waits = per, 0, 0
+        self.fail_at, self.fail = fail_at, fail
+        self.fences = 0
+        self.finished = False
+
+    def arrived(self, layer):
+        return self.order[id(layer)] < self.released
+
+    def await_more(self):
+        self.waits += 1
+        if self.waits == self.fail_at:
+            raise self.fail
+        for i in range(self.released, min(self.released + self.per, len(self.layers))):
+            self.layers[i].down.copy_(self.values[i][0])
+            self.layers[i].up.copy_(self.values[i][1])
+        self.released += self.per
+
+    def fence(self):
+        self.fences += 1
+
+    def finish(self):
+        self.finished = True
+
+
+def _layers(*loras):
+    return [l for w in loras for l in w.layers["unet"].values()]
+
+
+@pytest.mark.parametrize("two, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)],
+                         ids=["one-lora", "two-loras", "float64-lora"])
+def test_streamed_merge_is_the_one_shot_merge_bit_for_bit(sd15, two, dtype):
+    """Merging each unit as its layers' bytes arrive gives the weights the one-shot merge gives, bit
+    for bit (the same units, the same kernels), and restores the base exactly; no unit reads a layer
+    before it arrived (a float64 LoRA is converted to the weights' dtype only then)."""
+    unet = copy.deepcopy(sd15["unet"])
+    base = _weights_hash(unet)
+    paths = _attn_paths(unet)
+    a = _random_lora(unet, "unet", paths, "a", seed=1, alpha=2.0)
+    b = _random_lora(unet, "unet", paths[::3], "b", seed=2)  # several LoRAs on a module: per-module units
+    for layer in _layers(a, b):
+        layer.down, layer.up = layer.down.to(dtype), layer.up.to(dtype)
+    loras = [(a, 0.8), (b, 1.3)] if two else [(a, 0.8)]
+    one_shot = copy.deepcopy(unet)
+    LoraPatcher(one_shot, "unet").apply(loras)
+    p = LoraPatcher(unet, "unet")
+    for w, _ in loras:
+        p.validate(w, check_values=False)  # as the loader does, before the bytes are there
+    drip = _Drip(_layers(*(w for w, _ in loras)), per=5)
+    p.apply(loras, arrival=drip)
+    assert drip.finished and drip.waits > 5 and drip.fences > 1  # merged in several rounds
+    assert _weights_hash(unet) == _weights_hash(one_shot)
+    p.restore()
+    assert _weights_hash(unet) == base
+
+
+def test_streamed_merge_that_fails_midway_leaves_the_base(sd15):
+    unet = copy.deepcopy(sd15["unet"])
+    base = _weights_hash(unet)
+    a = _random_lora(unet, "unet", _attn_paths(unet), "a", seed=1)
+    p = LoraPatcher(unet, "unet")
+    p.validate(a, check_values=False)
+    drip = _Drip(_layers(a), per=4, fail_at=3, fail=LoraError("lora 'a': tensor 'x' contains NaN or infinite values"))
+    with pytest.raises(LoraError, match="NaN"):
+        p.apply([(a, 1.0)], arrival=drip)
+    assert drip.released > 0 and p.applied == ()  # some units were merged before the failure
+    assert _weights_hash(unet) == base
+
+
+def test_deferred_check_reports_non_finite_merged_weights_at_settle(sd15):
+    """With defer_check the merge never waits for the device; settle() reads the flag: a scale that
+    overflows the weights fails there, naming the LoRA, with the base restored."""
+    unet = copy.deepcopy(sd15["unet"])
+    base = _weights_hash(unet)
+    paths = _attn_paths(unet)
+    a = _random_lora(unet, "unet", paths, "a", seed=1)
+    for layer in a.layers["unet"].values():
+        layer.up.mul_(1e4)  # up @ down ~ 1e3: times 1e38 overflows float32
+    p = LoraPatcher(unet, "unet")
+    p.apply([(a, 1e38)], defer_check=True)
+    assert p.applied == (("a", 1e38),) and p.check_done()  # a CPU merge: the flag is known already
+    with pytest.raises(LoraError, match="'a'.*not finite"):
+        p.settle()
+    assert p.applied == () and _weights_hash(unet) == base
+    p.apply([(a, 1e-4)], defer_check=True)
+    p.settle()  # finite: nothing raised, the LoRA stays
+    assert p.applied == (("a", 1e-4),)
+    p.apply([(a, 1e38)], defer_check=True)
+    p.apply([(a, 2e-4)], defer_check=True)  # a new merge rewrites every weight: the old flag is moot
+    p.settle()
+    assert p.applied == (("a", 2e-4),)
+
+
+def test_prepare_makes_the_pristine_copies_before_the_merge(sd15):
+    """The loader calls prepare() once a LoRA is validated: the merge then copies no weight, and an
+    exact restore still holds; prepare() of a module already patched copies nothing."""
+    unet = copy.deepcopy(sd15["unet"])
+    base = _weights_hash(unet)
+    paths = _attn_paths(unet)
+    a = _random_lora(unet, "unet", paths, "a", seed=1)
+    p = LoraPatcher(unet, "unet")
+    p.validate(a)
+    copied = p.prepare(a)
+    assert copied == p.pristine_bytes == sum(unet.get_submodule(q).weight.numel() * 4 for q in paths)
+    p.apply([(a, 1.0)])
+    assert p.pristine_bytes == copied
+    assert p.prepare(a) == 0
+    p.restore()
+    assert _weights_hash(unet) == base

@@ -505,3 +505,96 @@ def test_manager_parses_and_validates_while_the_bytes_are_read(preset_dir, monke
         assert m.stats.read_seconds > 0 and m.stats.parse_seconds > 0
     finally:
         m.close()
+
+
+def _unet_hash(unet) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in unet.state_dict().items():
+        h.update(k.encode())
+        h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Reads in 4-16 KB chunks (a tiny LoRA then takes ~20), from a disk where the file's later
+    bytes come later (up to ~0.3 s for the last chunk of a 300 KB file)."""
+    import time
+
+    monkeypatch.setattr(lf, "MIN_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(lf, "MAX_CHUNK_BYTES", 16384)
+    real = lf._read_exact
+
+    def slow(fd, view, offset):
+        if len(view) >= 4096:
+            time.sleep(offset / 1e6)
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(lf, "_read_exact", slow)
+
+
+def _tiny_unet(preset_dir):
+    from katz.models.folder import ModelFolder
+
+    return ModelFolder(preset_dir("tiny-sdxl")).load_unet("cpu", torch.float32)
+
+
+def test_streamed_load_merges_what_the_one_shot_load_merges(preset_dir, small_chunks):
+    """A LoRA merged while its chunks are read and uploaded (LoraManager.stream) gives the UNet the
+    weights that waiting for the whole load and merging at once gives, bit for bit, and both restore
+    the base exactly; the merge ran in several rounds, as chunks arrived."""
+    folder = preset_dir("tiny-sdxl") / "loras"
+    streamed, one_shot = _tiny_unet(preset_dir), _tiny_unet(preset_dir)
+    base = _unet_hash(streamed)
+    ps, po = LoraPatcher(streamed, "unet"), LoraPatcher(one_shot, "unet")
+    ms = LoraManager(LoraStore(folder, "sdxl"), [ps], "cpu")
+    mo = LoraManager(LoraStore(folder, "sdxl"), [po], "cpu")
+    try:
+        weights, arrival = ms.stream(["style"])
+        assert arrival is not None
+        progress = ms._inflight["style"].progress
+        rounds = []  # bytes up at each round of merging
+        real = arrival.fence
+        arrival.fence = lambda: (rounds.append(progress.upto), real())[1]
+        ps.apply([(weights[0], 0.9)], arrival=arrival)
+        assert len(rounds) > 2 and rounds[0] < progress.buffer.numel(), rounds  # began before the last chunk
+        assert ms.stats.loads == 1 and ms.stats.device_misses == 1 and arrival.waited > 0
+        po.apply([(w, 0.9) for w in mo.get(["style"])])
+        assert _unet_hash(streamed) == _unet_hash(one_shot) != base
+        # the LoRA is in the device tier now: a second stream has nothing arriving
+        again, none = ms.stream(["style"])
+        assert none is None and again[0] is weights[0]
+        ps.restore()
+        po.restore()
+        assert _unet_hash(streamed) == base == _unet_hash(one_shot)
+    finally:
+        ms.close()
+        mo.close()
+
+
+def test_streamed_load_with_a_bad_last_chunk_is_never_left_merged(preset_dir, small_chunks, tmp_path):
+    """A NaN in the file's last tensor is found once every chunk is up (after earlier units were
+    merged): the merge raises the load's error, naming the tensor as the one-shot load does, and the
+    base weights are back."""
+    sd = load_file(str(preset_dir("tiny-sdxl") / "loras" / "style.safetensors"))
+    last = sorted(sd)[-1]
+    sd[last] = sd[last].clone()
+    sd[last].view(-1)[-1] = float("nan")
+    save_file(sd, str(tmp_path / "bad.safetensors"))
+    unet = _tiny_unet(preset_dir)
+    base = _unet_hash(unet)
+    p = LoraPatcher(unet, "unet")
+    m = LoraManager(LoraStore(tmp_path, "sdxl"), [p], "cpu")
+    try:
+        weights, arrival = m.stream(["bad"])
+        assert arrival is not None
+        with pytest.raises(LoraError) as info:
+            p.apply([(weights[0], 1.0)], arrival=arrival)
+        assert f"tensor {last!r} contains NaN" in str(info.value)
+        assert p.applied == () and _unet_hash(unet) == base
+        assert not m.device_cache.items and m.stats.load_failures == 1
+    finally:
+        m.close()
+    assert str(info.value) == _cpu_path_error(tmp_path / "bad.safetensors", "bad")

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from katz.serving.factory import BLS_ONLY_ROLES, create_model
 from katz.serving.dlpack import c_order
-from katz.serving.metrics import memory_gauges
+from katz.serving.metrics import freeze_after_load, memory_gauges
 from katz.errors import INVALID_ARG_MARK, UNAVAILABLE_MARK, ModelCallError, error_kind, is_out_of_memory
 from katz.serving.profiling import ExecuteProfiler, ExecuteTrace
 
@@ -60,6 +60,7 @@ class TritonPythonModel:
         self.model = create_model(params["role"], params, device, call=self._call)
         if device != "cpu":  # hand back what loading left cached and free (warm-up's eager runs)
             torch.cuda.empty_cache()
+        freeze_after_load()
         self._families, self._metrics = {}, {}
         self._invalid_mark = INVALID_ARG_MARK if params["role"] in BLS_ONLY_ROLES else ""
         self._profiler = ExecuteProfiler.from_env(self.model_name)  # KATZ_PROFILE_DIR (katz/serving/profiling.py)

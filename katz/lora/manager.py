@@ -1,23 +1,33 @@
 """The LoRA manager: loads LoRAs off the request path and keeps them ready to patch.
 
 One loader thread reads, parses and validates LoRA files and moves them to the
-engine's device. Two LRU tiers with byte budgets keep them: *host* (the raw bytes
-read from the file, with the parsed LoRA as views into them) and *device* (one
+engine's device. Two tiers with byte budgets keep them: *host* (the raw bytes
+read from the file and where each tensor lies in them) and *device* (one
 buffer per LoRA on the engine's device, with the parsed LoRA as views into it,
-ready for :class:`katz.lora.patch.LoraPatcher`). The UNet model asks
-:meth:`LoraManager.prefetch` at the first step of a request and patches the
-LoRA in at the first step boundary where :meth:`LoraManager.ready` says so,
-or waits in :meth:`LoraManager.get` at the bounding step *k*.
+ready for :class:`katz.lora.patch.LoraPatcher`). The UNet model's BAL
+(:mod:`katz.lora.bal`) asks :meth:`LoraManager.prefetch` at the first step of a
+request, :meth:`LoraManager.eta` when the LoRAs will be on the device, and
+patches them in with :meth:`LoraManager.stream` (merging each part as its bytes
+arrive) or :meth:`LoraManager.get`.
 
 A load from disk (:meth:`LoraManager._read_entry`): the header is parsed and the
 bytes of the manager's components are read by several threads straight into one
 reusable staging buffer (pinned on CUDA, see :mod:`katz.lora.safetensors`); meanwhile the
 loader thread makes the device buffer and the views into it, parses them and
 validates them against the patchers' modules (only the header and the alphas,
-read first, are needed for that). Then the bytes are uploaded in one copy on a
-side stream and checked for finiteness on the device in one pass with one host sync. The host tier is filled afterwards,
-once the waiting request can already go on. The same code runs on a CPU device
-(the upload is then a CPU copy and the staging buffer is not pinned).
+read first, are needed for that), has the patchers make the pristine copies of the
+weights the LoRA targets, then uploads each chunk as soon as the read threads have
+it (in buffer order, on a side stream), so a merge waiting for the LoRA can start on
+what has arrived. Once all bytes are up: one finiteness pass on the device and one
+host sync. The host tier is filled afterwards, once the waiting request can already go on,
+and only with LoRAs used more than what they would evict (:mod:`katz.lora.tiers`).
+The same code runs on a CPU device (the uploads are then CPU copies and the staging
+buffer is not pinned).
+
+The manager keeps running estimates of each phase per tier (:mod:`katz.lora.estimates`);
+:meth:`LoraManager.eta` predicts from them, and from the loads queued ahead, when a set of
+LoRAs will be on the device. The tiers' entries, eviction and admission are in
+:mod:`katz.lora.tiers`; what is counted, in :mod:`katz.lora.stats`.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -33,132 +43,36 @@ from typing import Iterable
 import torch
 
 from katz.errors import LoraError, lora_error
+from katz.lora.estimates import LoadEstimates
 from katz.lora.patch import LoraPatcher
+from katz.lora.readahead import resident_fraction
 from katz.lora.safetensors import COMPONENT_PREFIXES, read_lora_bytes, tensor_views
+from katz.lora.stats import LoraStats
 from katz.lora.store import LoraStore
+from katz.lora.tiers import ByteTier, Entry, Popularity, Spec, default_host_budget, layout_of, numel, streamable, \
+    weights_from
 from katz.lora.weights import COMPONENTS, LoraLayer, LoraWeights, parse_lora
 
-
-@dataclass
-class LoraStats:
-    """Totals since start. ``loads`` .. ``wait_seconds`` are exported as Triton custom metrics
-    (:meth:`metrics`, published by the ``unet`` model).
-
-    ``read_seconds`` .. ``device_wait_seconds`` split the loader thread's time over the stages of a
-    load, failed loads included; for successful loads they add up to ``load_seconds`` less
-    ``load_delay_s`` and bookkeeping. ``host_fill_seconds`` comes after a load, when its waiters
-    have been let go. Read bandwidth: ``read_bytes / read_seconds``.
-    """
-
-    loads: int = 0
-    load_seconds: float = 0.0
-    load_failures: int = 0
-    host_hits: int = 0
-    host_misses: int = 0
-    device_hits: int = 0
-    device_misses: int = 0
-    steps_before_patch: int = 0
-    patches: int = 0
-    wait_seconds: float = 0.0
-    read_seconds: float = 0.0  # header + waiting for the file bytes beyond the parsing done meanwhile (host misses)
-    read_bytes: int = 0  # bytes read from LoRA files (host misses)
-    parse_seconds: float = 0.0  # parse_lora + LoraPatcher.validate (host misses)
-    upload_seconds: float = 0.0  # issuing the upload and the device finiteness check, views of the device buffer
-    device_wait_seconds: float = 0.0  # waiting for the upload and the finiteness check (the load's one host sync)
-    host_copy_seconds: float = 0.0  # host hits: host tier -> staging buffer
-    host_fill_seconds: float = 0.0  # after a load: staging buffer -> host tier (off the request's path)
-    # the UNet model's weight switches (merge a LoRA set in, or restore the base): host time,
-    # which for a merge ends with its one device sync (the finiteness check)
-    switch_seconds: float = 0.0
-
-    def metrics(self) -> list[tuple[str, str, dict, float]]:
-        """The totals as Triton custom metrics ``(name, description, labels, total)``."""
-        s = self
-        return [
-            ("katz_lora_loads_total", "LoRAs loaded to the device", {}, s.loads),
-            ("katz_lora_load_seconds_total", "time spent loading LoRAs (s)", {}, s.load_seconds),
-            ("katz_lora_load_failures_total", "LoRA loads that failed", {}, s.load_failures),
-            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "host"}, s.host_hits),
-            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "host"}, s.host_misses),
-            ("katz_lora_cache_hits_total", "LoRA cache hits", {"tier": "device"}, s.device_hits),
-            ("katz_lora_cache_misses_total", "LoRA cache misses", {"tier": "device"}, s.device_misses),
-            ("katz_lora_steps_before_patch_total", "UNet steps run on base weights while a LoRA loaded", {},
-             s.steps_before_patch),
-            ("katz_lora_patches_total", "LoRA sets patched into the UNet", {}, s.patches),
-            ("katz_lora_wait_seconds_total", "time steps waited for a LoRA at the bound k (s)", {}, s.wait_seconds),
-            ("katz_lora_switch_seconds_total", "time switching the UNet weights: LoRA sets merged in, base restored (s)",
-             {}, s.switch_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "read"}, s.read_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "parse"}, s.parse_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "upload"},
-             s.upload_seconds),
-            ("katz_lora_load_phase_seconds_total", "LoRA load time by phase (s)", {"phase": "device_wait"},
-             s.device_wait_seconds),
-        ]
-
-
-@dataclass
-class _Entry:
-    """A cached LoRA: ``weights`` whose down/up tensors are views into ``buffer`` (uint8 ``[bytes]``)
-    or are among ``extra`` (tensors that could not be views: a file offset not a multiple of the
-    dtype size); ``nbytes`` counts both (what the tier's byte budget counts)."""
-
-    weights: LoraWeights
-    buffer: torch.Tensor | None
-    extra: tuple[torch.Tensor, ...]
-    nbytes: int
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.buffer, *self.extra) if t is not None]
+# a file this much in the page cache loads from the page_cache tier, else from the disk tier
+RESIDENT_FRACTION = 0.95
+HOST_CHUNK_BYTES = 16 << 20  # a host-tier load copies and uploads this much at a time
 
 
 @dataclass
 class _Prepared:
     """A load parsed and validated (:meth:`LoraManager._prepare`): the device buffer ``dev``, the
-    parsed ``weights`` (views into it), the on-device tensors by key, the finiteness ``spans`` of
-    ``dev`` and the ``extra`` tensors (copies), the validation error to report after the values'
-    check (or None), and the ``seconds`` it took."""
+    parsed ``weights`` (views into it), their ``layout``, the on-device tensors by key, the
+    finiteness ``spans`` of ``dev`` and the ``extra`` tensors (copies), the validation error to
+    report after the values' check (or None), and the ``seconds`` it took."""
 
     dev: torch.Tensor
     weights: LoraWeights
+    layout: list
     on_device: dict[str, torch.Tensor]
     spans: list[tuple[int, int, torch.dtype]]
     extra: list[torch.Tensor]
     invalid: LoraError | None
     seconds: float
-
-
-class _LruBytes:
-    """An LRU map of :class:`_Entry` with a byte budget; the newest entry always stays."""
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.items: OrderedDict[str, tuple[tuple, _Entry]] = OrderedDict()
-        self.used = 0
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.used = 0
-
-    def get(self, name: str, key: tuple) -> _Entry | None:
-        hit = self.items.get(name)
-        if hit is None or hit[0] != key:
-            return None
-        self.items.move_to_end(name)
-        return hit[1]
-
-    def put(self, name: str, key: tuple, entry: _Entry) -> None:
-        self.drop(name)
-        self.items[name] = (key, entry)
-        self.used += entry.nbytes
-        while self.used > self.budget and len(self.items) > 1:
-            _, (_, old) = self.items.popitem(last=False)
-            self.used -= old.nbytes
-
-    def drop(self, name: str) -> None:
-        old = self.items.pop(name, None)
-        if old is not None:
-            self.used -= old[1].nbytes
 
 
 class StagingBuffer:
@@ -192,50 +106,6 @@ class StagingBuffer:
         if stream is not None:
             self._event = torch.cuda.Event()
             self._event.record(stream)
-
-
-def _byte_offset(t: torch.Tensor, base: torch.Tensor) -> int | None:
-    """Byte offset of contiguous ``t``'s data in ``base`` (contiguous uint8), or None if not in it."""
-    if (
-        base is None
-        or t.numel() == 0
-        or not t.is_contiguous()
-        or t.device != base.device
-        or t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
-    ):
-        return None
-    start = t.storage_offset() * t.element_size() - base.storage_offset()
-    if start < 0 or start + t.numel() * t.element_size() > base.numel():
-        return None
-    return start
-
-
-def _rebase(t: torch.Tensor, old: torch.Tensor, new: torch.Tensor, extra: list) -> torch.Tensor:
-    """``t`` at the same byte offset in ``new`` as it has in ``old`` (same size buffers); a tensor
-    not in ``old`` is copied to ``new``'s device (asynchronously where it can) and appended to ``extra``."""
-    start = _byte_offset(t, old)
-    if start is None:
-        # non_blocking only towards a GPU: an asynchronous copy to the host may not have landed yet
-        moved = t.to(new.device, non_blocking=new.device.type == "cuda")
-        extra.append(moved)
-        return moved
-    return new[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-
-
-def _rebase_weights(weights: LoraWeights, old: torch.Tensor, new: torch.Tensor) -> _Entry:
-    """``weights`` (views into ``old``) as views into ``new``, a byte copy of ``old``."""
-    extra: list[torch.Tensor] = []
-    layers = {
-        comp: {
-            path: LoraLayer(
-                down=_rebase(l.down, old, new, extra), up=_rebase(l.up, old, new, extra), alpha=l.alpha, key=l.key
-            )
-            for path, l in group.items()
-        }
-        for comp, group in weights.layers.items()
-    }
-    nbytes = new.numel() + sum(t.numel() * t.element_size() for t in extra)
-    return _Entry(LoraWeights(name=weights.name, layers=layers), new, tuple(extra), nbytes)
 
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
@@ -284,12 +154,128 @@ def _is_alpha(key: str) -> bool:
     return key.endswith(".alpha")  # the alpha role in every key format parse_lora reads
 
 
+class LoadProgress:
+    """How far one load is: its parsed LoRA (views into its device ``buffer``, validated, with
+    ``layout``) once published, how many bytes of that buffer are on the device (``upto``, with the
+    CUDA ``event`` recorded after their uploads), and whether the load ``ended`` (its future holds
+    the outcome). The loader thread advances it; a merge streaming the LoRA in reads it."""
+
+    def __init__(self, cond: threading.Condition):
+        self._cond = cond  # the manager's: one wake-up for any load's progress
+        self.weights: LoraWeights | None = None
+        self.buffer: torch.Tensor | None = None
+        self.layout: list = []
+        self.upto = 0
+        self.event: torch.cuda.Event | None = None
+        self.ended = False
+
+    def _changed(self, **values) -> None:
+        with self._cond:
+            for k, v in values.items():
+                setattr(self, k, v)
+            self._cond.version += 1
+            self._cond.notify_all()
+
+    def publish(self, weights: LoraWeights, buffer: torch.Tensor, layout: list) -> None:
+        self._changed(weights=weights, buffer=buffer, layout=layout)
+
+    def advance(self, upto: int, event: torch.cuda.Event | None) -> None:
+        self._changed(upto=upto, event=event)
+
+    def end(self) -> None:
+        self._changed(ended=True)
+
+
+@dataclass
+class _Load:
+    """A load submitted to the loader thread: the file's cache ``key``, the ``future`` resolved when
+    the LoRA is on the device, the ``tier`` it comes from (set again when the loader starts it),
+    its file's ``nbytes``, its :class:`LoadProgress` and when the loader started it."""
+
+    key: tuple
+    fut: Future
+    tier: str
+    nbytes: int
+    progress: LoadProgress
+    started: float | None = None
+
+
+class _Arrival:
+    """The loads a merge streams in (:class:`katz.lora.patch.Arrival`): which layers' bytes are on
+    the device, waiting for more, and the loads' outcome. ``waited``: seconds spent blocked (also
+    counted in the manager's ``wait_seconds``)."""
+
+    def __init__(self, manager: "LoraManager", loads: dict[str, _Load]):
+        self._manager = manager
+        self._loads = loads
+        self._cond = manager._progress
+        self._seen = self._cond.version
+        self.waited = 0.0
+        # id(layer) -> (its load's progress, the byte of the buffer after its tensors), from the layout
+        self._ends: dict[int, tuple[LoadProgress, int]] = {}
+        for load in loads.values():
+            p = load.progress
+            for comp, path, _alpha, _key, down, up in p.layout:
+                layer = p.weights.layers[comp][path]
+                end = max(s.offset + s.dtype.itemsize * numel(s.shape) for s in (down, up))
+                self._ends[id(layer)] = (p, end)
+
+    def arrived(self, layer: LoraLayer) -> bool:
+        hit = self._ends.get(id(layer))
+        return hit is None or hit[0].upto >= hit[1]  # None: a LoRA that was on the device already
+
+    def await_more(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self._cond:
+                while self._cond.version == self._seen and not all(load.fut.done() for load in self._loads.values()):
+                    self._cond.wait()
+                self._seen = self._cond.version
+            for name, load in self._loads.items():
+                if load.fut.done():
+                    self._manager._result(name, load)  # raises the load's error
+            if all(load.fut.done() for load in self._loads.values()) and any(
+                    p.upto < end for p, end in self._ends.values()):
+                raise RuntimeError("a LoRA load ended without uploading every layer it published")
+        finally:
+            self._waited(time.perf_counter() - t0)
+
+    def _waited(self, seconds: float) -> None:
+        self.waited += seconds
+        with self._manager._lock:
+            self._manager.stats.wait_seconds += seconds
+
+    def fence(self) -> None:
+        for load in self._loads.values():
+            event = load.progress.event
+            if event is not None:
+                torch.cuda.current_stream(self._manager.device).wait_event(event)
+
+    def finish(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            for name, load in self._loads.items():
+                self._manager._result(name, load)
+                if self._manager.device.type == "cuda":
+                    load.progress.buffer.record_stream(torch.cuda.current_stream(self._manager.device))
+        finally:
+            self._waited(time.perf_counter() - t0)
+
+
+def _progress_condition() -> threading.Condition:
+    cond = threading.Condition()
+    cond.version = 0  # bumped on every change of any load's progress
+    return cond
+
+
 class LoraManager:
     """Asynchronous LoRA loading into host and device caches for one engine's patchers.
 
     Reads only the tensors of the patchers' components (and keys of no known component, which
     parse_lora reports). ``staging_bytes`` of pinned staging memory are allocated up front on a
-    CUDA device (the buffer grows to the largest file's wanted bytes).
+    CUDA device (the buffer grows to the largest file's wanted bytes). ``host_budget_bytes`` < 0:
+    :func:`default_host_budget`. ``popularity_window``: the LoRA uses counted for the tiers'
+    eviction and the host tier's admission (0: plain LRU tiers).
     """
 
     def __init__(
@@ -297,21 +283,27 @@ class LoraManager:
         store: LoraStore,
         patchers: list[LoraPatcher],
         device: str | torch.device = "cpu",
-        host_budget_bytes: int = 2 << 30,
+        host_budget_bytes: int = -1,
         device_budget_bytes: int = 1 << 30,
         load_delay_s: float = 0.0,
         staging_bytes: int = 256 << 20,
+        popularity_window: int = 512,
     ):
         self.store = store
         self.patchers = {p.component: p for p in patchers}
         self.components = tuple(self.patchers)
         self.device = torch.device(device)
-        self.host = _LruBytes(host_budget_bytes)
-        self.device_cache = _LruBytes(device_budget_bytes)
-        self.load_delay_s = load_delay_s  # simulates slow storage (tests, benchmarks)
+        self.popularity = Popularity(popularity_window)
+        budget = default_host_budget() if host_budget_bytes < 0 else host_budget_bytes
+        self.host = ByteTier(budget, self.popularity, admit=popularity_window > 0)
+        self.device_cache = ByteTier(device_budget_bytes, self.popularity)
+        self.load_delay_s = load_delay_s  # simulates slow storage: each file read (tests, benchmarks)
         self.stats = LoraStats()
+        self.estimates = LoadEstimates()
         self._lock = threading.Lock()
-        self._inflight: dict[str, tuple[tuple, Future]] = {}
+        self._progress = _progress_condition()
+        self._inflight: dict[str, _Load] = {}  # in submission order (the loader thread's order)
+        self._phases: Counter = Counter()  # the running load's phase seconds (loader thread only)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="katz-lora-loader")
         cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if cuda else None
@@ -337,11 +329,102 @@ class LoraManager:
                     key = self.cache_key(name)
                 except LoraError:
                     return True  # let get() report it now
-                if self.device_cache.get(name, key) is None:
-                    fut = self._inflight.get(name)
-                    if fut is None or not fut[1].done():
+                if self.device_cache.peek(name, key) is None:
+                    load = self._inflight.get(name)
+                    if load is None or not load.fut.done():
                         return False
         return True
+
+    def _file_tier(self, name: str) -> str:
+        """``page_cache`` when the file is (almost) all in the OS page cache, else ``disk``."""
+        try:
+            fraction = resident_fraction(self.store.path(name))
+        except (OSError, LoraError):
+            fraction = None
+        return "page_cache" if fraction is not None and fraction >= RESIDENT_FRACTION else "disk"
+
+    def _tier(self, name: str, key: tuple) -> str:
+        """Where ``name`` would load from now (call under the lock)."""
+        if self.device_cache.peek(name, key) is not None:
+            return "device"
+        load = self._inflight.get(name)
+        if load is not None and load.key == key:
+            return "device" if load.fut.done() else load.tier
+        if self.host.peek(name, key) is not None:
+            return "host"
+        return self._file_tier(name)
+
+    def tiers(self, names: list[str]) -> list[str]:
+        """Where each LoRA of ``names`` is (``device``, ``host``) or loads from (an in-flight load's
+        tier; ``page_cache``, ``disk``); a name not in the store counts as ``device`` (its request
+        fails at once, when the LoRA is asked for)."""
+        out = []
+        with self._lock:
+            for name in names:
+                try:
+                    key = self.cache_key(name)
+                except LoraError:
+                    out.append("device")
+                    continue
+                out.append(self._tier(name, key))
+        return out
+
+    def eta(self, names: list[str]) -> float:
+        """Predicted seconds until every LoRA of ``names`` is on the device (0: they are), from the
+        estimates (:mod:`katz.lora.estimates`) and the loads the loader thread has queued ahead of
+        them; starts nothing. A load running longer than predicted is taken to need as long again
+        as it has overrun (at most one more prediction)."""
+        now = time.perf_counter()
+        with self._lock:
+            t, done_at = 0.0, {}
+            for name, load in self._inflight.items():
+                if load.fut.done():
+                    continue
+                d = self._busy_seconds(load.tier, load.nbytes)
+                if load.started is not None:
+                    elapsed = now - load.started
+                    t = d - elapsed if d > elapsed else min(elapsed - d, d)
+                else:
+                    t += d
+                done_at[name] = t
+            worst = 0.0
+            for name in names:
+                try:
+                    key = self.cache_key(name)
+                except LoraError:
+                    continue
+                if name in done_at:
+                    worst = max(worst, done_at[name])
+                    continue
+                tier = self._tier(name, key)
+                if tier != "device":
+                    t += self._busy_seconds(tier, key[0])
+                    worst = max(worst, t)
+        return worst
+
+    def _busy_seconds(self, tier: str, nbytes: int) -> float:
+        return self.estimates.seconds(tier, nbytes)
+
+    def observe_merge(self, names: list[str], seconds: float) -> None:
+        """A switch merged ``names`` in (``seconds`` of host work, waits excluded): the ``merge``
+        estimate, per byte of the LoRA files (the ``device`` tier: a merge is the same from any tier)."""
+        try:
+            nbytes = sum(self.cache_key(n)[0] for n in names)
+        except LoraError:
+            return
+        self.estimates.observe("device", "merge", nbytes, seconds)
+
+    def note_request(self, names: list[str]) -> None:
+        """Count a request's LoRAs (once per request) for the tiers' popularity."""
+        self.popularity.note(names)
+
+    def gauges(self) -> list[tuple[str, str, dict, float]]:
+        """The longest switch, the tiers' bytes and budgets, and the load estimates (Triton gauges)."""
+        with self._lock:
+            tiers = [("katz_lora_cache_bytes", "bytes the LoRA tiers hold and may hold", {"tier": t, "kind": kind}, float(v))
+                     for t, c in (("host", self.host), ("device", self.device_cache))
+                     for kind, v in (("used", c.used), ("budget", c.budget))]
+        return [*self.stats.gauges(), *tiers, *self.estimates.gauges()]
 
     # ------------------------------------------------------------- loading
     def prefetch(self, names: list[str]) -> None:
@@ -355,7 +438,7 @@ class LoraManager:
         before its requests run); names not in the store are left for the request to report.
         Returns whether the loads were started."""
         with self._lock:
-            if sum(not fut.done() for _, fut in self._inflight.values()) >= max_pending:
+            if sum(not load.fut.done() for load in self._inflight.values()) >= max_pending:
                 return False
         for name in names:
             try:
@@ -370,45 +453,89 @@ class LoraManager:
             if self.device_cache.get(name, key) is not None:
                 return None
             pending = self._inflight.get(name)
-            if pending is not None and pending[0] == key:
-                return pending[1]
+            if pending is not None and pending.key == key:
+                return pending.fut
             # Resolved by _load as soon as the device entry is in; the host tier is filled after.
             fut: Future = Future()
-            self._pool.submit(self._load, name, key, fut)
-            self._inflight[name] = (key, fut)
+            tier = "host" if self.host.peek(name, key) is not None else self._file_tier(name)
+            self._inflight.pop(name, None)  # re-inserted last: the loader's order
+            load = self._inflight[name] = _Load(key, fut, tier, key[0], LoadProgress(self._progress))
+            self._pool.submit(self._load, name, load)
             return fut
 
-    def _load(self, name: str, key: tuple, fut: Future) -> None:
+    def _load(self, name: str, load: _Load) -> None:
+        fut, key = load.fut, load.key
         if not fut.set_running_or_notify_cancel():
+            load.progress.end()
             return
-        start = time.perf_counter()
+        start = load.started = time.perf_counter()
+        self._phases.clear()
         fill = None
         try:
-            if self.load_delay_s:
-                time.sleep(self.load_delay_s)
             with self._lock:
                 host = self.host.get(name, key)
                 self.stats.host_hits += host is not None
                 self.stats.host_misses += host is None
             if host is not None:
-                entry = self._upload_entry(host)
+                tier = "host"
+                entry = self._upload_entry(host, load.progress)
             else:
-                entry, fill = self._read_entry(name)
+                if self.load_delay_s:  # slow storage: the file, not the host tier
+                    time.sleep(self.load_delay_s)
+                tier = self._file_tier(name)  # the readahead may have brought it in since it was asked for
+                entry, fill = self._read_entry(name, load.progress)
+            seconds = time.perf_counter() - start
             with self._lock:
+                load.tier = tier
                 self.device_cache.put(name, key, entry)
                 self.stats.loads += 1
-                self.stats.load_seconds += time.perf_counter() - start
+                self.stats.load_seconds += seconds
+                self.stats.loads_by_tier[tier] += 1
+                self.stats.load_seconds_by_tier[tier] += seconds
         except BaseException as exc:
             with self._lock:
                 self.stats.load_failures += 1
             fut.set_exception(exc)
+            load.progress.end()
             return
         fut.set_result(None)
+        load.progress.end()
+        self._observe(tier, key[0], seconds)
         if fill is not None:
             self._fill_host(name, key, entry, fill)
 
+    def _observe(self, tier: str, nbytes: int, seconds: float) -> None:
+        """Feed one successful load's phases and critical path to the estimates."""
+        est, phases = self.estimates, self._phases
+        est.observe(tier, "load", nbytes, seconds)
+        for phase, stats in (("read", ("read_seconds",)), ("parse", ("parse_seconds",)),
+                             ("upload", ("upload_seconds", "device_wait_seconds", "host_copy_seconds"))):
+            if any(s in phases for s in stats):
+                est.observe(tier, phase, nbytes, sum(phases[s] for s in stats))
+
+    def _result(self, name: str, load: _Load, timeout: float | None = None) -> None:
+        """Wait for ``load`` and raise its error as a :class:`LoraError`; forget it once done."""
+        try:
+            load.fut.result(timeout=timeout)
+        except LoraError:
+            raise
+        except Exception as exc:
+            raise LoraError(f"lora {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
+        finally:
+            with self._lock:
+                if self._inflight.get(name) is load and load.fut.done():
+                    del self._inflight[name]
+
     def _stream_ctx(self):
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+
+    def _uploaded_event(self) -> torch.cuda.Event | None:
+        """An event after the uploads queued so far on the side stream (None on a CPU device: done)."""
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        return event
 
     def _upload(self, staged: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Queue a copy of ``staged`` (uint8, a slice of the staging buffer) to ``out`` (default: a new
@@ -429,60 +556,95 @@ class LoraManager:
 
     @contextlib.contextmanager
     def _timed(self, stat: str):
-        """Add the seconds the block takes (also when it raises) to ``self.stats.<stat>``."""
+        """Add the seconds the block takes (also when it raises) to ``self.stats.<stat>`` (and to the
+        running load's phases)."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
+            dt = time.perf_counter() - t0
+            self._phases[stat] += dt
             with self._lock:
-                setattr(self.stats, stat, getattr(self.stats, stat) + time.perf_counter() - t0)
+                setattr(self.stats, stat, getattr(self.stats, stat) + dt)
 
-    def _read_entry(self, name: str) -> tuple[_Entry, torch.Tensor | None]:
+    def _read_entry(self, name: str, progress: LoadProgress) -> tuple[Entry, torch.Tensor | None]:
         """Load ``name`` from disk: (device entry, the staging bytes to fill the host tier from, or None).
 
-        While the read threads fill the staging buffer, this thread already makes the device buffer,
-        the views into it, parses and validates (:meth:`_prepare`, needing only the header and the
-        alphas, read first); once the bytes are in: one upload, one finiteness pass, one host sync."""
+        While the read threads fill the staging buffer, this thread makes the device buffer, the
+        views into it, parses and validates (:meth:`_prepare`, needing only the header and the
+        alphas, read first), publishes the LoRA to ``progress`` and uploads each chunk as soon as
+        it is read; once all bytes are up: one finiteness pass, one host sync."""
         path = self.store.path(name)
         if not path.is_file():
             raise LoraError(f"lora {name!r}: file {path.name} is not in the LoRA store")
         t0 = time.perf_counter()
-        read = read_lora_bytes(path, name, self.components, self._staging.acquire,
-                               overlap=lambda r: self._prepare(r, None), first=_is_alpha)
+        uploading = [0.0]  # seconds issuing uploads inside the overlap (not reading)
+
+        def overlap(read):
+            prepared = self._prepare(read, None)
+            if prepared is None:
+                return None
+            if prepared.invalid is None and streamable(prepared.layout):
+                progress.publish(prepared.weights, prepared.dev, prepared.layout)  # a merge may start on it
+            uploading[0] = self._upload_chunks(read, prepared.dev, progress)
+            return prepared
+
+        read = read_lora_bytes(path, name, self.components, self._staging.acquire, overlap=overlap, first=_is_alpha)
         prepared: _Prepared | None = read.overlapped
         with self._lock:
             self.stats.read_bytes += read.buffer.numel()
-            overlapped = prepared.seconds if prepared is not None else 0.0
-            self.stats.read_seconds += time.perf_counter() - t0 - overlapped  # the wait for the disk
+        overlapped = (prepared.seconds if prepared is not None else 0.0) + uploading[0]
+        read_s = time.perf_counter() - t0 - overlapped  # the wait for the disk
+        self._phases["read_seconds"] += read_s
+        with self._lock:
+            self.stats.read_seconds += read_s
         if read.overlap_error is not None:  # a component the family lacks, a key parse_lora rejects
             raise read.overlap_error
         if not read.keys:  # nothing for these components (e.g. a text-encoder-only LoRA)
-            return _Entry(LoraWeights(name=name, layers={}), None, (), 0), None
+            return Entry(name, LoraWeights(name=name, layers={}), None, (), 0), None
         if prepared is None:  # a tensor must be copied out of the bytes: prepare after the upload
             with self._timed("upload_seconds"), self._stream_ctx():
                 dev = self._upload(read.buffer)
             prepared = self._prepare(read, dev)
-        else:
-            with self._timed("upload_seconds"), self._stream_ctx():
-                self._upload(read.buffer, out=prepared.dev)
+            progress.advance(dev.numel(), self._uploaded_event())
         dev, extra = prepared.dev, prepared.extra
         with self._timed("upload_seconds"), self._stream_ctx():
-            finite = finite_flag(dev, prepared.spans, extra)  # queued behind the upload
+            finite = finite_flag(dev, prepared.spans, extra)  # queued behind the uploads
         with self._timed("device_wait_seconds"), self._stream_ctx():
-            if not bool(finite):  # the one host sync of the load: the upload is done too
+            if not bool(finite):  # the one host sync of the load: the uploads are done too
                 bad = first_non_finite(prepared.on_device)
                 if bad is not None:
                     raise lora_error(name, f"tensor {bad!r} contains NaN or infinite values")
         if prepared.invalid is not None:
             raise prepared.invalid
         nbytes = dev.numel() + sum(t.numel() * t.element_size() for t in extra)
-        return _Entry(prepared.weights, dev, tuple(extra), nbytes), read.buffer
+        return Entry(name, prepared.weights, dev, tuple(extra), nbytes, prepared.layout), read.buffer
+
+    def _upload_chunks(self, read, dev: torch.Tensor, progress: LoadProgress) -> float:
+        """Upload each chunk of ``read`` to ``dev`` as soon as the read threads have it, in buffer order,
+        advancing ``progress``; returns the seconds spent issuing the uploads. A chunk's read error
+        stops it (:func:`read_lora_bytes` then raises that error)."""
+        spent = 0.0
+        for at, n, fut in read.chunks:
+            fut.result()
+            t0 = time.perf_counter()
+            with self._stream_ctx():
+                dev[at : at + n].copy_(read.buffer[at : at + n], non_blocking=True)
+                event = self._uploaded_event()
+            progress.advance(at + n, event)
+            spent += time.perf_counter() - t0
+        self._staging.uploaded(self._stream)
+        self._phases["upload_seconds"] += spent
+        with self._lock:
+            self.stats.upload_seconds += spent
+        return spent
 
     def _prepare(self, read, dev: torch.Tensor | None) -> _Prepared | None:
         """Parse and validate ``read`` against a device buffer: ``dev`` holding the bytes already, or
         None (called while the bytes are read: a new, still empty buffer). None when there is nothing
         to load, or when ``dev`` is None and a tensor would have to be copied out of bytes not read yet
-        (then it is called again once they are uploaded)."""
+        (then it is called again once they are uploaded). A valid LoRA also gets the pristine copies
+        of the weights it targets made here (:meth:`LoraPatcher.prepare`), off the request's path."""
         t0 = time.perf_counter()
         name = read.name
         device_keys = [k for k in read.keys if not _is_alpha(k)]
@@ -509,6 +671,7 @@ class LoraManager:
                 spans.append((at, at + spec.nbytes, spec.dtype))
         with self._timed("parse_seconds"):
             weights = parse_lora(tensors, name, self.store.family, check_finite=False)
+            layout = layout_of(weights, dev)
         invalid = None
         with self._timed("parse_seconds"):
             try:
@@ -518,40 +681,67 @@ class LoraManager:
                         patcher.validate(weights, check_values=False)
             except LoraError as e:
                 invalid = e  # reported after a non-finite tensor, as parse_lora + validate order them
-        return _Prepared(dev, weights, on_device, spans, extra, invalid, time.perf_counter() - t0)
+        if invalid is None:
+            self._prepare_pristine(weights)
+        return _Prepared(dev, weights, layout, on_device, spans, extra, invalid, time.perf_counter() - t0)
 
-    def _upload_entry(self, host: _Entry) -> _Entry:
-        """A host-tier entry on the device (no disk, no parsing, no validation: done when it was read)."""
+    def _prepare_pristine(self, weights: LoraWeights) -> None:
+        with self._timed("pristine_seconds"):
+            for comp, patcher in self.patchers.items():
+                if comp in weights.layers and hasattr(patcher, "prepare"):
+                    patcher.prepare(weights)
+
+    def _upload_entry(self, host: Entry, progress: LoadProgress) -> Entry:
+        """A host-tier entry on the device, chunk by chunk (no disk, no parsing, no value checks: done
+        when it was read; the plans are made again for the new tensors, off the request's path)."""
         if host.buffer is None:
-            return host  # no tensors
-        with self._timed("host_copy_seconds"):
-            staged = self._staging.acquire(host.buffer.numel())
-            staged.copy_(host.buffer)
-        with self._timed("upload_seconds"):
-            with self._stream_ctx():
-                entry = _rebase_weights(host.weights, host.buffer, self._upload(staged))
+            return Entry(host.name, LoraWeights(name=host.name, layers={}), None, (), 0)
+        n = host.buffer.numel()
+        with self._timed("upload_seconds"), self._stream_ctx():
+            dev = torch.empty(n, dtype=torch.uint8, device=self.device)
+            weights, extra = weights_from(host.name, host.layout, dev)
+        with self._timed("parse_seconds"):
+            for comp, patcher in self.patchers.items():
+                if comp in weights.layers:
+                    patcher.validate(weights, check_values=False)
+        self._prepare_pristine(weights)
+        if streamable(host.layout):
+            progress.publish(weights, dev, host.layout)
+        staged = self._staging.acquire(n)
+        for at in range(0, n, HOST_CHUNK_BYTES):
+            end = min(n, at + HOST_CHUNK_BYTES)
+            with self._timed("host_copy_seconds"):
+                staged[at:end].copy_(host.buffer[at:end])
+            with self._timed("upload_seconds"), self._stream_ctx():
+                dev[at:end].copy_(staged[at:end], non_blocking=True)
+                event = self._uploaded_event()
+            progress.advance(end, event)
+        self._staging.uploaded(self._stream)
+        with self._timed("device_wait_seconds"):
             if self._stream is not None:
                 self._stream.synchronize()
-        with self._timed("parse_seconds"):  # plans the merge here, off the request's path (checked when read)
-            for comp, patcher in self.patchers.items():
-                if comp in entry.weights.layers:
-                    patcher.validate(entry.weights)
-        return entry
+        return Entry(host.name, weights, dev, tuple(extra), host.nbytes, host.layout)
 
-    def _fill_host(self, name: str, key: tuple, entry: _Entry, staged: torch.Tensor) -> None:
-        """Keep the bytes just loaded in the host tier (ordinary memory) if they fit its budget.
+    def _fill_host(self, name: str, key: tuple, entry: Entry, staged: torch.Tensor) -> None:
+        """Keep the bytes just loaded in the host tier (ordinary memory) if it admits them.
 
         Runs on the loader thread after the load's future is resolved, before the next load, so
-        ``staged`` still holds this LoRA's bytes.
+        ``staged`` still holds this LoRA's bytes. Only a byte copy: no per-tensor work while the
+        request that waited for the LoRA merges it (the two threads share the GIL).
         """
-        if entry.nbytes > self.host.budget:
-            return
+        with self._lock:
+            if not self.host.admits(name, entry.nbytes):
+                self.stats.host_rejected += 1
+                return
         with self._timed("host_fill_seconds"):
             blob = torch.empty(staged.numel(), dtype=torch.uint8)
             blob.copy_(staged)
-            host = _rebase_weights(entry.weights, entry.buffer, blob)
+            layout = [(c, p, a, k, *(Spec(tensor=s.tensor.to("cpu")) if s.tensor is not None else s for s in (d, u)))
+                      for c, p, a, k, d, u in entry.layout]
+            extra = tuple(s.tensor for row in layout for s in row[4:] if s.tensor is not None)
             with self._lock:
-                self.host.put(name, key, host)
+                if not self.host.put(name, key, Entry(name, None, blob, extra, entry.nbytes, layout)):
+                    self.stats.host_rejected += 1
 
     def get(self, names: list[str], timeout: float | None = None) -> list[LoraWeights]:
         """The device-resident LoRAs ``names``, waiting for their loads; raises :class:`LoraError`."""
@@ -562,16 +752,12 @@ class LoraManager:
             fut = self._future(name)
             if fut is not None:
                 waited = waited or not fut.done()
-                try:
+                with self._lock:
+                    load = self._inflight.get(name)
+                if load is not None and load.fut is fut:
+                    self._result(name, load, timeout)
+                else:  # finished and forgotten meanwhile
                     fut.result(timeout=timeout)
-                except LoraError:
-                    raise
-                except Exception as exc:
-                    raise LoraError(f"lora {name!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
-                finally:
-                    with self._lock:
-                        if self._inflight.get(name, (None, None))[1] is fut:
-                            del self._inflight[name]
             key = self.cache_key(name)
             with self._lock:
                 entry = self.device_cache.get(name, key)
@@ -585,16 +771,49 @@ class LoraManager:
                     entry = self.device_cache.get(name, key)
                 if entry is None:
                     raise LoraError(f"lora {name!r}: changed on disk while loading; retry the request")
-            if self.device.type == "cuda":
-                # The caller's stream reads these buffers: if the entry is evicted meanwhile, the
-                # allocator must not hand them to the loader's stream before that stream is done.
-                for t in entry.tensors():
-                    t.record_stream(torch.cuda.current_stream(self.device))
+            self._used_by_caller(entry)
             out.append(entry.weights)
         if waited:
             with self._lock:
                 self.stats.wait_seconds += time.perf_counter() - start
         return out
+
+    def _used_by_caller(self, entry: Entry) -> None:
+        if self.device.type == "cuda":
+            # The caller's stream reads these buffers: if the entry is evicted meanwhile, the
+            # allocator must not hand them to the loader's stream before that stream is done.
+            for t in entry.tensors():
+                t.record_stream(torch.cuda.current_stream(self.device))
+
+    def stream(self, names: list[str]) -> tuple[list[LoraWeights], _Arrival | None]:
+        """The LoRAs ``names`` to merge now, without waiting for all their bytes: those on the device,
+        and those still loading once parsed and validated (their bytes arrive while the merge runs:
+        the returned arrival, for :meth:`LoraPatcher.apply`; None when nothing is still arriving).
+        A load that cannot stream (a tensor to copy out of its bytes) is waited for. Raises
+        :class:`LoraError`."""
+        out, streaming = [], {}
+        for name in names:
+            fut = self._future(name)
+            with self._lock:
+                load = self._inflight.get(name)
+            if fut is None or load is None or load.fut is not fut:
+                out.extend(self.get([name]))
+                continue
+            progress = load.progress
+            t0 = time.perf_counter()
+            with self._progress:
+                while progress.weights is None and not progress.ended:
+                    self._progress.wait()
+            with self._lock:
+                self.stats.wait_seconds += time.perf_counter() - t0
+            if progress.ended or progress.weights is None or fut.done():
+                out.extend(self.get([name]))
+                continue
+            with self._lock:
+                self.stats.device_misses += 1
+            streaming[name] = load
+            out.append(progress.weights)
+        return out, (_Arrival(self, streaming) if streaming else None)
 
     def clear_caches(self) -> None:
         """Empty the host and device tiers (a cold start for the next load; benchmarks, tests). Waits for
@@ -610,6 +829,8 @@ class LoraManager:
 
     def close(self) -> None:
         with self._lock:
-            for _, fut in self._inflight.values():
-                fut.cancel()  # a load not started yet; waiters get CancelledError
+            loads = list(self._inflight.values())
+        for load in loads:
+            if load.fut.cancel():  # a load not started yet; waiters get CancelledError
+                load.progress.end()
         self._pool.shutdown(wait=False, cancel_futures=True)

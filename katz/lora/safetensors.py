@@ -20,7 +20,7 @@ import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -97,6 +97,9 @@ class LoraRead:
     # what ``read_lora_bytes(..., overlap=f)``'s ``f`` returned or raised while the bytes were read
     overlapped: object = None
     overlap_error: BaseException | None = None
+    # while ``overlap`` runs: the reads in flight, ``(buffer offset, bytes, future)`` in buffer order
+    # (a future's result raises that read's error); empty otherwise
+    chunks: list = field(default_factory=list)
 
     def tensors(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """name -> tensor as views into ``buffer`` (default: the read buffer; else a byte copy of it,
@@ -275,11 +278,12 @@ def read_ranges(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence
 
 
 def start_reads(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[tuple[int, int, int]]) -> list:
-    """:func:`read_ranges` without waiting: the reads run on the read threads; returns their futures
-    (for :func:`wait_reads`; ``fd`` and ``buffer`` must stay valid until then)."""
+    """:func:`read_ranges` without waiting: the reads run on the read threads, in buffer order; returns
+    ``(buffer offset, bytes, future)`` per chunk (for :func:`wait_reads`; ``fd`` and ``buffer`` must
+    stay valid until then)."""
     job, jobs = _read_jobs(fd, buffer, data_start, ranges)
     pool = _read_pool()
-    return [pool.submit(job, j) for j in jobs]
+    return [(at, n, pool.submit(job, (offset, at, n))) for offset, at, n in jobs]
 
 
 def _read_jobs(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[tuple[int, int, int]]):
@@ -301,8 +305,8 @@ def _read_jobs(fd: int, buffer: torch.Tensor, data_start: int, ranges: Sequence[
 
 
 def wait_reads(futures: list) -> None:
-    """Wait for every read of :func:`start_reads`; then raise the first one's error, if any."""
-    errors = [f.exception() for f in futures]
+    """Wait for every read of :func:`start_reads` (or plain futures); then raise the first one's error, if any."""
+    errors = [(f[2] if isinstance(f, tuple) else f).exception() for f in futures]
     for error in errors:
         if error is not None:
             raise error
@@ -337,10 +341,10 @@ def read_lora_bytes(
     :class:`LoraError` naming ``name``; :meth:`LoraRead.tensors` makes the tensors.
 
     ``overlap(read)`` runs on the calling thread while the read threads fill the buffer (work that
-    needs the header, not the bytes: parsing names, planning views); the tensors whose keys ``first``
-    accepts (small ones, e.g. alphas) are in the buffer already when it starts. What it returns or
-    raises is kept in ``read.overlapped`` / ``read.overlap_error``; an error of the read itself is
-    raised first.
+    needs the header, not the bytes: parsing names, planning views; or uploading each chunk as
+    ``read.chunks`` says it is in); the tensors whose keys ``first`` accepts (small ones, e.g. alphas)
+    are in the buffer already when it starts. What it returns or raises is kept in
+    ``read.overlapped`` / ``read.overlap_error``; an error of the read itself is raised first.
     """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
@@ -370,13 +374,14 @@ def read_lora_bytes(
             if first(key):
                 spec, at = header.tensors[key], plan.offsets[key]
                 _read_exact(fd, view[at : at + spec.nbytes], header.data_start + spec.begin)
-        futures = start_reads(fd, buffer, header.data_start, plan.ranges)
+        read.chunks = start_reads(fd, buffer, header.data_start, plan.ranges)
         try:
             read.overlapped = overlap(read)
         except Exception as e:  # reported by the caller, after the read's own errors
             read.overlap_error = e
         finally:
-            wait_reads(futures)  # before the file is closed, also when overlap failed
+            chunks, read.chunks = read.chunks, []
+            wait_reads(chunks)  # before the file is closed, also when overlap failed
         return read
     except EOFError as e:  # the file shrank after its header was read
         raise _invalid(name, path.name, str(e)) from None

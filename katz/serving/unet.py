@@ -4,8 +4,9 @@ Inputs (batch dimension ``B`` first; 2 with classifier-free guidance):
 ``sample [B, C, h, w]``, ``timestep [B, 1]``, ``encoder_hidden_states [B, 77, D]``,
 SDXL ``text_embeds [B, P]`` and ``time_ids [B, 6]``, optional ControlNet
 ``down_residual_0..N-1`` and ``mid_residual``; optional ``loras [B, m]``,
-``lora_scales [B, m]`` (rows repeat; row 0 is read), ``lora_wait [B, 1]`` and
-``lora_skip [B, 1]`` (run on base weights this step, only start the load).
+``lora_scales [B, m]`` (rows repeat; row 0 is read), ``lora_wait [B, 1]``,
+``lora_skip [B, 1]`` (run on base weights this step, only start the load) and ``lora_step [B, 1]``
+(the request's step: at 0 its LoRAs are counted, and go in at once if hot).
 Outputs: ``noise_pred [B, C, h, w]``, ``lora_applied [B, 1]`` and ``lora_ready [B, 1]``
 (the LoRAs are on this instance's device now).
 
@@ -32,10 +33,10 @@ from katz.controlnet.transports import LocalControlNets, controlnet_client, inli
 from katz.diffusion.loop import added_cond, is_loop_request, read_loop_request, run_loop, step_tensors
 from katz.engines import engine_class
 from katz.errors import InvalidArgument
-from katz.lora.bal import UNetLoras, must_wait, requested_loras
+from katz.lora.bal import UNetLoras, device_ahead, requested_loras
 from katz.lora.manager import LoraManager
 from katz.request import RequestParams
-from katz.serving.metrics import graph_metrics
+from katz.serving.metrics import GcPauses, graph_metrics
 
 
 class UNet:
@@ -75,7 +76,7 @@ class UNet:
             device_budget_bytes=deployment.lora_device_cache_bytes,
             load_delay_s=deployment.lora_load_delay_s,
         )
-        self.bal = UNetLoras(self.loras, self.engine.set_loras)
+        self.bal = UNetLoras(self.loras, self.engine.set_loras, self.engine.lora)
         self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora.hints)
         if deployment.lora_hints and deployment.lora_dir:
             from katz.lora.hints import HintListener
@@ -84,6 +85,7 @@ class UNet:
         self.runs, self.run_seconds = 0, 0.0  # UNet evaluations and their time on the device
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._on_gpu = torch.device(deployment.device).type == "cuda"
+        self.gc = GcPauses.watch()
 
     @property
     def applied(self):
@@ -94,7 +96,9 @@ class UNet:
         """Add the device time of finished evaluations (CUDA events; never waits for the GPU)."""
         while self._timing and self._timing[0][1].query():
             start, end = self._timing.pop(0)
-            self.run_seconds += start.elapsed_time(end) / 1e3
+            seconds = start.elapsed_time(end) / 1e3
+            self.run_seconds += seconds
+            self.bal.observe_step(seconds)
 
     def _timed(self, evaluate):
         """``evaluate()`` (one UNet evaluation), counted in ``runs`` and ``run_seconds`` (GPU: CUDA events)."""
@@ -108,7 +112,9 @@ class UNet:
         else:
             t0 = time.perf_counter()
             out = evaluate()
-            self.run_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.run_seconds += seconds
+            self.bal.observe_step(seconds)
         self.runs += 1
         return out
 
@@ -131,29 +137,24 @@ class UNet:
     def _run_loop(self, inputs: dict) -> dict:
         """A loop request: the request's whole denoising loop in this process (no BLS per step).
 
-        BAL as in the per-step mode: a step runs with the request's LoRAs once they are on the
-        device, or waits for them at step ``lora_k``; from then on every step keeps them."""
+        BAL (:class:`katz.lora.bal.LoopLoras`): a step runs with the request's LoRAs once they are on
+        the device by the time the device gets to it (hot LoRAs from step 0), or waits for them at
+        step ``lora_k``; from then on every step keeps them."""
         device = self.deployment.device
         params, embeds, pooled, images = read_loop_request(inputs, device, self.deployment.torch_dtype)
-        want = params.lora_set
-        step, applied_at = 0, None
+        bal = self.bal.begin(params.lora_set, params.lora_k)
         # a ControlNet in another process reads the sample over CUDA IPC: the work that made it
         # (queued on this stream) must be done first
         sync = torch.cuda.current_stream(device).synchronize if self._on_gpu else (lambda: None)
 
         def unet(sample, t, hidden, added, down, mid, controls=()):
-            nonlocal step, applied_at
-            weights = self.bal.choose(want, must=must_wait(step, params.lora_k, applied_at))
-            self.bal.switch_to(weights)
-            if weights and applied_at is None:
-                applied_at = step
+            self._collect_timing()  # how far the device is behind the host: the steps still queued
+            bal.before_step(device_ahead(len(self._timing), self.bal.step_seconds))
             x = step_tensors(sample, t, hidden, added, batched=True, device=device)
             jobs = jobs_of(controls) if controls else None
             if jobs and self.controlnets.cross_process:
                 sync()
-            noise = self._timed(lambda: self.step(x["sample"], x["timestep"], hidden, added, jobs, down, mid))
-            step += 1
-            return noise
+            return self._timed(lambda: self.step(x["sample"], x["timestep"], hidden, added, jobs, down, mid))
 
         def inline(*args, **kwargs):
             sync()
@@ -162,8 +163,8 @@ class UNet:
         latents = run_loop(params, embeds, pooled, images, self.deployment.folder, unet=unet,
                            controlnet=inline if self._inline_controlnet is not None else None,
                            controlnet_in_unet=self.controlnets is not None)
-        applied = -1 if applied_at is None else applied_at
-        return {"latents": latents, "lora_applied_step": torch.tensor([[applied]], dtype=torch.int32)}
+        bal.finish()  # the merged weights' finiteness check, read once the device is done with them
+        return {"latents": latents, "lora_applied_step": torch.tensor([[bal.applied_step]], dtype=torch.int32)}
 
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         """Counters for Triton's metrics endpoint: ``(name, description, labels, total)``."""
@@ -175,20 +176,24 @@ class UNet:
             *self.loras.stats.metrics(),
             ("katz_lora_hints_total", "LoRA name lists received from preprocessing for arriving requests", {},
              self.hints.received if self.hints is not None else 0),
+            *self.gc.metrics(),
             *graph_metrics(self.engine),
             # controlnet_mode local: the ControlNets' counters come from this process
             *(self.controlnets.model.metrics() if isinstance(self.controlnets, LocalControlNets) else []),
         ]
 
     def gauges(self) -> list[tuple[str, str, dict, float]]:
-        """Where the UNet instance's device memory goes (bytes, Triton gauges): the engine's weights,
-        the pristine copies of LoRA-patched weights (exact restore) and the device LoRA cache."""
+        """Triton gauges: where the UNet instance's device memory goes (bytes: the engine's weights, the
+        pristine copies of LoRA-patched weights for exact restores, the device LoRA cache), and the LoRA
+        manager's (the longest weight switch, its tiers' bytes, its load estimates)."""
         description = "device memory the UNet instance holds, by part (bytes)"
         return [
             ("katz_unet_memory_bytes", description, {"part": "weights"}, float(self._weight_bytes)),
             ("katz_unet_memory_bytes", description, {"part": "pristine"},
              float(getattr(self.engine.lora, "pristine_bytes", 0))),
             ("katz_unet_memory_bytes", description, {"part": "lora_cache"}, float(self.loras.device_cache.used)),
+            *self.loras.gauges(),
+            *self.gc.gauges(),
         ]
 
     def execute(self, inputs: dict) -> dict:
@@ -226,6 +231,11 @@ class UNet:
                 try:
                     results[i] = self._evaluate(batch[i], weight_set)
                 except Exception as exc:
+                    results[i] = exc
+            try:
+                self.bal.settle()  # a merge's finiteness, before its outputs leave
+            except Exception as exc:
+                for i in groups[weight_set]:
                     results[i] = exc
         for i in (loops[j] for j in self.bal.order(self._queued_loras(batch[i]) for i in loops)):
             try:
