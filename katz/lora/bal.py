@@ -287,7 +287,7 @@ class LoopLoras:
         if self.hot or seconds <= 0:
             return 0
         step_s = self.bal.step_seconds
-        if not step_s:
+        if not step_s or not math.isfinite(seconds):  # no step time yet, or no prediction: the bound
             return self.k
         return min(self.k, math.ceil(seconds / step_s))
 
