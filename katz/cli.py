@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from katz.deployment import CONTROLNET_MODES, ENGINES, LOOPS, Deployment, DeploymentError
+from katz.request import Limits
 
 DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}
 # Deployment fields whose flag is not --<field with dashes>
@@ -89,7 +90,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated ControlNets kept loaded (default: all); others load on demand into an LRU")
     p.add_argument("--controlnet-cache-mb", type=int, default=D("controlnet_cache_bytes") >> 20)
     p.add_argument("--feature-cache-mb", type=int, default=D("feature_cache_bytes") >> 20, help="control-image feature cache")
-    p.add_argument("--lora-k", type=int, default=2,
+    p.add_argument("--lora-k", type=int, default=Limits.default_lora_k,
                    help="BAL bound: LoRAs are patched in by this step at the latest (0: before the first step)")
     p.add_argument("--lora-host-cache-mb", type=_mb_or_auto, default="auto",
                    help="LoRA file bytes kept in host memory (the host tier; popular LoRAs first); default auto: "

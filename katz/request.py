@@ -84,7 +84,9 @@ class Limits:
     default_width: int = 1024
     default_height: int = 1024
     default_scheduler: str = "default"
-    default_lora_k: int = 2
+    # BAL's bound when a request sends none: 0, the LoRA in from the first step, since later bounds kept
+    # well under 90 % of a LoRA's effect wherever that was measured (docs/techniques.md, "Choosing k")
+    default_lora_k: int = 0
 
 
 @dataclass
