@@ -130,7 +130,7 @@ def main() -> None:
         raise SystemExit("model_memory.py needs a CUDA device")
 
     from bench.sdxl_random import build
-    from katz.engines import cuda_graphs
+    from katz.engines.torch import cuda_graphs
     from katz.models.folder import ModelFolder, discover_controlnets
     from katz.request import Limits
     from katz.serving.factory import create_model
@@ -161,9 +161,10 @@ def main() -> None:
     if args.pool_per_engine:
         import threading
 
-        from katz.engines import torch_engines
+        from katz.engines.torch import controlnet, unet, vae
 
-        torch_engines.process_pool = lambda device: (torch.cuda.graph_pool_handle(), threading.Lock())
+        for engines in (unet, controlnet, vae):  # each engine module took the name at import
+            engines.process_pool = lambda device: (torch.cuda.graph_pool_handle(), threading.Lock())
     torch.cuda.memory._record_memory_history(max_entries=1_000_000)
     t0 = time.perf_counter()
     model = create_model(args.model, dep.to_parameters(), "cuda")
