@@ -167,6 +167,14 @@ def plot(runs: list[Run], slo: float, out_dir: Path, dpi: int = 110,
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
 
+    def save(fig, ax, name: str) -> None:
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(out_dir / f"{name}.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=dpi)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=size)
     for run in runs:
         lat = np.sort(run.latency)
@@ -175,12 +183,7 @@ def plot(runs: list[Run], slo: float, out_dir: Path, dpi: int = 110,
             ax.step(lat, np.arange(1, len(lat) + 1) / len(run.ok), where="post", label=run.label)
     ax.axvline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:g}s")
     ax.set(xlabel="latency (s)", ylabel="fraction of requests", title="Latency CDF", ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "latency_cdf.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=dpi)
-    plt.close(fig)
+    save(fig, ax, "latency_cdf")
 
     fig, ax = plt.subplots(figsize=size)
     for i, run in enumerate(runs):
@@ -191,24 +194,14 @@ def plot(runs: list[Run], slo: float, out_dir: Path, dpi: int = 110,
             ax.scatter(run.done[bad], np.zeros(bad.sum()), marker="x", color=color, label=f"{run.label} failed")
     ax.axhline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:g}s")
     ax.set(xlabel="time since start (s)", ylabel="latency (s)", title="Latency over time")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "latency_over_time.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=dpi)
-    plt.close(fig)
+    save(fig, ax, "latency_over_time")
 
     fig, ax = plt.subplots(figsize=size)
     for run in runs:
         t, q = queue_length(run)
         ax.step(t, q, where="post", label=run.label)
     ax.set(xlabel="time since start (s)", ylabel="requests in flight", title="Queue length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "queue_length.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=dpi)
-    plt.close(fig)
+    save(fig, ax, "queue_length")
     return paths
 
 
