@@ -598,3 +598,20 @@ def test_streamed_load_with_a_bad_last_chunk_is_never_left_merged(preset_dir, sm
     finally:
         m.close()
     assert str(info.value) == _cpu_path_error(tmp_path / "bad.safetensors", "bad")
+
+
+def test_clear_caches_leaves_nothing_ready_from_an_uncollected_load(tmp_path):
+    """A load nobody collected with get() (a prefetch, or a streamed merge) must not keep answering
+    ready() after the caches are emptied: the next request would count a cold LoRA as on the device."""
+    _peft_lora(tmp_path / "a.safetensors", 1)
+    m = _manager(tmp_path)
+    try:
+        m.prefetch(["a"])
+        m.wait_idle()
+        assert m.ready(["a"])
+        m.clear_caches()
+        assert not m.ready(["a"]) and m.tiers(["a"])[0] not in ("device", "host")
+        (w,) = m.get(["a"])  # loads again, from the file
+        assert "unet" in w.layers and m.stats.loads == 2
+    finally:
+        m.close()

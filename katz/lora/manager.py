@@ -822,6 +822,10 @@ class LoraManager:
         with self._lock:
             self.host.clear()
             self.device_cache.clear()
+            # a finished load still listed (a streamed merge does not collect it) holds its entry
+            # and would answer ready() and get() from it
+            for name in [n for n, load in self._inflight.items() if load.fut.done()]:
+                del self._inflight[name]
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait until the loader thread has done all it was given so far (loads and host-tier fills)."""
