@@ -73,6 +73,9 @@ def _mincore_fn():
     return _libc or None
 
 
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore's residency bit of each page's byte
+
+
 def resident_pages(fd: int, size: int) -> bytes | None:
     """One byte per page of the open file ``fd`` (``size`` bytes): 1 where the page is in the page
     cache, else 0; None where that cannot be asked (no ``mincore``, or the mapping failed)."""
@@ -87,7 +90,8 @@ def resident_pages(fd: int, size: int) -> bytes | None:
         vec = (ctypes.c_ubyte * pages)()
         if libc.mincore(addr, size, vec) != 0:
             return None
-        return bytes(v & 1 for v in vec)
+        # in C, not a Python loop over every page: the loader asks this on a request's path
+        return bytes(vec).translate(_LOW_BIT)
     finally:
         libc.munmap(addr, size)
 
@@ -100,7 +104,7 @@ def resident_fraction(path: str | Path) -> float | None:
         if size == 0:
             return 1.0
         pages = resident_pages(fd, size)
-        return None if pages is None else sum(pages) / len(pages)
+        return None if pages is None else pages.count(1) / len(pages)
     finally:
         os.close(fd)
 
@@ -126,7 +130,7 @@ def missing_chunks(fd: int, size: int, chunk: int = CHUNK_BYTES) -> list[tuple[i
     for offset in range(0, size, chunk):
         if pages is not None:
             first = offset // mmap.PAGESIZE
-            if all(pages[first : first + per_chunk]):
+            if 0 not in pages[first : first + per_chunk]:
                 continue
         out.append((offset, min(chunk, size - offset)))
     return out
