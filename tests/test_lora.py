@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from katz.errors import LoraError
-from katz.lora.patch import LoraPatcher, all_finite, copy_all
+from katz.lora.patch import LoraPatcher, all_finite, attention_projections, copy_all, warm_up
 from katz.lora.random import make_random_lora
 from katz.lora.safetensors import read_lora_file
 from katz.lora.weights import LoraLayer, LoraWeights, parse_lora
@@ -372,6 +372,25 @@ def test_restore_and_switch_are_bit_identical(sdxl, tmp_path):
     assert _weights_hash(unet) == _weights_hash(fresh)
     p.apply([])
     assert _weights_hash(unet) == base_hash
+
+
+def test_warm_up_merges_nothing_and_leaves_the_base(sdxl, tmp_path):
+    unet = copy.deepcopy(sdxl["unet"])
+    base_hash = _weights_hash(unet)
+    assert attention_projections(unet) == _attn_paths(unet)
+    p = LoraPatcher(unet, "unet")
+    assert warm_up(p, ranks=(2, 4)) > 0
+    assert p.applied == () and _weights_hash(unet) == base_hash
+    # the pristine copies are made, so the first real merge copies nothing more
+    assert p.pristine_bytes == sum(unet.get_submodule(q).weight.nbytes for q in _attn_paths(unet))
+    make_random_lora(tmp_path / "a.safetensors", unet, {}, rank=4, seed=1, fmt="peft")
+    a = parse_lora(read_lora_file(tmp_path / "a.safetensors", "a"), "a", "sdxl")
+    before = p.pristine_bytes
+    p.apply([(a, 1.0)])
+    assert p.pristine_bytes == before and _weights_hash(unet) != base_hash
+    p.restore()
+    assert _weights_hash(unet) == base_hash
+    assert warm_up(LoraPatcher(torch.nn.Sequential(torch.nn.Linear(2, 2)), "unet")) == 0.0  # nothing to warm
 
 
 def test_same_list_is_not_merged_again(sd15):

@@ -505,3 +505,42 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
 def apply_loras(patcher: LoraPatcher, loras: Sequence[tuple[LoraWeights, float]]) -> None:
     """Merge into ``patcher``'s module the LoRAs of ``loras`` that have layers for its component."""
     patcher.apply([(w, s) for w, s in loras if patcher.component in w.layers])
+
+
+def attention_projections(module: torch.nn.Module) -> list[str]:
+    """Module paths of the attention projections of ``module``'s transformer blocks (``to_q``, ``to_k``,
+    ``to_v``, ``to_out.0`` of ``attn1``/``attn2``): what most published LoRAs adapt."""
+    suffixes = (".to_q", ".to_k", ".to_v", ".to_out.0")
+    return [name for name, mod in module.named_modules()
+            if ".transformer_blocks." in f".{name}" and name.endswith(suffixes) and isinstance(mod, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def warm_up(patcher: LoraPatcher, ranks: Sequence[int] = (8, 64, 128)) -> float:
+    """Merge and restore an all-zero LoRA of each rank of ``ranks`` on the attention projections, so the
+    first request with a LoRA does not pay for what a first merge costs once (on a GPU: loading the
+    merge's kernels for each shape and rank, the merge's scratch memory, the pristine copies, ~0.1 s
+    in all). A zero LoRA changes no weight; the base is restored either way. Returns the seconds taken
+    (0.0 when the module has no attention projections)."""
+    import time
+
+    paths = attention_projections(patcher.module)
+    if not paths:
+        return 0.0
+    start = time.perf_counter()
+    modules = dict(patcher.module.named_modules())
+    for rank in ranks:
+        layers = {}
+        for path in paths:
+            w = modules[path].weight
+            layers[path] = LoraLayer(down=torch.zeros(rank, w.shape[1], dtype=w.dtype, device=w.device),
+                                     up=torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device), alpha=None,
+                                     key=f"warm-up.{path}")
+        lora = LoraWeights(name=f"warm-up-rank-{rank}", layers={patcher.component: layers})
+        try:
+            patcher.apply([(lora, 1.0)])
+        finally:
+            patcher.restore()
+    if paths and modules[paths[0]].weight.is_cuda:
+        torch.cuda.synchronize(modules[paths[0]].weight.device)
+    return time.perf_counter() - start

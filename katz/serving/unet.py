@@ -35,6 +35,7 @@ from katz.engines import engine_class
 from katz.errors import InvalidArgument
 from katz.lora.bal import UNetLoras, device_ahead, requested_loras
 from katz.lora.manager import LoraManager
+from katz.lora.patch import LoraPatcher, warm_up
 from katz.request import RequestParams
 from katz.serving.metrics import GcPauses, graph_metrics
 
@@ -77,6 +78,9 @@ class UNet:
             load_delay_s=deployment.lora_load_delay_s,
         )
         self.bal = UNetLoras(self.loras, self.engine.set_loras, self.engine.lora)
+        # the first LoRA request would otherwise pay for the first merge (kernels, scratch, pristine copies)
+        self.lora_warmup_s = warm_up(self.engine.lora) \
+            if deployment.lora_dir and isinstance(self.engine.lora, LoraPatcher) else 0.0
         self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora.hints)
         if deployment.lora_hints and deployment.lora_dir:
             from katz.lora.hints import HintListener
