@@ -12,8 +12,10 @@ has finished it, and one switch under the torch profiler (CUDA kernels launched,
 Then the switch as the server meets it (``server_like``, A -> B each): the GPU still busy with
 ``--queued-ms`` of work the loop queued ahead (the merge's finiteness read at once, as before, or
 deferred, as the server's switch does now); the first merge of a patcher, copying the pristine
-weights inside the switch or after the loader made them (``LoraPatcher.prepare``); and the switch
-while the loader thread loads a third LoRA from a cold file (the two threads share the GIL).
+weights inside the switch or after the loader made them (``LoraPatcher.prepare``); the switch
+while the loader thread loads a third LoRA from a cold file (the two threads share the GIL); and a
+request at k = 0 with a LoRA never seen: from asking for it until its merge is done, cold or from the
+page cache, streamed or load-then-merge.
 Prints a table and writes ``--out`` JSON.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,6 +64,7 @@ def main() -> None:
     p.add_argument("--queued-ms", type=float, default=33.0,
                    help="GPU work queued before each server-like switch (a step the loop launched ahead)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--trace", type=Path, help="Chrome trace of one streamed page-cache load + merge (torch profiler)")
     args = p.parse_args()
     kind, dtype = bench_device()
     device, cuda = torch.device(kind), kind == "cuda"
@@ -185,7 +189,67 @@ def server_like(args, unet, patcher, manager, a, b, lora_dir, device, cuda) -> d
             del fresh
     out["first_merge_copying_pristine"] = first
     out["first_merge_after_prepare"] = prepared
+    out.update(load_then_merge(args, patcher, manager, lora_dir, cuda))
     return {k: statistics.median(v) for k, v in out.items()}
+
+
+def load_then_merge(args, patcher, manager, lora_dir, cuda) -> dict[str, list[float]]:
+    """A request at the bound k = 0 with a LoRA the server has not seen: from asking for it until its
+    merge has run on the GPU (the request's critical path before its first step), its file cold or in
+    the page cache; streamed (the merge follows the bytes, as the server's switch does) and in two
+    parts (the whole load, then the merge), and the load alone. Each case a fresh copy of ``a``."""
+    out: dict[str, list[float]] = {}
+    n = 0
+
+    def fresh(where: str) -> str:
+        nonlocal n
+        n += 1
+        name = f"{where}{n}"
+        path = lora_dir / f"{name}.safetensors"
+        shutil.copy(lora_dir / "a.safetensors", path)
+        if where == "cold":
+            evict(path)
+        else:
+            path.read_bytes()
+        return name
+
+    for where in ("page_cache", "cold"):
+        for how in ("streamed", "load_then_merge", "load_only"):
+            times = out.setdefault(f"k0_{where}_{how}", [])
+            for _ in range(args.repeats):
+                patcher.apply([])
+                sync()
+                name = fresh(where)
+                t0 = time.perf_counter()
+                if how == "streamed":
+                    loaded, arrival = manager.stream([name])
+                    patcher.apply([(w, 1.0) for w in loaded], arrival=arrival, defer_check=True)
+                else:
+                    loaded = manager.get([name])
+                    if how == "load_then_merge":
+                        patcher.apply([(w, 1.0) for w in loaded], defer_check=True)
+                sync()
+                times.append((time.perf_counter() - t0) * 1e3)
+                patcher.settle()
+                manager.wait_idle()
+                manager.clear_caches()
+                (lora_dir / f"{name}.safetensors").unlink()
+    if args.trace:  # one streamed page-cache case under the torch profiler: both threads, the GPU
+        from torch.profiler import ProfilerActivity, profile
+
+        patcher.apply([])
+        sync()
+        name = fresh("page_cache")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities, with_stack=False) as prof:
+            loaded, arrival = manager.stream([name])
+            patcher.apply([(w, 1.0) for w in loaded], arrival=arrival, defer_check=True)
+            sync()
+            manager.wait_idle()
+        prof.export_chrome_trace(str(args.trace))
+        patcher.settle()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return out
 
 
 if __name__ == "__main__":
