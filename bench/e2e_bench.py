@@ -290,7 +290,8 @@ def main() -> None:
                    help="folder for Python profiles of the server's models over the plain requests "
                         "(KATZ_PROFILE_DIR, katz/serving/profiling.py); prints the loop's and the UNet's top functions")
     p.add_argument("--trace", type=Path,
-                   help="folder for torch.profiler traces of one extra plain request, untimed, in every model "
+                   help="folder for torch.profiler traces of one extra plain request and one with a LoRA never seen "
+                        "(page cache, k = 0), untimed, in every model "
                         "(KATZ_TRACE_DIR, katz/serving/profiling.py): Chrome traces and the GPU's idle gaps with the host "
                         "ops across each")
     p.add_argument("--png", action="store_true",
@@ -347,7 +348,7 @@ def main() -> None:
         env["KATZ_PROFILE_DIR"] = str(live_profiles)
     if args.trace:  # each model's call of the request after the warm-up and the plain ones
         env["KATZ_TRACE_DIR"] = str(args.trace.resolve())
-        env["KATZ_TRACE_AT"] = str(args.repeats + 2)
+        env["KATZ_TRACE_AT"] = f"{args.repeats + 2},{args.repeats + 3}"  # a plain request, then one with a LoRA
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
@@ -493,6 +494,11 @@ def main() -> None:
             finally:
                 path.unlink()
 
+        if args.trace:  # a LoRA never seen, from the page cache, at k = 0: the load and merge in the trace
+            before_trace = set(args.trace.glob("*.gaps.txt"))
+            with_lora(base, "page_cache", 0)
+            for gaps in sorted(set(args.trace.glob("*.gaps.txt")) - before_trace):
+                print(f"--- {gaps.name} (LoRA request): {gaps.read_text().splitlines()[0]}", flush=True)
         runs = {"controlnet": lambda: timed(cn)}
         for case, (where, k) in LORA_CASES.items():
             runs[case] = lambda where=where, k=k, req=(cn if case.startswith("controlnet") else base): \
