@@ -166,28 +166,11 @@ def test_checkpoint_that_cannot_be_served_is_named(tmp_path, keys, suffix, words
 
 def test_controlnet_of_the_other_family_is_refused(files, preset_dir, tmp_path):
     sd15_net = write_controlnet_checkpoint(preset_dir("tiny-sd15") / "controlnets" / "canny", tmp_path / "cn15.safetensors")
-    with pytest.raises(ModelFolderError, match="is an sd15 ControlNet; this model is sdxl"):
-        ModelFolder.from_checkpoint(files.checkpoint, {"edges": sd15_net})
-
-
-def test_single_file_model_gives_the_folder_image_exactly(files):
-    from katz.client import Generation
-    from katz.deployment import Deployment
-    from katz.request import Limits
-    from katz.serving.local import LocalEnsemble
-
-    request = Generation(prompt="a photo of a cat", seed=5, steps=2, width=32, height=32, controlnets=["canny"],
-                         control_images=[control_png(1, 32)]).tensors()
-    limits = Limits(default_width=32, default_height=32)
-    folder = ModelFolder(files.preset, {"canny": files.preset / "controlnets" / "canny"})
-    single = ModelFolder.from_checkpoint(files.checkpoint, {"canny": files.controlnet})
-    images = []
-    for model in (folder, single):
-        dep = Deployment(model.path, model.controlnets, None, limits, checkpoint=model.checkpoint,
-                         controlnet_mode="inline")
-        images.append(LocalEnsemble(dep).generate(request)["image"])
-    assert images[0].std() > 0
-    assert np.array_equal(images[0], images[1])
+    with pytest.raises(ModelFolderError) as err:
+        ModelFolder.from_checkpoint(files.checkpoint, {"edges": sd15_net,
+                                                      "lines": preset_dir("tiny-sd15") / "controlnets" / "canny"})
+    assert "ControlNet 'edges'" in str(err.value) and "ControlNet 'lines'" in str(err.value)
+    assert str(err.value).count("is an sd15 ControlNet; this model is sdxl") == 2
 
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])
@@ -256,39 +239,98 @@ def test_render_refuses_a_pickle_only_folder_before_triton(files):
     assert "Traceback" not in proc.stderr and not (files.tmp / "repo").exists()
 
 
+def _local_image(model: ModelFolder, request, mode: str):
+    from katz.deployment import Deployment
+    from katz.request import Limits
+    from katz.serving.local import LocalEnsemble
+
+    dep = Deployment(model.path, model.controlnets, None, Limits(default_width=32, default_height=32),
+                     checkpoint=model.checkpoint, controlnet_mode=mode)
+    return LocalEnsemble(dep).generate(request.tensors())["image"]
+
+
+def test_single_file_model_gives_the_folder_image_exactly(files):
+    from katz.client import Generation
+
+    request = Generation(prompt="a photo of a cat", seed=5, steps=2, width=32, height=32, controlnets=["canny"],
+                         control_images=[control_png(1, 32)])
+    folder = _local_image(ModelFolder(files.preset, {"canny": files.preset / "controlnets" / "canny"}), request, "inline")
+    single = _local_image(ModelFolder.from_checkpoint(files.checkpoint, {"canny": files.controlnet}), request, "inline")
+    assert folder.std() > 0
+    assert np.array_equal(folder, single)
+
+
 @pytest.mark.integration
-def test_serve_a_variant_only_folder_and_a_checkpoint_alike(files, start_server):
-    """The fp16-named folder (its ControlNet too) and the single-file model with a single-file ControlNet:
-    both serve, and give the same image (the same weights, read two ways)."""
+def test_serve_a_checkpoint(files, start_server):
+    """``katz serve --checkpoint`` with a single-file ControlNet beside the preset's ControlNet folder: the
+    two ControlNets give the same image exactly on that server, and the image is the folder model's (to the
+    1/255 a server and the in-process ensemble may differ by). test_server.py's SD 1.5 server serves a
+    variant-only folder."""
     from katz.client import Generation, infer, make_client
 
-    request = Generation(prompt="a photo of a cat", seed=3, steps=2, width=32, height=32, controlnets=["canny"],
-                         control_images=[control_png(2, 32)])
-    images = []
-    for extra in (["--model-dir", str(files.variant)],
-                  ["--checkpoint", str(files.checkpoint), "--controlnet", f"canny={files.controlnet}"]):
-        # one at a time: two start-ups at once take as long on two cores
-        server = start_server(None, extra + ["--controlnet-mode", "local", "--pipeline-instances", "1"])
-        client = make_client(server.http_url)
-        try:
-            images.append(infer(client, request, "http").image)
-        finally:
-            client.close()
-        server.stop()
-    assert images[0].std() > 0
-    assert np.array_equal(images[0], images[1])
+    server = start_server(None, ["--checkpoint", str(files.checkpoint), "--controlnet", f"canny={files.controlnet}",
+                                 "--controlnet", f"folder={files.preset / 'controlnets' / 'canny'}",
+                                 "--controlnet-mode", "local", "--pipeline-instances", "1"])
+    request = dict(prompt="a photo of a cat", seed=3, steps=2, width=32, height=32, control_images=[control_png(2, 32)])
+    client = make_client(server.http_url)
+    try:
+        single, folder = (infer(client, Generation(controlnets=[name], **request), "http").image
+                          for name in ("canny", "folder"))
+    finally:
+        client.close()
+    assert np.array_equal(single, folder)
+    local = _local_image(ModelFolder(files.preset, {"canny": files.preset / "controlnets" / "canny"}),
+                         Generation(controlnets=["canny"], **request), "local")
+    assert local.std() > 0
+    assert np.abs(single.astype(int) - local.astype(int)).max() <= 1
 
 
-def test_export_reads_checkpoints_and_variant_folders(files, tmp_path, capsys):
-    """`katz export` loads through the same model code: a single-file model (the onnxruntime check reopens
-    it from the export's manifest) and a folder holding only fp16 files."""
+def test_export_reads_checkpoints(files, tmp_path, capsys):
+    """`katz export` loads through the same model code; its onnxruntime check reopens the single-file
+    model from the export's manifest."""
     from katz.cli import main
 
-    for name, source in (("single", ["--checkpoint", str(files.checkpoint)]),
-                         ("variant", ["--model-dir", str(files.variant)])):
-        out = tmp_path / name
-        assert main(["export", *source, "--out", str(out), "--dtype", "float32", "--components", "text_encoder",
-                     "--check"]) == 0, capsys.readouterr().err
-        manifest = json.loads((out / "export.json").read_text())
-        assert manifest["checkpoint"] == (str(files.checkpoint) if name == "single" else "")
-        assert "onnxruntime parity: " in capsys.readouterr().out  # --check failing returns 2 above
+    out = tmp_path / "onnx"
+    assert main(["export", "--checkpoint", str(files.checkpoint), "--out", str(out), "--dtype", "float32",
+                 "--components", "text_encoder", "--check"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "export.json").read_text())["checkpoint"] == str(files.checkpoint)
+    assert "onnxruntime parity: " in capsys.readouterr().out  # a failing --check returns 2 above
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd15"])
+def test_full_size_original_layout_is_recognised_and_fits_the_shipped_configs(arch, tmp_path):
+    """The original layout of a full-size SDXL base / SD 1.5 checkpoint and its ControlNet (names and shapes
+    written on the meta device from the shipped configs, as no real file can be downloaded here) is
+    recognised and every weight converts onto the networks the configs build."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from checkpoint_support import clip_to_original, open_clip_to_original, unet_to_original, vae_to_original
+    from katz.models.checkpoint import CONFIGS, PREFIXES, recognise
+
+    def build(cls, part):
+        if part.startswith("text"):
+            return cls(CLIPTextConfig.from_pretrained(CONFIGS / arch / part))
+        return cls.from_config(cls.load_config(CONFIGS / arch / part))
+
+    def config(part):
+        return json.loads((CONFIGS / arch / part / "config.json").read_text())
+
+    with init_empty_weights():
+        unet, vae = build(UNet2DConditionModel, "unet").state_dict(), build(AutoencoderKL, "vae").state_dict()
+        te = build(CLIPTextModel, "text_encoder").state_dict()
+        net = build(ControlNetModel, "controlnet").state_dict()
+        te2 = build(CLIPTextModelWithProjection, "text_encoder_2").state_dict() if arch == "sdxl" else None
+    prefixes = PREFIXES[arch]
+    state = {prefixes["unet"] + k: v for k, v in unet_to_original(unet, config("unet")).items()}
+    state.update({prefixes["vae"] + k: v for k, v in vae_to_original(vae, config("vae")).items()})
+    state.update({prefixes["text_encoder"] + k: v for k, v in clip_to_original(te).items()})
+    if te2 is not None:
+        state.update({prefixes["text_encoder_2"] + k: v for k, v in open_clip_to_original(te2).items()})
+    controlnet = {"control_model." + k: v for k, v in unet_to_original(net, config("controlnet"), controlnet=True).items()}
+    for kind, tensors in (("model", state), ("controlnet", controlnet)):
+        info = recognise(tmp_path / f"{kind}.safetensors", {k: tuple(v.shape) for k, v in tensors.items()},
+                         {k: "F16" for k in tensors})
+        assert (info.kind, info.architecture, info.dtype) == (kind, arch, torch.float16)
+        assert check_checkpoint(info, configs_for(info, tmp_path)) == []

@@ -136,7 +136,11 @@ def _match(path: Path, kind: str, family: str, width: int, context: int | None, 
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     """Recognise a single-file model or ControlNet from its keys and shapes (reads the header only)."""
     path = Path(path)
-    shapes, dtypes = _read_header(path)
+    return recognise(path, *_read_header(path))
+
+
+def recognise(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> CheckpointInfo:
+    """:func:`inspect_checkpoint` on a file's tensor names, shapes and safetensors dtypes (``F16``, ...)."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None:
         if any(k.startswith(CONTROLNET_PREFIX) for k in shapes):

@@ -123,6 +123,11 @@ def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -
     return -(-need // 8) * 8  # request sizes are multiples of 8
 
 
+def _family(unet_or_controlnet_config: dict) -> str:
+    """SDXL's UNets and ControlNets take ``text_time`` added conditioning; SD 1.5's take none."""
+    return "sdxl" if unet_or_controlnet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
 class ModelFolderError(ValueError):
     """A model or ControlNet folder or file cannot be served: each line of the message names one problem."""
 
@@ -202,8 +207,8 @@ class ModelFolder:
             self._variants[part] = _check_component(self.path, part, problems,
                                                     weights if part in _CLASSES else None)
         self._controlnet_files = {}
+        self.controlnets = {name: Path(cn) for name, cn in self.controlnets.items()}
         for name, cn in self.controlnets.items():
-            cn = self.controlnets[name] = Path(cn)
             label = f"ControlNet {name!r} ({cn})"
             if cn.is_file():
                 try:
@@ -222,6 +227,8 @@ class ModelFolder:
             else:
                 if not (cn / "config.json").exists():
                     problems.append(f"{label} is missing config.json")
+                elif (family := _family(json.loads((cn / "config.json").read_text()))) != self.family:
+                    problems.append(f"{label} is an {family} ControlNet; this model is {self.family}")
                 self._variants[f"controlnet:{name}"] = _resolve(
                     cn, label, "controlnet", (self.variant, DTYPE_VARIANTS.get(self.dtype)), problems)
         if problems:
@@ -264,8 +271,7 @@ class ModelFolder:
     def family(self) -> str:
         unet_cfg = self.path / "unet" / "config.json"
         if unet_cfg.exists():
-            cfg = json.loads(unet_cfg.read_text())
-            return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd15"
+            return _family(json.loads(unet_cfg.read_text()))
         return "sdxl" if (self.path / "text_encoder_2").exists() else "sd15"
 
     @cached_property
