@@ -136,6 +136,17 @@ def test_checkpoints_are_recognised_from_their_keys(files):
     assert check_checkpoint(controlnet, configs_for(controlnet)) == []
 
 
+def test_single_file_controlnet_with_diffusers_names(files, tmp_path):
+    """Most SDXL ControlNets are published as one file under diffusers' own names."""
+    path = tmp_path / "canny-diffusers.safetensors"
+    shutil.copy(files.preset / "controlnets" / "canny" / "diffusion_pytorch_model.safetensors", path)
+    assert inspect_checkpoint(path).layout == "diffusers"
+    model = ModelFolder.from_checkpoint(files.checkpoint, {"canny": path})
+    model.check_weights()
+    reference = ModelFolder(files.preset, {"canny": files.preset / "controlnets" / "canny"})
+    assert _states_equal(model.load_controlnet("canny"), reference.load_controlnet("canny"))
+
+
 def test_checkpoint_check_names_missing_and_misshapen_weights(files, tmp_path):
     state = load_file(files.checkpoint)
     del state["first_stage_model.decoder.conv_out.weight"]
