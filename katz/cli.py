@@ -1,4 +1,4 @@
-"""The ``katz`` command: ``serve``, ``render`` and ``generate``."""
+"""The ``katz`` command: ``serve``, ``render``, ``convert`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -45,11 +45,9 @@ def flag_of(field: str) -> str:
 
 # ------------------------------------------------------------------ deployment
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
-    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
-    p.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
-                   help="register a diffusers-format ControlNet (repeatable)")
+    from katz.models.folder import add_model_arguments
+
+    add_model_arguments(p, "register a ControlNet: a diffusers folder or a single .safetensors file (repeatable)")
     p.add_argument("--lora-dir", type=Path, help="folder of .safetensors LoRAs (default: <model>/loras)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -142,24 +140,20 @@ def build_deployment(args):
     store and GPUs, before any server starts (``SystemExit`` naming the flag)."""
     import torch
 
-    from katz.models.folder import ModelFolder, discover_controlnets
-    from katz.models.presets import DEFAULT_PRESET, ensure_preset
+    from katz.models.folder import open_model
     from katz.request import Limits
 
-    model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
-    controlnets = discover_controlnets(Path(model_dir) / "controlnets")
-    for spec in args.controlnet:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"katz: --controlnet expects NAME=DIR, got {spec!r}")
-        controlnets[name] = Path(path).resolve()
-    folder = ModelFolder(Path(model_dir).resolve(), controlnets)  # raises ModelFolderError naming what is missing
-    lora_dir = args.lora_dir or (Path(model_dir) / "loras")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    # ModelFolderError listing every problem of the model, its ControlNets and their weight files
+    folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, dtype, args.preset)
+    folder.check_weights()
+    # a checkpoint's config folder may be a preset's, whose LoRAs are not the checkpoint's
+    lora_dir = args.lora_dir or (None if folder.checkpoint else folder.path / "loras")
     if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":
         raise SystemExit("katz: --only controlnet serves the controlnet model, which --controlnet-mode local has not")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
         raise SystemExit(f"katz: --lora-dir {args.lora_dir} is not a folder")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     unet_shards = 1 if args.unet_shards is None else args.unet_shards
     if args.unet_gpus:
         wanted = [int(g) for g in args.unet_gpus.split(",") if g.strip()]
@@ -169,7 +163,6 @@ def build_deployment(args):
                 if g >= torch.cuda.device_count():
                     raise SystemExit(f"katz: GPU {g} is not on this host ({torch.cuda.device_count()} visible); "
                                      "fix --unet-gpus / --gpus")
-    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     size = folder.default_size
     if args.max_size < folder.min_image_size:  # every request would be refused
         raise SystemExit(f"katz: --max-size {args.max_size} is below {folder.min_image_size}, the smallest size "
@@ -189,8 +182,10 @@ def build_deployment(args):
     )
     deployment = Deployment(
         model_dir=folder.path,
+        checkpoint=folder.checkpoint,
+        variant=args.variant or "",
         controlnets=folder.controlnets,
-        lora_dir=Path(lora_dir).resolve() if Path(lora_dir).is_dir() else None,
+        lora_dir=Path(lora_dir).resolve() if lora_dir is not None and Path(lora_dir).is_dir() else None,
         limits=limits,
         device=device,
         dtype=dtype,
@@ -275,10 +270,22 @@ def _placement(args, deployment):
     )
 
 
+def _deployment_or_exit(args):
+    """:func:`build_deployment`, with a model that cannot be served reported as ``katz: ...`` (exit 2)."""
+    from katz.models.folder import ModelFolderError
+    from katz.models.presets import PresetCacheError
+
+    try:
+        return build_deployment(args)
+    except (ModelFolderError, PresetCacheError) as exc:
+        print(f"katz: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def cmd_render(args) -> int:
     from katz.deploy.repository import render_repository
 
-    deployment = build_deployment(args)
+    deployment = _deployment_or_exit(args)
     out = render_repository(deployment, args.out, _placement(args, deployment))
     print(out)
     return 0
@@ -287,14 +294,7 @@ def cmd_render(args) -> int:
 def cmd_serve(args) -> int:
     from katz.deploy import server
     from katz.deploy.repository import MODELS, render_repository
-    from katz.models.folder import ModelFolderError
-    from katz.models.presets import PresetCacheError
-
-    try:
-        deployment = build_deployment(args)
-    except (ModelFolderError, PresetCacheError) as exc:
-        print(f"katz: {exc}", file=sys.stderr)
-        return 2
+    deployment = _deployment_or_exit(args)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="katz-serve-"))
     placement = _placement(args, deployment)
     models = ("controlnet",) if args.only == "controlnet" else MODELS
@@ -313,12 +313,27 @@ def cmd_serve(args) -> int:
     )
     cmd = server.command(install, repo, backends, opts)
     print(
-        f"katz: serving {deployment.model_dir} ({deployment.folder.family}, {deployment.device}, {deployment.dtype}); "
+        f"katz: serving {deployment.checkpoint or deployment.model_dir} ({deployment.folder.family}, {deployment.device}, {deployment.dtype}); "
         f"HTTP {args.host}:{args.http_port}, gRPC {args.host}:{args.grpc_port}",
         file=sys.stderr,
         flush=True,
     )
     return server.run_foreground(cmd, server.server_env(install), opts)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from katz.models.checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(args.file, args.out, getattr(torch, args.dtype) if args.dtype else None,
+                                 log=lambda m: print(f"converting {m}", file=sys.stderr, flush=True))
+    except CheckpointError as exc:
+        print(f"katz: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
 
 
 # -------------------------------------------------------------------- generate
@@ -441,6 +456,15 @@ def parser() -> argparse.ArgumentParser:
     _add_model_args(render)
     render.add_argument("--out", type=Path, required=True)
     render.set_defaults(func=cmd_render)
+
+    convert = sub.add_parser("convert", help="write a single-file checkpoint or ControlNet as a diffusers folder "
+                             "(faster starts than serving the file)")
+    convert.add_argument("file", type=Path, metavar="FILE.safetensors",
+                         help="SD 1.5 / SDXL checkpoint or ControlNet in the original (A1111 / ComfyUI) layout")
+    convert.add_argument("--out", type=Path, required=True, help="new folder for the diffusers files")
+    convert.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                         help="dtype of the written weights (default: as stored in the file)")
+    convert.set_defaults(func=cmd_convert)
 
     gen = sub.add_parser("generate", help="request one image from a running server")
     gen.add_argument("--url", default="localhost:8000", help="HOST:PORT of the server")

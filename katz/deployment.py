@@ -46,12 +46,14 @@ class DeploymentError(ValueError):
 
 @dataclass
 class Deployment:
-    model_dir: Path
-    controlnets: dict[str, Path]
+    model_dir: Path  # the diffusers folder; with a checkpoint, the config folder of its architecture
+    controlnets: dict[str, Path]  # name -> ControlNet folder or single file
     lora_dir: Path | None
     limits: Limits
     device: str = "cpu"
     dtype: str = "float32"
+    checkpoint: Path | None = None  # a single-file model (katz.models.checkpoint): the weights come from it
+    variant: str = ""  # weight files to read ("fp16": *.fp16.safetensors); "": the dtype's where present
     torch_threads: int = 0
     # the LoRA manager's host tier; -1: a quarter of the memory free at start, at most 16 GiB
     # (katz.lora.manager.default_host_budget)
@@ -160,7 +162,7 @@ class Deployment:
         """The model folder (:class:`katz.models.folder.ModelFolder`)."""
         from katz.models.folder import ModelFolder
 
-        return ModelFolder(self.model_dir, self.controlnets)
+        return ModelFolder(self.model_dir, self.controlnets, self.variant or None, self.dtype, self.checkpoint)
 
     @cached_property
     def request_limits(self) -> Limits:

@@ -51,13 +51,13 @@ def _free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, preset: str, workdir: Path, cache: Path, extra: list[str] = (), ports=None):
+    def __init__(self, preset: str | None, workdir: Path, cache: Path, extra: list[str] = (), ports=None):
         self.http_port, self.grpc_port, self.metrics_port = ports or (_free_port(), _free_port(), _free_port())
         self.workdir = workdir
         self.log_path = workdir / "server.log"
         env = dict(os.environ, KATZ_CACHE=str(cache.parent))
         cmd = [
-            sys.executable, "-m", "katz.cli", "serve", "--preset", preset,
+            sys.executable, "-m", "katz.cli", "serve", *(["--preset", preset] if preset else []),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port), "--workdir", str(workdir), "--torch-threads", "1",
             "--exit-timeout", "20",
@@ -127,9 +127,12 @@ class RunningServer:
 def start_server(tmp_path_factory, cache_root, preset_dir):
     servers: list[RunningServer] = []
 
-    def start(preset: str, extra: list[str] = (), ports=None, ready_timeout: float = 300.0) -> RunningServer:
-        preset_dir(preset)  # build the preset here, not inside the server start-up
-        server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset}"), cache_root, list(extra), ports)
+    def start(preset: str | None, extra: list[str] = (), ports=None, ready_timeout: float = 300.0) -> RunningServer:
+        """A server of ``preset``, or (None) of the model ``extra`` names (--model-dir, --checkpoint)."""
+        if preset:
+            preset_dir(preset)  # build the preset here, not inside the server start-up
+        server = RunningServer(preset, tmp_path_factory.mktemp(f"serve-{preset or 'model'}"), cache_root, list(extra),
+                               ports)
         servers.append(server)
         try:
             server.wait_ready(ready_timeout)

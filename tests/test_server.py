@@ -31,13 +31,19 @@ def sdxl(start_server):
 @pytest.fixture(scope="module")
 def sd15(start_server, preset_dir, tmp_path_factory):
     """SD 1.5 with its own LoRA folder (the preset's LoRAs plus a corrupt file), its ControlNets in
-    the UNet's process (``--controlnet-mode local``; the sdxl server runs the default service mode)."""
+    the UNet's process (``--controlnet-mode local``; the sdxl server runs the default service mode).
+    It serves a copy of the preset holding only fp16-named weight files, as a download of only the
+    fp16 files leaves a folder (the same weights: its images are checked against diffusers on the
+    preset itself)."""
+    from checkpoint_support import variant_only_copy
+
+    model = variant_only_copy(preset_dir("tiny-sd15"), tmp_path_factory.mktemp("sd15") / "fp16-only")
     loras = tmp_path_factory.mktemp("loras")
     for f in (preset_dir("tiny-sd15") / "loras").iterdir():
         shutil.copy(f, loras / f.name)
     good = (loras / "style.safetensors").read_bytes()
     (loras / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    return start_server("tiny-sd15", ["--lora-dir", str(loras), "--controlnet-mode", "local"])
+    return start_server(None, ["--model-dir", str(model), "--lora-dir", str(loras), "--controlnet-mode", "local"])
 
 
 def _gen(**kw) -> Generation:
@@ -235,7 +241,7 @@ def test_serve_rejects_incomplete_model_folder(tmp_path, preset_dir):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "vae/" in proc.stderr and "text_encoder_2/<weights>" in proc.stderr
+    assert "vae/ is missing" in proc.stderr and "text_encoder_2/ has no weights" in proc.stderr
     assert "tritonserver" not in proc.stderr.lower()
 
 

@@ -23,12 +23,10 @@ def _add_range_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
 
 def add_parsers(sub) -> None:
     """Register ``export`` and ``build-engines`` on the ``katz`` command's subparsers."""
+    from katz.models.folder import add_model_arguments
+
     exp = sub.add_parser("export", help="export the UNet, ControlNets, VAE decoder and text encoders to ONNX")
-    src = exp.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
-    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
-    exp.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
-                     help="also export this diffusers-format ControlNet (repeatable)")
+    add_model_arguments(exp, "also export this ControlNet: a diffusers folder or a single file (repeatable)")
     exp.add_argument("--out", type=Path, required=True, help="folder for the .onnx files and export.json")
     exp.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                      help="float16 for engines (default), float32 for the onnxruntime check")
@@ -68,17 +66,11 @@ def add_parsers(sub) -> None:
 
 
 def _folder(args):
-    from katz.models.folder import ModelFolder, discover_controlnets
-    from katz.models.presets import DEFAULT_PRESET, ensure_preset
+    from katz.models.folder import open_model
 
-    model_dir = args.model_dir or ensure_preset(args.preset or DEFAULT_PRESET)
-    controlnets = discover_controlnets(Path(model_dir) / "controlnets")
-    for spec in args.controlnet:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"katz: --controlnet expects NAME=DIR, got {spec!r}")
-        controlnets[name] = Path(path).resolve()
-    return ModelFolder(Path(model_dir).resolve(), controlnets)
+    folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, args.dtype, args.preset)
+    folder.check_weights()
+    return folder
 
 
 def _ranges(args, base):

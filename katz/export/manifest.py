@@ -60,6 +60,15 @@ class ExportManifest:
     controlnets: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
     version: int = MANIFEST_VERSION
+    checkpoint: str = ""  # a single-file model: model_dir is its architecture's config folder
+    variant: str = ""  # --variant as exported ("": the dtype's where present)
+
+    def folder(self):
+        """The model this export was made from (:class:`katz.models.folder.ModelFolder`)."""
+        from katz.models.folder import ModelFolder
+
+        return ModelFolder(Path(self.model_dir), {k: Path(v) for k, v in self.controlnets.items()},
+                           self.variant or None, self.dtype, Path(self.checkpoint) if self.checkpoint else None)
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +79,8 @@ class ExportManifest:
             "opset": self.opset,
             "ranges": self.ranges.to_json(),
             "controlnets": self.controlnets,
+            "checkpoint": self.checkpoint,
+            "variant": self.variant,
             "created": self.created,
             "graphs": {k: g.to_json() for k, g in self.graphs.items()},
         }
@@ -86,6 +97,8 @@ class ExportManifest:
             ranges=ShapeRanges.from_json(data["ranges"]),
             graphs={k: ExportedGraph.from_json(v) for k, v in data["graphs"].items()},
             controlnets=data.get("controlnets", {}),
+            checkpoint=data.get("checkpoint", ""),
+            variant=data.get("variant", ""),
             created=float(data.get("created", 0.0)),
         )
 
@@ -130,6 +143,8 @@ def export_folder(
         opset=opset,
         ranges=ranges,
         controlnets={k: str(v) for k, v in folder.controlnets.items()},
+        checkpoint=str(folder.checkpoint or ""),
+        variant=folder.variant or "",
         created=time.time(),
     )
     for graph in graphs_for(folder, components, unet_split):

@@ -128,12 +128,11 @@ def check_export(export_dir: Path, folder=None, tolerance: float | None = None, 
                  raise_on_failure: bool = True) -> list[CheckResult]:
     """Check every graph of an export folder (its manifest says which and in what dtype)."""
     from katz.export.manifest import ExportManifest, graphs_for
-    from katz.models.folder import ModelFolder
 
     export_dir = Path(export_dir)
     manifest = ExportManifest.load(export_dir)
     if folder is None:
-        folder = ModelFolder(Path(manifest.model_dir), {k: Path(v) for k, v in manifest.controlnets.items()})
+        folder = manifest.folder()
     tolerance = DEFAULT_TOLERANCE[manifest.dtype] if tolerance is None else tolerance
     graphs = {g.name: g for g in graphs_for(folder, unet_split=True)}
     results: list[CheckResult] = []

@@ -78,9 +78,8 @@ def _profiles(export_manifest, ranges: ShapeRanges | None) -> dict[str, dict]:
     if ranges is None or ranges == export_manifest.ranges:
         return {name: g.profile for name, g in export_manifest.graphs.items()}
     from katz.export.manifest import graphs_for
-    from katz.models.folder import ModelFolder
 
-    folder = ModelFolder(Path(export_manifest.model_dir), {k: Path(v) for k, v in export_manifest.controlnets.items()})
+    folder = export_manifest.folder()
     graphs = {g.name: g for g in graphs_for(folder, unet_split=True)}
     out = {}
     for name in export_manifest.graphs:

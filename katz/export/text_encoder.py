@@ -61,12 +61,9 @@ class TextEncoderGraph(Graph):
         return {"input_ids": (shape.batch, TEXT_LEN)}
 
     def load(self, dtype):
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        cls = CLIPTextModelWithProjection if self.pooled else CLIPTextModel
         # eager attention: the TorchScript exporter's SDPA with is_causal=True builds a float32 mask
         # and upcasts the scores, which leaves float16 graphs with mixed-type LayerNormalizations
-        return cls.from_pretrained(self.folder.path / self.name, torch_dtype=dtype, attn_implementation="eager").eval()
+        return self.folder.load_text_encoder(self.name, dtype, attn_implementation="eager")
 
     def wrapper(self, component):
         return _TextEncoderWrapper(component, penultimate=self.sdxl, pooled=self.pooled)

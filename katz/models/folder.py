@@ -1,28 +1,100 @@
-"""A diffusers-format model folder: what it holds, whether it is complete, how to load it.
+"""A model: a diffusers-format folder or a single-file checkpoint; what it holds, whether it is complete, how to load it.
 
 Real weights and the built-in presets go through this one class. A folder holds
 ``unet/``, ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/`` and, for
 SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. ControlNets are separate
-diffusers-format folders (``config.json`` + weights), registered by name.
+diffusers-format folders (``config.json`` + weights) or single files, registered by name.
+
+Weights are read from safetensors only (``use_safetensors=True`` on every load): a pickle can run
+code when it is loaded. A component's weights may be a variant (``model.fp16.safetensors``, as a
+download of only the fp16 files leaves them): :func:`resolve_variant` picks the file each component
+loads, and the folder's checks look for exactly those files, reporting every problem at once.
+
+A single-file checkpoint (:mod:`katz.models.checkpoint`) is served through the same class: its
+configs, scheduler and tokenizers come from the config folder shipped for its architecture
+(``path``), its weights from the file (``checkpoint``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-    "model.safetensors.index.json",
-)
+# diffusers' and transformers' weight file names: <stem>[.<variant>].<format>, sharded ones with an index
+_WEIGHT_RE = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(?:\.([A-Za-z0-9_-]+))?\.(safetensors|bin)$")
+_INDEX_RE = re.compile(
+    r"^(diffusion_pytorch_model|model|pytorch_model)\.(safetensors|bin)\.index(?:\.([A-Za-z0-9_-]+))?\.json$")
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# the variant a deployment's dtype reads by default where a folder has it (half the bytes of float32)
+DTYPE_VARIANTS = {"float16": "fp16", "bfloat16": "bf16"}
+# how each component is loaded: for the conversion advice on pickle-only folders
+_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+            "controlnet": ("diffusers", "ControlNetModel"), "text_encoder": ("transformers", "CLIPTextModel"),
+            "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weight files in one component folder: safetensors by variant (``None``: the plain name; a
+    sharded checkpoint counts by its index file) and any pickles."""
+
+    safetensors: dict
+    pickles: tuple[str, ...]
+
+    @classmethod
+    def scan(cls, folder: Path) -> "WeightFiles":
+        safetensors: dict = {}
+        pickles = []
+        for f in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+            weight, index = _WEIGHT_RE.match(f.name), _INDEX_RE.match(f.name)
+            if weight and weight.group(3) == "safetensors":
+                safetensors.setdefault(weight.group(2), f.name)
+            elif index and index.group(2) == "safetensors":
+                safetensors[index.group(3)] = f.name
+            elif f.suffix in _PICKLE_SUFFIXES and f.is_file() and not re.search(r"-\d+-of-\d+", f.name):
+                pickles.append(f.name)
+        return cls(safetensors, tuple(pickles))
+
+
+def resolve_variant(files: WeightFiles, requested: str | None, preferred: str | None) -> str | None:
+    """The variant a component loads (``None``: the plain file), or ``ValueError`` saying why none fits.
+
+    ``requested`` (``--variant``) is taken where the component has it, else its plain file (as diffusers'
+    pipelines fall back per component). Otherwise ``preferred`` (the deployment dtype's, e.g. ``fp16``) where
+    present, else the plain file, else the only variant there is; several variants and no plain file need
+    ``--variant``."""
+    have = files.safetensors
+    if requested:
+        if requested in have:
+            return requested
+        if None in have:
+            return None
+    elif preferred in have and preferred is not None:
+        return preferred
+    elif None in have:
+        return None
+    elif len(have) == 1:
+        return next(iter(have))
+    variants = ", ".join(sorted(v for v in have if v))
+    if requested and have:
+        raise ValueError(f"has no {requested} weights (it has {variants}); choose one with --variant")
+    if have:
+        raise ValueError(f"has several weight variants ({variants}) and no plain file; choose one with --variant")
+    if files.pickles:
+        raise ValueError(f"has only pickle weights ({', '.join(files.pickles)}); Katz reads safetensors only, since "
+                         "loading a pickle can run code")
+    raise ValueError("has no weights (*.safetensors)")
+
+
+def _pickle_advice(kind: str, folder: Path) -> str:
+    lib, cls = _CLASSES[kind]
+    return (f"convert them once, where you trust the files: python -c \"from {lib} import {cls}; "
+            f"{cls}.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}')\"")
 
 
 def _deepest_side(channels: int, groups: int) -> int:
@@ -51,75 +123,155 @@ def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -
     return -(-need // 8) * 8  # request sizes are multiples of 8
 
 
+def _family(unet_or_controlnet_config: dict) -> str:
+    """SDXL's UNets and ControlNets take ``text_time`` added conditioning; SD 1.5's take none."""
+    return "sdxl" if unet_or_controlnet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
 class ModelFolderError(ValueError):
-    """A model or ControlNet folder is missing parts or is not diffusers format."""
+    """A model or ControlNet folder or file cannot be served: each line of the message names one problem."""
 
 
-def _check_component(folder: Path, part: str, needs_weights: bool, missing: list[str]) -> None:
+def _check_component(folder: Path, part: str, problems: list[str], weights: tuple | None) -> str | None:
+    """Append ``part``'s problems; with ``weights`` = (requested, preferred variant), resolve and return
+    the variant its weights load from."""
     sub = folder / part
     if not sub.is_dir():
-        missing.append(f"{part}/")
-        return
-    config = "scheduler_config.json" if part == "scheduler" else "config.json"
+        problems.append(f"{part}/ is missing")
+        return None
     if part.startswith("tokenizer"):
         if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not (
             sub / "tokenizer.json"
         ).exists():
-            missing.append(f"{part}/vocab.json+merges.txt")
-        return
+            problems.append(f"{part}/ is missing vocab.json + merges.txt")
+        return None
+    config = "scheduler_config.json" if part == "scheduler" else "config.json"
     if not (sub / config).exists():
-        missing.append(f"{part}/{config}")
-    if needs_weights and not any((sub / w).exists() for w in _WEIGHT_FILES):
-        missing.append(f"{part}/<weights>.safetensors")
+        problems.append(f"{part}/ is missing {config}")
+    if weights is None:
+        return None
+    return _resolve(sub, part, part, weights, problems)
 
 
-def check_controlnet_folder(path: Path) -> None:
-    """Raise :class:`ModelFolderError` unless ``path`` is a diffusers ControlNet folder."""
-    missing: list[str] = []
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelFolderError(f"ControlNet folder {path} does not exist")
-    if not (path / "config.json").exists():
-        missing.append("config.json")
-    if not any((path / w).exists() for w in _WEIGHT_FILES):
-        missing.append("<weights>.safetensors")
-    if missing:
-        raise ModelFolderError(f"ControlNet folder {path} is missing: {', '.join(missing)}")
+def _resolve(folder: Path, label: str, kind: str, weights: tuple, problems: list[str]) -> str | None:
+    files = WeightFiles.scan(folder)
+    try:
+        return resolve_variant(files, *weights)
+    except ValueError as exc:
+        advice = f"; {_pickle_advice(kind, folder)}" if files.pickles and not files.safetensors else ""
+        problems.append(f"{label}/ {exc}{advice}")
+        return None
 
 
 @dataclass
 class ModelFolder:
-    """A validated diffusers-format SD 1.5 or SDXL folder.
+    """A validated SD 1.5 or SDXL model: a diffusers-format folder, or a single-file ``checkpoint``
+    served with the config folder ``path`` of its architecture.
 
-    ``family`` is ``"sdxl"`` when the folder has a second text encoder (and the
-    UNet takes ``text_time`` added conditioning), else ``"sd15"``.
+    ``family`` is ``"sdxl"`` when the UNet takes ``text_time`` added conditioning (and there is a second
+    text encoder), else ``"sd15"``. ``variant`` (``--variant``) and ``dtype`` (the deployment's) pick the
+    weight files each component loads (:func:`resolve_variant`). ``controlnets`` maps names to ControlNet
+    folders or single files.
     """
 
     path: Path
     controlnets: dict[str, Path] = field(default_factory=dict)
+    variant: str | None = None
+    dtype: str = "float32"
+    checkpoint: Path | None = None
 
     def __post_init__(self) -> None:
+        from katz.models.checkpoint import CheckpointError, inspect_checkpoint
+
         self.path = Path(self.path)
+        self.variant = self.variant or None
         if not self.path.is_dir():
             raise ModelFolderError(f"model folder {self.path} does not exist")
-        missing: list[str] = []
+        problems: list[str] = []
+        self._checkpoint = None
+        if self.checkpoint is not None:
+            self.checkpoint = Path(self.checkpoint)
+            try:
+                self._checkpoint = inspect_checkpoint(self.checkpoint)
+            except CheckpointError as exc:
+                raise ModelFolderError(str(exc)) from None
+            if self._checkpoint.kind != "model":
+                raise ModelFolderError(f"checkpoint {self.checkpoint} is a ControlNet, not a model; register it with "
+                                       "--controlnet NAME=FILE")
+        weights = None if self.checkpoint else (self.variant, DTYPE_VARIANTS.get(self.dtype))
         parts = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
         if self.family == "sdxl":
             parts += ["text_encoder_2", "tokenizer_2"]
+        self._variants = {}
         for part in parts:
-            _check_component(self.path, part, part not in ("scheduler",), missing)
-        if missing:
-            raise ModelFolderError(f"model folder {self.path} is missing: {', '.join(missing)}")
+            self._variants[part] = _check_component(self.path, part, problems,
+                                                    weights if part in _CLASSES else None)
+        self._controlnet_files = {}
+        self.controlnets = {name: Path(cn) for name, cn in self.controlnets.items()}
         for name, cn in self.controlnets.items():
-            check_controlnet_folder(cn)
+            label = f"ControlNet {name!r} ({cn})"
+            if cn.is_file():
+                try:
+                    info = inspect_checkpoint(cn)
+                except CheckpointError as exc:
+                    problems.append(f"ControlNet {name!r}: {exc}")
+                    continue
+                if info.kind != "controlnet":
+                    problems.append(f"{label} is a whole model, not a ControlNet")
+                elif info.family != self.family:
+                    problems.append(f"{label} is an {info.family} ControlNet; this model is {self.family}")
+                else:
+                    self._controlnet_files[name] = info
+            elif not cn.is_dir():
+                problems.append(f"{label} does not exist")
+            else:
+                if not (cn / "config.json").exists():
+                    problems.append(f"{label} is missing config.json")
+                elif (family := _family(json.loads((cn / "config.json").read_text()))) != self.family:
+                    problems.append(f"{label} is an {family} ControlNet; this model is {self.family}")
+                self._variants[f"controlnet:{name}"] = _resolve(
+                    cn, label, "controlnet", (self.variant, DTYPE_VARIANTS.get(self.dtype)), problems)
+        if problems:
+            what = f"checkpoint {self.checkpoint}" if self.checkpoint else f"model folder {self.path}"
+            raise ModelFolderError(f"{what} cannot be served:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Path, controlnets: dict | None = None, variant: str | None = None,
+                        dtype: str = "float32", root: Path | None = None) -> "ModelFolder":
+        """The model of a single-file checkpoint, with the config folder of the architecture its keys show."""
+        from katz.models.checkpoint import CheckpointError, config_folder, inspect_checkpoint
+
+        try:
+            info = inspect_checkpoint(checkpoint)
+        except CheckpointError as exc:
+            raise ModelFolderError(str(exc)) from None
+        return cls(config_folder(info.architecture, root), controlnets or {}, variant, dtype, Path(checkpoint))
+
+    def check_weights(self) -> None:
+        """The deeper check of single files (the checkpoint and ControlNet files): every weight its networks
+        need is there, in the right shape (compared on PyTorch's meta device; nothing is read). Folders'
+        weight files were checked on construction. Raises :class:`ModelFolderError` listing every problem."""
+        from katz.models.checkpoint import check_checkpoint, controlnet_config_folder
+
+        problems = []
+        if self._checkpoint is not None:
+            problems += [f"{self.checkpoint}: {p}" for p in check_checkpoint(self._checkpoint, self.path)]
+        for name, info in self._controlnet_files.items():
+            problems += [f"ControlNet {name!r} ({info.path}): {p}"
+                         for p in check_checkpoint(info, controlnet_config_folder(info.architecture))]
+        if problems:
+            raise ModelFolderError("the weights do not fit their configs:\n  - " + "\n  - ".join(problems))
+
+    def weight_variant(self, part: str) -> str | None:
+        """The variant ``part`` (``unet``, ..., ``controlnet:<name>``) loads; None: its plain file."""
+        return self._variants.get(part)
 
     # ------------------------------------------------------------------ facts
     @cached_property
     def family(self) -> str:
         unet_cfg = self.path / "unet" / "config.json"
         if unet_cfg.exists():
-            cfg = json.loads(unet_cfg.read_text())
-            return "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd15"
+            return _family(json.loads(unet_cfg.read_text()))
         return "sdxl" if (self.path / "text_encoder_2").exists() else "sd15"
 
     @cached_property
@@ -185,46 +337,110 @@ class ModelFolder:
     def min_image_size(self) -> int:
         """The smallest width/height every network here runs, ControlNets included (:func:`min_image_size`):
         32 for SDXL and the tiny presets, 64 for SD 1.5."""
-        controlnets = [json.loads((p / "config.json").read_text()) for p in self.controlnets.values()]
+        controlnets = [self.controlnet_config(name) for name in self.controlnets]
         return min_image_size(self.unet_config, self.vae_config, controlnets)
 
     # ---------------------------------------------------------------- loading
+    def _load(self, part: str, cls, dtype: torch.dtype, **extra):
+        if self._checkpoint is not None:
+            from katz.models.checkpoint import load_part
+
+            return load_part(self._checkpoint, part, dtype, self.path)
+        return cls.from_pretrained(self.path / part, torch_dtype=dtype, variant=self._variants.get(part),
+                                   use_safetensors=True, **extra)
+
     def load_unet(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel.from_pretrained(self.path / "unet", torch_dtype=dtype).to(device).eval()
+        return self._load("unet", UNet2DConditionModel, dtype).to(device).eval()
 
     def load_vae(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(self.path / "vae", torch_dtype=dtype).to(device).eval()
+        return self._load("vae", AutoencoderKL, dtype).to(device).eval()
 
-    def load_text_encoders(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    def load_text_encoder(self, part: str, dtype: torch.dtype = torch.float32, **extra):
+        """One text encoder (``text_encoder`` or ``text_encoder_2``) on the CPU; ``extra`` goes to
+        ``from_pretrained`` (a checkpoint's take none)."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        out = {"text_encoder": CLIPTextModel.from_pretrained(self.path / "text_encoder", torch_dtype=dtype)}
-        if self.family == "sdxl":
-            out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                self.path / "text_encoder_2", torch_dtype=dtype
-            )
-        return {k: v.to(device).eval() for k, v in out.items()}
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        model = self._load(part, cls, dtype, **extra)
+        if self._checkpoint is not None and extra.get("attn_implementation"):
+            model.set_attn_implementation(extra["attn_implementation"])
+        return model.eval()
+
+    def load_text_encoders(self, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        return {part: self.load_text_encoder(part, dtype).to(device).eval() for part in self.text_encoder_parts}
 
     def load_tokenizers(self) -> dict:
         from transformers import CLIPTokenizer
 
         return {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts}
 
+    def controlnet_config(self, name: str) -> dict:
+        if name in self._controlnet_files:
+            from katz.models.checkpoint import controlnet_config_folder
+
+            return json.loads((controlnet_config_folder(self._controlnet_files[name].architecture) / "config.json").read_text())
+        return json.loads((self.controlnets[name] / "config.json").read_text())
+
     def load_controlnet(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import ControlNetModel
 
         if name not in self.controlnets:
             raise KeyError(name)
-        return ControlNetModel.from_pretrained(self.controlnets[name], torch_dtype=dtype).to(device).eval()
+        if name in self._controlnet_files:
+            from katz.models.checkpoint import controlnet_config_folder, load_part
+
+            info = self._controlnet_files[name]
+            net = load_part(info, "controlnet", dtype, controlnet_config_folder(info.architecture))
+        else:
+            net = ControlNetModel.from_pretrained(self.controlnets[name], torch_dtype=dtype, use_safetensors=True,
+                                                  variant=self._variants.get(f"controlnet:{name}"))
+        return net.to(device).eval()
 
 
 def discover_controlnets(folder: Path) -> dict[str, Path]:
-    """Each sub-folder of ``folder`` holding a ``config.json`` is a ControlNet named after it."""
+    """Each sub-folder of ``folder`` holding a ``config.json`` is a ControlNet named after it, and so is
+    each single-file ControlNet (``<name>.safetensors``) there."""
     folder = Path(folder)
     if not folder.is_dir():
         return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").exists()}
+    found = {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").exists()}
+    for p in sorted(folder.glob("*.safetensors")):
+        found.setdefault(p.stem, p)
+    return found
+
+
+def add_model_arguments(parser, controlnet_help: str) -> None:
+    """The flags that name a model, as :func:`open_model` takes them (``katz serve``, ``render``, ``export``)."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
+    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
+    src.add_argument("--checkpoint", type=Path, metavar="FILE.safetensors",
+                     help="single-file SD 1.5 / SDXL checkpoint in the original (A1111 / ComfyUI) layout")
+    parser.add_argument("--variant", help="weight files to read where a folder has several (e.g. fp16: "
+                        "model.fp16.safetensors); default: the one matching --dtype where present, else the plain files")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR|FILE", help=controlnet_help)
+
+
+def open_model(model_dir: Path | None = None, checkpoint: Path | None = None, controlnets=(),
+               variant: str | None = None, dtype: str = "float32", preset: str | None = None) -> ModelFolder:
+    """The model the ``katz`` commands name: ``--model-dir`` (its ``controlnets/`` registered), ``--checkpoint``
+    or ``--preset`` (default: the default preset), plus ``--controlnet NAME=DIR|FILE`` specs. Raises
+    :class:`ModelFolderError` listing every problem, or naming a malformed ``--controlnet`` spec."""
+    from katz.models.presets import DEFAULT_PRESET, ensure_preset
+
+    registered: dict[str, Path] = {}
+    if checkpoint is None:
+        model_dir = Path(model_dir or ensure_preset(preset or DEFAULT_PRESET)).resolve()
+        registered = discover_controlnets(model_dir / "controlnets")
+    for spec in controlnets:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ModelFolderError(f"--controlnet expects NAME=DIR or NAME=FILE, got {spec!r}")
+        registered[name] = Path(path).resolve()
+    if checkpoint is not None:
+        return ModelFolder.from_checkpoint(Path(checkpoint).resolve(), registered, variant, dtype)
+    return ModelFolder(model_dir, registered, variant, dtype)

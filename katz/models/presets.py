@@ -52,8 +52,14 @@ def ensure_preset(name: str, root: Path | None = None) -> Path:
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    root = Path(root) if root is not None else cache_dir()
-    target = root / f"{name}-v{PRESET_VERSION}"
+    return build_once(Path(root) if root is not None else cache_dir(), f"{name}-v{PRESET_VERSION}",
+                      lambda out: _build_preset(name, out), what=f"preset {name!r}")
+
+
+def build_once(root: Path, name: str, build, what: str | None = None) -> Path:
+    """``root / name``, written by ``build(folder)`` the first time (into a temporary folder renamed into
+    place, so concurrent processes and interrupted builds never leave a half-written one)."""
+    target = root / name
     if (target / ".complete").exists():
         return target
     try:
@@ -61,11 +67,11 @@ def ensure_preset(name: str, root: Path | None = None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     except OSError as exc:
         raise PresetCacheError(
-            f"cannot write the model cache {root} to build preset {name!r} ({exc.strerror or exc}); "
+            f"cannot write the model cache {root} to build {what or name} ({exc.strerror or exc}); "
             "make it writable or point $KATZ_CACHE at a writable folder"
         ) from None
     try:
-        _build_preset(name, tmp)
+        build(tmp)
         (tmp / ".complete").write_text("ok\n")
         try:
             tmp.rename(target)
@@ -81,7 +87,7 @@ def ensure_preset(name: str, root: Path | None = None) -> Path:
 # --------------------------------------------------------------------------- #
 # Tokenizer
 # --------------------------------------------------------------------------- #
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable-unicode table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -100,7 +106,7 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for c in chars:
         vocab[c] = len(vocab)
@@ -132,6 +138,17 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     )
     # Round-trip through transformers so the folder also gets its own tokenizer files.
     CLIPTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+def write_clip_tokenizer(folder: Path, merges: list[str]) -> None:
+    """CLIP's ``vocab.json`` and ``merges.txt`` from its BPE ``merges`` (lines "a b"), built as CLIP builds
+    them: the byte alphabet, the same with ``</w>``, one token per merge, then the two special tokens."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 # --------------------------------------------------------------------------- #
