@@ -2,8 +2,9 @@
 
 Real weights and the built-in presets go through this one class. A folder holds
 ``unet/``, ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/`` and, for
-SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. ControlNets are separate
-diffusers-format folders (``config.json`` + weights), registered by name.
+SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. A FLUX.1 folder holds ``transformer/``
+instead of ``unet/`` and a T5 encoder as ``text_encoder_2/`` (``tokenizer_2/``). ControlNets
+are separate diffusers-format folders (``config.json`` + weights), registered by name.
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ def _deepest_side(channels: int, groups: int) -> int:
     channel per group a 1x1 map leaves one (PyTorch refuses it for a batch of one, and for two it
     normalises every value to the bias)."""
     return 1 if channels // groups >= 2 else 2
+
+
+def min_flux_image_size(vae_config: dict) -> int:
+    """The smallest width/height of a FLUX folder: the VAE's deepest map (as for the UNet families),
+    on whole 2x2 latent patches (the transformer's tokens)."""
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    need = vae_scale * _deepest_side(vae_config["block_out_channels"][-1], int(vae_config.get("norm_num_groups", 32)))
+    patch = 2 * vae_scale
+    return -(-need // patch) * patch
 
 
 def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -> int:
@@ -89,10 +99,10 @@ def check_controlnet_folder(path: Path) -> None:
 
 @dataclass
 class ModelFolder:
-    """A validated diffusers-format SD 1.5 or SDXL folder.
+    """A validated diffusers-format SD 1.5, SDXL or FLUX.1 folder.
 
-    ``family`` is ``"sdxl"`` when the folder has a second text encoder (and the
-    UNet takes ``text_time`` added conditioning), else ``"sd15"``.
+    ``family`` is ``"flux"`` when the folder has a ``transformer/``, ``"sdxl"`` when the UNet
+    takes ``text_time`` added conditioning (a second text encoder), else ``"sd15"``.
     """
 
     path: Path
@@ -103,8 +113,8 @@ class ModelFolder:
         if not self.path.is_dir():
             raise ModelFolderError(f"model folder {self.path} does not exist")
         missing: list[str] = []
-        parts = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
-        if self.family == "sdxl":
+        parts = ["transformer" if self.family == "flux" else "unet", "vae", "scheduler", "text_encoder", "tokenizer"]
+        if self.family in ("sdxl", "flux"):
             parts += ["text_encoder_2", "tokenizer_2"]
         for part in parts:
             _check_component(self.path, part, part not in ("scheduler",), missing)
@@ -116,6 +126,8 @@ class ModelFolder:
     # ------------------------------------------------------------------ facts
     @cached_property
     def family(self) -> str:
+        if (self.path / "transformer").is_dir():
+            return "flux"
         unet_cfg = self.path / "unet" / "config.json"
         if unet_cfg.exists():
             cfg = json.loads(unet_cfg.read_text())
@@ -125,6 +137,23 @@ class ModelFolder:
     @cached_property
     def unet_config(self) -> dict:
         return json.loads((self.path / "unet" / "config.json").read_text())
+
+    @cached_property
+    def transformer_config(self) -> dict:
+        """A FLUX folder's ``FluxTransformer2DModel`` config."""
+        return json.loads((self.path / "transformer" / "config.json").read_text())
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """FLUX: the transformer takes the guidance scale as an input (dev; schnell does not)."""
+        return self.family == "flux" and bool(self.transformer_config.get("guidance_embeds", False))
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent the denoiser works on."""
+        if self.family == "flux":
+            return int(self.transformer_config["in_channels"]) // 4
+        return int(self.unet_config["in_channels"])
 
     @cached_property
     def vae_config(self) -> dict:
@@ -145,7 +174,10 @@ class ModelFolder:
 
     @property
     def default_size(self) -> int:
-        """Default image side in pixels (diffusers: ``unet.sample_size * vae_scale_factor``)."""
+        """Default image side in pixels (diffusers: ``unet.sample_size * vae_scale_factor``; FLUX:
+        ``128 * vae_scale_factor``, as FluxPipeline's default)."""
+        if self.family == "flux":
+            return 128 * self.vae_scale_factor
         return int(self.unet_config["sample_size"]) * self.vae_scale_factor
 
     @property
@@ -155,11 +187,11 @@ class ModelFolder:
 
     @property
     def text_encoder_parts(self) -> tuple[str, ...]:
-        return ("text_encoder", "text_encoder_2") if self.family == "sdxl" else ("text_encoder",)
+        return ("text_encoder", "text_encoder_2") if self.family in ("sdxl", "flux") else ("text_encoder",)
 
     @property
     def tokenizer_parts(self) -> tuple[str, ...]:
-        return ("tokenizer", "tokenizer_2") if self.family == "sdxl" else ("tokenizer",)
+        return ("tokenizer", "tokenizer_2") if self.family in ("sdxl", "flux") else ("tokenizer",)
 
     @property
     def num_down_residuals(self) -> int:
@@ -185,6 +217,8 @@ class ModelFolder:
     def min_image_size(self) -> int:
         """The smallest width/height every network here runs, ControlNets included (:func:`min_image_size`):
         32 for SDXL and the tiny presets, 64 for SD 1.5."""
+        if self.family == "flux":
+            return min_flux_image_size(self.vae_config)
         controlnets = [json.loads((p / "config.json").read_text()) for p in self.controlnets.values()]
         return min_image_size(self.unet_config, self.vae_config, controlnets)
 
@@ -193,6 +227,11 @@ class ModelFolder:
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel.from_pretrained(self.path / "unet", torch_dtype=dtype).to(device).eval()
+
+    def load_transformer(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_pretrained(self.path / "transformer", torch_dtype=dtype).to(device).eval()
 
     def load_vae(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
         from diffusers import AutoencoderKL
@@ -203,7 +242,11 @@ class ModelFolder:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         out = {"text_encoder": CLIPTextModel.from_pretrained(self.path / "text_encoder", torch_dtype=dtype)}
-        if self.family == "sdxl":
+        if self.family == "flux":
+            from transformers import T5EncoderModel
+
+            out["text_encoder_2"] = T5EncoderModel.from_pretrained(self.path / "text_encoder_2", torch_dtype=dtype)
+        elif self.family == "sdxl":
             out["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
                 self.path / "text_encoder_2", torch_dtype=dtype
             )
@@ -212,14 +255,21 @@ class ModelFolder:
     def load_tokenizers(self) -> dict:
         from transformers import CLIPTokenizer
 
-        return {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts}
+        out = {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts
+               if not (self.family == "flux" and part == "tokenizer_2")}
+        if self.family == "flux":
+            from transformers import T5TokenizerFast
+
+            out["tokenizer_2"] = T5TokenizerFast.from_pretrained(self.path / "tokenizer_2")
+        return out
 
     def load_controlnet(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, FluxControlNetModel
 
         if name not in self.controlnets:
             raise KeyError(name)
-        return ControlNetModel.from_pretrained(self.controlnets[name], torch_dtype=dtype).to(device).eval()
+        cls = FluxControlNetModel if self.family == "flux" else ControlNetModel
+        return cls.from_pretrained(self.controlnets[name], torch_dtype=dtype).to(device).eval()
 
 
 def discover_controlnets(folder: Path) -> dict[str, Path]:

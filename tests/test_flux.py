@@ -1,0 +1,313 @@
+"""FLUX.1 in-process: the tiny-flux presets, Katz's flow-match loop against diffusers' FluxPipeline /
+FluxControlNetPipeline (same weights, prompt, steps, guidance, seed; float32 on the CPU; <= 2/255),
+FLUX LoRAs in both file layouts through Katz's patcher, exact restore, and BAL's bound."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from conftest import control_png
+from katz.errors import LoraError
+
+PROMPT = "a photo of a red house"
+STEPS = 4
+SIZE = 64
+TOLERANCE = 2
+
+
+class Flux:
+    """Katz's FLUX path wired in-process: tokenizers, text-encoder engine, transformer engine,
+    ControlNet engine, the loop (katz.diffusion.flux) and the VAE decoder."""
+
+    def __init__(self, path):
+        from katz.engines.torch.text_encoder import TextEncoderEngine
+        from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
+        from katz.engines.torch.vae import VaeDecoderEngine
+        from katz.lora.store import LoraStore
+        from katz.models.folder import ModelFolder, discover_controlnets
+
+        self.folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+        self.tokenizers = self.folder.load_tokenizers()
+        self.text = TextEncoderEngine(self.folder)
+        self.transformer = FluxTransformerEngine(self.folder)
+        self.controlnets = FluxControlNetEngine(self.folder)
+        self.vae = VaeDecoderEngine(self.folder)
+        self.store = LoraStore(path / "loras", "flux")
+
+    def set_loras(self, loras) -> None:
+        self.transformer.set_loras([(self.store.get(n, ("transformer",)), s) for n, s in loras])
+        self.text.set_loras([(self.store.get(n, ("text_encoder", "text_encoder_2")), s) for n, s in loras])
+
+    def latents(self, seed=42, guidance=3.5, controlnet=False, transformer=None, height=SIZE, width=SIZE):
+        from katz.diffusion.denoise import ControlInput
+        from katz.diffusion.flux import denoise_flux
+        from katz.diffusion.images import decode_control_image
+        from katz.diffusion.schedulers import make_scheduler
+        from katz.diffusion.text_encoding import tokenize
+
+        ids = tokenize(self.tokenizers, PROMPT, None, do_cfg=False)
+        embeds, pooled = self.text({k: torch.from_numpy(v) for k, v in ids.items()}, zero_negative=False)
+        controls = [ControlInput("canny", decode_control_image(control_png(), width, height, 1 << 24), 0.9)] \
+            if controlnet else []
+        return denoise_flux(
+            transformer=transformer or self.transformer,
+            scheduler=make_scheduler("default", self.folder.scheduler_config),
+            prompt_embeds=embeds, pooled_prompt_embeds=pooled, seed=seed, steps=STEPS, guidance_scale=guidance,
+            guidance_embeds=self.folder.guidance_embeds, height=height, width=width,
+            latent_channels=self.folder.latent_channels, vae_scale_factor=self.folder.vae_scale_factor,
+            controlnet=self.controlnets, controls=controls, encode=self.vae.encode_distribution,
+            vae_shift_factor=self.vae.shift_factor, vae_scaling_factor=self.vae.scaling_factor,
+        )
+
+    def image(self, **kwargs) -> np.ndarray:
+        from katz.diffusion.images import to_uint8
+
+        return to_uint8(self.vae(self.latents(**kwargs)))
+
+
+@pytest.fixture(scope="module")
+def flux(preset_dir):
+    cache = {}
+
+    def get(preset):
+        if preset not in cache:
+            cache[preset] = Flux(preset_dir(preset))
+        return cache[preset]
+
+    return get
+
+
+def _diffusers_image(path, controlnet=False, loras=(), seed=42, guidance=3.5):
+    import diffusers
+
+    call = dict(num_inference_steps=STEPS, guidance_scale=guidance, height=SIZE, width=SIZE,
+                generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    if controlnet:
+        net = diffusers.FluxControlNetModel.from_pretrained(path / "controlnets" / "canny")
+        pipe = diffusers.FluxControlNetPipeline.from_pretrained(path, controlnet=net)
+        call.update(control_image=Image.open(io.BytesIO(control_png())), controlnet_conditioning_scale=0.9)
+    else:
+        pipe = diffusers.FluxPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    for name, _ in loras:
+        pipe.load_lora_weights(path / "loras", weight_name=f"{name}.safetensors", adapter_name=name)
+    if loras:
+        pipe.set_adapters([n for n, _ in loras], adapter_weights=[s for _, s in loras])
+        pipe.fuse_lora(adapter_names=[n for n, _ in loras], lora_scale=1.0)
+    out = pipe(PROMPT, **call).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def _max_diff(a, b) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+CASES = [
+    ("tiny-flux", dict()),
+    ("tiny-flux", dict(seed=7, guidance=5.0)),
+    ("tiny-flux-schnell", dict()),
+    ("tiny-flux", dict(loras=(("style", 0.8), ("detail", 0.5)))),  # peft names; kohya names with fused qkv
+    ("tiny-flux", dict(controlnet=True)),
+    ("tiny-flux", dict(controlnet=True, loras=(("detail", 1.0),))),
+]
+
+
+@pytest.mark.parametrize("preset, case", CASES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(CASES)])
+def test_matches_diffusers(preset, case, flux, preset_dir):
+    model = flux(preset)
+    loras = case.get("loras", ())
+    model.set_loras(loras)
+    try:
+        ours = model.image(**{k: v for k, v in case.items() if k != "loras"})
+    finally:
+        model.set_loras([])
+    ref = _diffusers_image(preset_dir(preset), **case)
+    assert ours.shape == (SIZE, SIZE, 3)
+    assert ours.std() > 5, "image is flat: the test would not see a difference"
+    assert _max_diff(ours, ref) <= TOLERANCE
+
+
+def test_guidance_loras_and_controlnet_change_the_image_and_schnell_ignores_guidance(flux):
+    dev, schnell = flux("tiny-flux"), flux("tiny-flux-schnell")
+    plain = dev.image()
+    assert _max_diff(plain, dev.image(guidance=6.0)) > 2  # a small effect in random weights, but one
+    assert _max_diff(plain, dev.image(controlnet=True)) > 10
+    dev.set_loras([("style", 1.0)])
+    try:
+        assert _max_diff(plain, dev.image()) > 10
+    finally:
+        dev.set_loras([])
+    assert np.array_equal(plain, dev.image()), "a LoRA or ControlNet run changed the next image"
+    assert np.array_equal(schnell.image(guidance=1.0), schnell.image(guidance=6.0))
+
+
+def test_packing_positions_and_shift():
+    from katz.diffusion.flux import calculate_shift, latent_image_ids, latent_size, pack_latents, unpack_latents
+
+    x = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(0))
+    tokens = pack_latents(x)
+    assert tokens.shape == (1, 12, 64)
+    assert torch.equal(tokens[0, 1], x[0, :, 0:2, 2:4].reshape(-1))  # token 1 = row 0, patch column 1
+    assert torch.equal(unpack_latents(tokens, 6, 8), x)
+    ids = latent_image_ids(6, 8, "cpu", torch.float32)
+    assert ids.shape == (12, 3) and ids[5].tolist() == [0.0, 1.0, 1.0]
+    assert calculate_shift(256) == pytest.approx(0.5) and calculate_shift(4096) == pytest.approx(1.15)
+    assert latent_size(1024, 768, 8) == (128, 96) and latent_size(72, 72, 8) == (8, 8)
+
+
+def test_flux_folder_facts(preset_dir, tmp_path):
+    import shutil
+
+    from katz.models.folder import ModelFolder, ModelFolderError
+
+    dev, schnell = ModelFolder(preset_dir("tiny-flux")), ModelFolder(preset_dir("tiny-flux-schnell"))
+    assert dev.family == schnell.family == "flux"
+    assert dev.guidance_embeds and not schnell.guidance_embeds
+    assert not dev.scheduler_config["use_dynamic_shifting"] is schnell.scheduler_config["use_dynamic_shifting"]
+    assert dev.latent_channels == 16 and dev.vae_scale_factor == 8
+    assert dev.min_image_size == 16  # one 2x2 patch of latent pixels
+    assert dev.default_size == 1024  # FluxPipeline's default
+    assert dev.text_encoder_parts == ("text_encoder", "text_encoder_2")
+    broken = tmp_path / "broken"
+    shutil.copytree(preset_dir("tiny-flux"), broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ModelFolderError, match="text_encoder_2/"):
+        ModelFolder(broken)
+
+
+# --------------------------------------------------------------------------- #
+# LoRAs
+# --------------------------------------------------------------------------- #
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_kohya_fused_layers_split_into_the_diffusers_modules(flux):
+    """A kohya linear1 / img_attn_qkv LoRA merges exactly as the peft LoRA of its parts: down shared,
+    up cut by rows (q, k, v and the 4x-wide MLP input)."""
+    from katz.lora.weights import parse_lora
+
+    engine = flux("tiny-flux").transformer
+    gen = torch.Generator().manual_seed(3)
+    dim = engine.transformer.config.num_attention_heads * engine.transformer.config.attention_head_dim
+    down1, up1 = torch.randn(4, dim, generator=gen), torch.randn(7 * dim, 4, generator=gen)
+    down2, up2 = torch.randn(4, dim, generator=gen), torch.randn(3 * dim, 4, generator=gen)
+    kohya = {
+        "lora_unet_single_blocks_1_linear1.lora_down.weight": down1,
+        "lora_unet_single_blocks_1_linear1.lora_up.weight": up1,
+        "lora_unet_single_blocks_1_linear1.alpha": torch.tensor(2.0),
+        "lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight": down2,
+        "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight": up2,
+    }
+    peft = {}
+    for path, a, b in (("attn.to_q", 0, dim), ("attn.to_k", dim, 2 * dim), ("attn.to_v", 2 * dim, 3 * dim),
+                       ("proj_mlp", 3 * dim, 7 * dim)):
+        key = f"transformer.single_transformer_blocks.1.{path}"
+        peft.update({f"{key}.lora_A.weight": down1, f"{key}.lora_B.weight": up1[a:b],
+                     f"{key}.alpha": torch.tensor(2.0)})
+    for i, path in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+        key = f"transformer.transformer_blocks.0.attn.{path}"
+        peft.update({f"{key}.lora_A.weight": down2, f"{key}.lora_B.weight": up2[i * dim:(i + 1) * dim]})
+    base = _weights(engine.transformer)
+    merged = []
+    for tensors in (kohya, peft):
+        weights = parse_lora(tensors, "x", "flux")
+        assert set(weights.layers["transformer"]) == {
+            "single_transformer_blocks.1.attn.to_q", "single_transformer_blocks.1.attn.to_k",
+            "single_transformer_blocks.1.attn.to_v", "single_transformer_blocks.1.proj_mlp",
+            "transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+            "transformer_blocks.0.attn.add_v_proj"}
+        engine.set_loras([(weights, 0.7)])
+        merged.append(_weights(engine.transformer))
+        engine.set_loras([])
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in base)
+    assert not torch.equal(merged[0]["single_transformer_blocks.1.proj_mlp.weight"],
+                           base["single_transformer_blocks.1.proj_mlp.weight"])
+    after = _weights(engine.transformer)
+    assert all(torch.equal(after[k], base[k]) for k in base), "restore is not bit-exact"
+
+
+@pytest.mark.parametrize("tensors, words", [
+    ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(4, 16),
+      "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(47, 4)}, "do not split"),
+    ({"lora_unet_final_layer_adaLN_modulation_1.lora_down.weight": torch.ones(4, 16),
+      "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight": torch.ones(32, 4)}, "original FLUX.1 layout"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 16),
+      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(16, 4)}, "original FLUX.1 layout"),
+    ({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 16),
+      "unet.down_blocks.0.attn.to_q.lora_B.weight": torch.ones(16, 4)}, "flux model does not have"),
+])
+def test_bad_flux_lora_keys_are_refused_naming_the_tensor(tensors, words):
+    from katz.lora.weights import parse_lora
+
+    with pytest.raises(LoraError, match=words) as err:
+        parse_lora(tensors, "bad", "flux")
+    stem = next(iter(tensors)).rsplit(".lora", 1)[0]
+    assert stem in str(err.value)
+
+
+def test_flux_lora_loads_for_flux_and_fails_for_sd15_through_the_manager(preset_dir, tmp_path):
+    """The manager's family check: kohya's lora_unet_ prefix is the family's denoiser in both."""
+    from katz.lora.manager import LoraManager
+    from katz.lora.store import LoraStore
+
+    save_file({"transformer.x_embedder.lora_A.weight": torch.ones(2, 64),
+               "transformer.x_embedder.lora_B.weight": torch.ones(16, 2)}, str(tmp_path / "t.safetensors"))
+    engine = Flux(preset_dir("tiny-flux")).transformer
+    flux_manager = LoraManager(LoraStore(tmp_path, "flux"), [engine.lora], "cpu")
+    assert flux_manager.get(["t"])  # a peft transformer LoRA with a top-level module loads
+    from katz.engines.torch.unet import UNetEngine
+    from katz.models.folder import ModelFolder
+
+    unet = UNetEngine(ModelFolder(preset_dir("tiny-sd15")))
+    sd_manager = LoraManager(LoraStore(tmp_path, "sd15"), [unet.lora], "cpu")
+    with pytest.raises(LoraError, match="targets transformer, which a sd15 model does not have"):
+        sd_manager.get(["t"])
+
+
+def test_bal_bound_and_exact_restore_on_the_transformer(flux, preset_dir, tmp_path):
+    """BAL unchanged on the FLUX transformer: a slow LoRA goes in at step k exactly, k = 0 gives the
+    synchronous merge's latents, and the base weights come back bit for bit."""
+    import shutil
+
+    from katz.lora.bal import UNetLoras
+    from katz.lora.manager import LoraManager
+    from katz.lora.store import LoraStore
+
+    model = flux("tiny-flux")
+    engine = model.transformer
+    shutil.copy(preset_dir("tiny-flux") / "loras" / "style.safetensors", tmp_path / "style.safetensors")
+    base = _weights(engine.transformer)
+    model.set_loras([("style", 1.0)])
+    sync = model.latents()
+    model.set_loras([])
+    manager = LoraManager(LoraStore(tmp_path, "flux"), [engine.lora], "cpu", load_delay_s=1.5)
+    bal = UNetLoras(manager, engine.set_loras, engine.lora)
+    try:
+        for k in (2, 0):
+            bal.switch_to(())
+            manager.clear_caches()
+            loop = bal.begin((("style", 1.0),), k)
+
+            def transformer(*args):
+                loop.before_step()
+                return engine(*args)
+
+            latents = model.latents(transformer=transformer)
+            loop.finish()
+            assert loop.applied_step == k
+            if k == 0:
+                assert torch.equal(latents, sync)
+            else:
+                assert not torch.equal(latents, sync)
+        bal.switch_to(())
+        after = _weights(engine.transformer)
+        assert all(torch.equal(after[k], base[k]) for k in base)
+    finally:
+        manager.close()
