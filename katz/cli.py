@@ -13,7 +13,7 @@ from pathlib import Path
 from katz.deployment import CONTROLNET_MODES, ENGINES, LOOPS, Deployment, DeploymentError
 from katz.request import Limits
 
-DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}
+DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5, "flux": 3.5}  # diffusers' pipeline defaults
 # Deployment fields whose flag is not --<field with dashes>
 FLAGS = {"latent_overlap": "--tile-overlap", "controlnet_timeout_s": "--controlnet-timeout", "fp8": "--experimental-fp8",
          "lora_host_cache_bytes": "--lora-host-cache-mb", "lora_device_cache_bytes": "--lora-device-cache-mb",
@@ -46,8 +46,9 @@ def flag_of(field: str) -> str:
 # ------------------------------------------------------------------ deployment
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
-    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
+    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15, tiny-flux, tiny-flux-schnell); "
+                                      "default tiny-sdxl")
+    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL / FLUX.1 folder")
     p.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR",
                    help="register a diffusers-format ControlNet (repeatable)")
     p.add_argument("--lora-dir", type=Path, help="folder of .safetensors LoRAs (default: <model>/loras)")
@@ -77,11 +78,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
                         "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
                         "katz_stream always runs it in pipeline mode (it reports every step)")
-    p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=D("controlnet_mode"),
-                   help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
+    p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=None,
+                   help=f"inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
                         "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
-                        "remote: on another server (--controlnet-url)")
+                        f"remote: on another server (--controlnet-url). Default: {D('controlnet_mode')} "
+                        "(FLUX models: local, the only mode built for them)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
     p.add_argument("--controlnet-timeout", type=float, default=D("controlnet_timeout_s"), help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
@@ -154,6 +156,8 @@ def build_deployment(args):
             raise SystemExit(f"katz: --controlnet expects NAME=DIR, got {spec!r}")
         controlnets[name] = Path(path).resolve()
     folder = ModelFolder(Path(model_dir).resolve(), controlnets)  # raises ModelFolderError naming what is missing
+    if args.controlnet_mode is None:
+        args.controlnet_mode = "local" if folder.family == "flux" else _deployment_default("controlnet_mode")
     lora_dir = args.lora_dir or (Path(model_dir) / "loras")
     if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":
         raise SystemExit("katz: --only controlnet serves the controlnet model, which --controlnet-mode local has not")

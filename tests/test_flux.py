@@ -311,3 +311,127 @@ def test_bal_bound_and_exact_restore_on_the_transformer(flux, preset_dir, tmp_pa
         assert all(torch.equal(after[k], base[k]) for k in base)
     finally:
         manager.close()
+
+
+# --------------------------------------------------------------------------- #
+# Serving: the ensemble's models in-process, then a real server
+# --------------------------------------------------------------------------- #
+def _request(**fields):
+    req = {"prompt": np.array([PROMPT.encode()], object), "seed": np.array([42], np.int64),
+           "steps": np.array([STEPS], np.int32)}
+    for name, value in fields.items():
+        if name in ("controlnets", "loras", "negative_prompt", "scheduler"):
+            req[name] = np.array([v.encode() for v in value], object)
+        elif name == "control_images":
+            req[name] = np.array(value, object)
+        elif name in ("width", "height", "lora_k", "steps"):
+            req[name] = np.array([value], np.int32)
+        else:
+            req[name] = np.array(value if isinstance(value, list) else [value], np.float32)
+    return req
+
+
+@pytest.fixture(scope="module")
+def ensemble(preset_dir):
+    from katz.deployment import Deployment
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.request import Limits
+    from katz.serving.local import LocalEnsemble
+
+    def make(preset):
+        path = preset_dir(preset)
+        folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+        limits = Limits(default_width=SIZE, default_height=SIZE, default_guidance=3.5)
+        return LocalEnsemble(Deployment(folder.path, folder.controlnets, path / "loras", limits,
+                                        controlnet_mode="local"))
+
+    return make
+
+
+def test_ensemble_matches_diffusers(ensemble, preset_dir):
+    """The served path (preprocessing, text encoder, pipeline, transformer with BAL and local
+    ControlNets, VAE decoder) gives diffusers' image."""
+    ens = ensemble("tiny-flux")
+    both = ens.generate(_request(controlnets=["canny"], control_images=[control_png()], controlnet_scales=0.9,
+                                 loras=["detail"], lora_k=0))
+    ref = _diffusers_image(preset_dir("tiny-flux"), controlnet=True, loras=(("detail", 1.0),))
+    assert both["image"].std() > 5
+    assert _max_diff(both["image"], ref) <= TOLERANCE
+    assert int(both["lora_applied_step"][0]) == 0
+    plain = ens.generate(_request())
+    assert int(plain["lora_applied_step"][0]) == -1
+    assert plain["image"].std() > 5
+
+
+@pytest.mark.parametrize("preset, field, value, words", [
+    ("tiny-flux", "negative_prompt", ["blurry"], "does not apply to FLUX models"),
+    ("tiny-flux", "scheduler", ["euler"], "does not apply to FLUX models"),
+    ("tiny-flux", "width", 72, "not a positive multiple of 16"),
+    ("tiny-flux-schnell", "guidance_scale", 3.5, "does not apply to this FLUX model"),
+    ("tiny-flux-schnell", "negative_prompt", ["blurry"], "does not apply to FLUX models"),
+])
+def test_fields_that_do_not_apply_to_flux_are_refused_naming_them(preset_dir, preset, field, value, words):
+    from katz.deployment import Deployment
+    from katz.errors import InvalidArgument
+    from katz.request import Limits, parse_request
+
+    dep = Deployment(preset_dir(preset), {}, None, Limits(default_width=SIZE, default_height=SIZE),
+                     controlnet_mode="local")
+    parse_request(_request(), dep.request_limits, frozenset(), lambda n: False)  # the same request without it
+    with pytest.raises(InvalidArgument, match=f"^{field}: .*{words}"):
+        parse_request(_request(**{field: value}), dep.request_limits, frozenset(), lambda n: False)
+
+
+def test_sd_requests_keep_their_fields(preset_dir):
+    from katz.deployment import Deployment
+    from katz.request import Limits, parse_request
+
+    dep = Deployment(preset_dir("tiny-sd15"), {}, None, Limits(default_width=SIZE, default_height=SIZE))
+    req = parse_request(_request(negative_prompt=["blurry"], scheduler=["euler"], width=72, guidance_scale=3.5),
+                        dep.request_limits, frozenset(), lambda n: False)
+    assert (req.negative_prompt, req.scheduler, req.width) == ("blurry", "euler", 72)
+
+
+def test_flux_deployment_refuses_what_is_not_built_for_it(preset_dir):
+    from katz.deployment import Deployment, DeploymentError
+    from katz.request import Limits
+
+    path = preset_dir("tiny-flux")
+    for setting, field in ((dict(unet_shards=2), "unet_shards"), (dict(loop="pipeline"), "loop"),
+                           (dict(controlnet_mode="service"), "controlnet_mode")):
+        dep = Deployment(path, {}, None, Limits(), **{"controlnet_mode": "local", **setting})
+        with pytest.raises(DeploymentError) as err:
+            dep.validate()
+        assert err.value.field == field
+
+
+@pytest.mark.integration
+def test_served_by_katz_serve(start_server, preset_dir):
+    """``katz serve --preset tiny-flux`` (no other flag): a ControlNet + LoRA request over HTTP gives
+    diffusers' image; a field of another family is a 400 naming it."""
+    from dataclasses import replace
+
+    from tritonclient.utils import InferenceServerException
+
+    from katz.client import Generation, infer, make_client
+
+    server = start_server("tiny-flux")
+    gen = Generation(prompt=PROMPT, seed=42, steps=2, width=SIZE, height=SIZE, controlnets=["canny"],
+                     control_images=[control_png()], controlnet_scales=[0.9], loras=["detail"], lora_k=0)
+    client = make_client(server.http_url)
+    try:
+        result = infer(client, gen)
+        with pytest.raises(InferenceServerException) as err:
+            infer(client, replace(gen, negative_prompt="blurry"))
+        assert err.value.status() == "400"
+        assert "negative_prompt: does not apply to FLUX models" in err.value.message()
+    finally:
+        client.close()
+    global STEPS
+    steps, STEPS = STEPS, 2
+    try:
+        ref = _diffusers_image(preset_dir("tiny-flux"), controlnet=True, loras=(("detail", 1.0),))
+    finally:
+        STEPS = steps
+    assert result.image.std() > 5
+    assert _max_diff(result.image, ref) <= TOLERANCE

@@ -149,6 +149,12 @@ class ModelFolder:
         return self.family == "flux" and bool(self.transformer_config.get("guidance_embeds", False))
 
     @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether a guidance scale above 1 runs the denoiser on a negative and a positive row (SD
+        1.5, SDXL); FLUX runs one row, its guidance (dev) an input of the transformer."""
+        return self.family != "flux"
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the (unpacked) latent the denoiser works on."""
         if self.family == "flux":

@@ -1,0 +1,119 @@
+"""``unet`` of a FLUX.1 deployment: the transformer, running whole loop requests with BAL.
+
+A FLUX request reaches it as a loop request (:mod:`katz.diffusion.loop`, :func:`run_flux_loop`):
+the loop runs here, next to the transformer, its ControlNets (mode ``local``: in this process, one
+after the other before each step) and, where the folder has ControlNets, the VAE whose encoder
+turns control images into latents. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
+manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
+the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loop
+from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
+from katz.engines.torch.vae import VaeDecoderEngine
+from katz.errors import InvalidArgument
+from katz.lora.bal import UNetLoras
+from katz.lora.manager import LoraManager
+from katz.request import RequestParams
+
+
+class Transformer:
+    def __init__(self, deployment, call=None):
+        self.deployment = deployment
+        folder, device, dtype = deployment.folder, deployment.device, deployment.torch_dtype
+        self.engine = FluxTransformerEngine(folder, device, dtype)
+        self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets else None
+        self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
+        self.loras = LoraManager(
+            deployment.loras,
+            [self.engine.lora],
+            device,
+            host_budget_bytes=deployment.lora_host_cache_bytes,
+            device_budget_bytes=deployment.lora_device_cache_bytes,
+            load_delay_s=deployment.lora_load_delay_s,
+        )
+        self.bal = UNetLoras(self.loras, self.engine.set_loras, self.engine.lora)
+        self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora.hints)
+        if deployment.lora_hints and deployment.lora_dir:
+            from katz.lora.hints import HintListener
+
+            self.hints = HintListener(deployment.lora_hints, self.loras.hint)
+        self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.runs, self.run_seconds = 0, 0.0  # transformer evaluations and their time
+
+    @property
+    def applied(self):
+        """The LoRA set in place (``()``: the base weights)."""
+        return self.bal.applied
+
+    def _run_loop(self, inputs: dict) -> dict:
+        params, embeds, pooled, images = read_loop_request(inputs, self.deployment.device, self.deployment.torch_dtype)
+        if pooled is None:
+            raise InvalidArgument("loop_pooled_prompt_embeds", "required for a FLUX model")
+        bal = self.bal.begin(params.lora_set, params.lora_k)
+
+        def transformer(*args):
+            bal.before_step()
+            start = time.perf_counter()
+            out = self.engine(*args)
+            self._sync()  # eager engine: the step's time is the BAL estimate's step time
+            seconds = time.perf_counter() - start
+            self.runs, self.run_seconds = self.runs + 1, self.run_seconds + seconds
+            self.bal.observe_step(seconds)
+            return out
+
+        vae = self.vae
+        latents = run_flux_loop(
+            params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets,
+            vae.encode_distribution if vae is not None else None,
+            vae.shift_factor if vae is not None else 0.0, vae.scaling_factor if vae is not None else 1.0,
+        )
+        bal.finish()
+        return {"latents": latents, "lora_applied_step": torch.tensor([[bal.applied_step]], dtype=torch.int32)}
+
+    def execute(self, inputs: dict) -> dict:
+        result = self.execute_batch([inputs])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def execute_batch(self, batch: list[dict]) -> list:
+        """Run the queued loop requests, those wanting the LoRA set in place first; an error fails
+        only its own request."""
+        results: list = [None] * len(batch)
+        loops = []
+        for i, inputs in enumerate(batch):
+            if is_loop_request(inputs):
+                loops.append(i)
+            else:
+                results[i] = InvalidArgument("loop_params", "required: a FLUX transformer runs whole loop requests")
+        for i in (loops[j] for j in self.bal.order(self._queued_loras(batch[i]) for i in loops)):
+            try:
+                results[i] = self._run_loop(batch[i])
+            except Exception as exc:
+                results[i] = exc
+        return results
+
+    def _queued_loras(self, inputs: dict) -> tuple | None:
+        try:
+            return RequestParams.from_tensor(inputs["loop_params"], "loop_params").lora_set
+        except Exception:
+            return None
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        return [
+            ("katz_unet_runs_total", "denoiser evaluations (FLUX: transformer steps)", {}, self.runs),
+            ("katz_unet_run_seconds_total", "time of the denoiser evaluations (s)", {}, self.run_seconds),
+            *self.loras.stats.metrics(),
+            ("katz_lora_hints_total", "LoRA name lists received from preprocessing for arriving requests", {},
+             self.hints.received if self.hints is not None else 0),
+        ]
+
+    def gauges(self) -> list[tuple[str, str, dict, float]]:
+        return list(self.loras.gauges())
