@@ -28,13 +28,15 @@ class FluxTransformerEngine:
 
     @torch.no_grad()
     def __call__(self, hidden_states, timestep, guidance, pooled_projections, encoder_hidden_states, txt_ids,
-                 img_ids, block_residuals=None, single_block_residuals=None) -> torch.Tensor:
+                 img_ids, block_residuals=None, single_block_residuals=None, attention_kwargs=None) -> torch.Tensor:
+        """``attention_kwargs``: passed to the attention processors (a sequence shard's place,
+        :mod:`katz.parallel.sequence`)."""
         return self.transformer(
             hidden_states=hidden_states, timestep=timestep, guidance=guidance,
             pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
             txt_ids=txt_ids, img_ids=img_ids,
             controlnet_block_samples=block_residuals, controlnet_single_block_samples=single_block_residuals,
-            return_dict=False,
+            joint_attention_kwargs=attention_kwargs, return_dict=False,
         )[0]
 
 
