@@ -135,16 +135,18 @@ class Deployment:
 
     def _check_flux(self) -> None:
         """What a FLUX.1 deployment runs so far: the loop in the transformer's process (``unet``
-        model), one shard, ControlNets in that process (``local``), PyTorch engines, eager."""
+        model), one shard, ControlNets in that process (``local``; ``inline``, the baseline),
+        PyTorch engines, eager."""
         if self.unet_shards != 1:
             raise DeploymentError("unet_shards", "must be 1 for FLUX models: latent parallelism for a transformer "
                                   "(sequence parallelism, docs/techniques.md) is not built yet")
         if self.loop_place != "unet":
             raise DeploymentError("loop", "must be unet (or auto) for FLUX models: their loop runs in the "
                                   "transformer's process")
-        if self.controlnet_mode != "local":
-            raise DeploymentError("controlnet_mode", f"must be local for FLUX models, not {self.controlnet_mode!r}: "
-                                  "ControlNet-as-a-Service for a transformer is not built yet")
+        if self.controlnet_mode not in ("local", "inline"):
+            raise DeploymentError("controlnet_mode", f"must be local or inline for FLUX models, not "
+                                  f"{self.controlnet_mode!r}: ControlNets on instances of their own are not built "
+                                  "for a transformer yet")
         if self.engine != "torch":
             raise DeploymentError("engine", "must be torch for FLUX models")
         if self.fp8:

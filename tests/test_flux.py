@@ -45,7 +45,9 @@ class Flux:
         self.text.set_loras([(self.store.get(n, ("text_encoder", "text_encoder_2")), s) for n, s in loras])
 
     def latents(self, seed=42, guidance=3.5, controlnet=False, transformer=None, height=SIZE, width=SIZE,
-                steps=STEPS):
+                steps=STEPS, beside=False, controls=None):
+        """``controls``: [(name, scale[, start, end])] (default with ``controlnet``: canny at 0.9); ``beside``: the
+        ControlNets run in ``transformer``'s call (mode local), else before it (inline)."""
         from katz.diffusion.denoise import ControlInput
         from katz.diffusion.flux import denoise_flux
         from katz.diffusion.images import decode_control_image
@@ -54,15 +56,16 @@ class Flux:
 
         ids = tokenize(self.tokenizers, PROMPT, None, do_cfg=False)
         embeds, pooled = self.text({k: torch.from_numpy(v) for k, v in ids.items()}, zero_negative=False)
-        controls = [ControlInput("canny", decode_control_image(control_png(), width, height, 1 << 24), 0.9)] \
-            if controlnet else []
+        image = decode_control_image(control_png(), width, height, 1 << 24)
+        controls = [ControlInput(c[0], image, *c[1:]) for c in (controls or ([("canny", 0.9)] if controlnet else []))]
         return denoise_flux(
             transformer=transformer or self.transformer,
             scheduler=make_scheduler("default", self.folder.scheduler_config),
             prompt_embeds=embeds, pooled_prompt_embeds=pooled, seed=seed, steps=steps, guidance_scale=guidance,
             guidance_embeds=self.folder.guidance_embeds, height=height, width=width,
             latent_channels=self.folder.latent_channels, vae_scale_factor=self.folder.vae_scale_factor,
-            controlnet=self.controlnets, controls=controls, encode=self.vae.encode_distribution,
+            controlnet=self.controlnets, controls=controls, controlnet_in_transformer=beside,
+            encode=self.vae.encode_distribution,
             vae_shift_factor=self.vae.shift_factor, vae_scaling_factor=self.vae.scaling_factor,
         )
 
@@ -470,3 +473,32 @@ def test_sequence_parallel_shards_give_the_unsharded_result(flux, preset_dir):
         for sp in (two, three, locals().get("wide")):
             if sp is not None:
                 sp.close()
+
+
+# --------------------------------------------------------------------------- #
+# ControlNet-as-a-Service for a transformer: residuals streamed block by block
+# --------------------------------------------------------------------------- #
+def test_controlnets_beside_the_transformer_give_the_inline_latents(flux):
+    """Mode local: the ControlNets run on their own thread while the transformer runs, each block's
+    residual handed over when made; the latents are the inline baseline's bit for bit, for one
+    ControlNet, two summed, and one inside a window of the steps; a ControlNet's failure reaches
+    the caller (the transformer waiting for its residual is released)."""
+    from katz.controlnet.blocks import TransformerControlNetStep
+
+    model = flux("tiny-flux")
+    beside = TransformerControlNetStep(model.transformer, model.controlnets)
+    plain = model.latents()
+    for controls in ([("canny", 0.9)], [("canny", 0.9), ("canny", -0.4)], [("canny", 0.9, 0.5, 1.0)]):
+        inline = model.latents(controls=controls)
+        assert not torch.equal(inline, plain)
+        assert torch.equal(model.latents(controls=controls, transformer=beside, beside=True), inline)
+
+    class Broken:
+        net = staticmethod(model.controlnets.net)
+
+        def __call__(self, *args):
+            raise RuntimeError("controlnet exploded")
+
+    failing = TransformerControlNetStep(model.transformer, Broken())
+    with pytest.raises(RuntimeError, match="controlnet exploded"):
+        model.latents(controlnet=True, transformer=failing, beside=True)

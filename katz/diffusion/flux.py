@@ -16,8 +16,10 @@ seed give the same latents:
 * **ControlNets** (``FluxControlNetModel``, InstantX layout): the control image is VAE-encoded,
   *sampled* from the encoder's distribution with the request's generator (before the initial
   noise is drawn, as diffusers does, so the seed fixes both) and packed like the latents. Each
-  ControlNet returns one residual per transformer block (double and single), added to the image
-  tokens after that block.
+  ControlNet returns one residual per block of its own, added to the image tokens after the
+  transformer's blocks. They run before each step (``controlnet``: the *inline* baseline), or are
+  handed to ``transformer`` as ``controls`` to run beside it
+  (:class:`katz.controlnet.blocks.TransformerControlNetStep`).
 
 Shapes: ``prompt_embeds [1, L, D]`` (T5), ``pooled_prompt_embeds [1, P]`` (CLIP); the result is
 the unpacked latents ``[1, C, h, w]``, still scaled and shifted by the VAE's factors.
@@ -45,6 +47,7 @@ class TransformerFn(Protocol):
         img_ids: torch.Tensor,
         block_residuals: Sequence[torch.Tensor] | None,
         single_block_residuals: Sequence[torch.Tensor] | None,
+        controls: Sequence[tuple[ControlInput, torch.Tensor, float]] = (),
     ) -> torch.Tensor: ...
 
 
@@ -151,6 +154,7 @@ def denoise_flux(
     vae_scale_factor: int,
     controlnet: FluxControlNetFn | None = None,
     controls: Sequence[ControlInput] = (),
+    controlnet_in_transformer: bool = False,
     encode: EncodeFn | None = None,
     vae_shift_factor: float = 0.0,
     vae_scaling_factor: float = 1.0,
@@ -159,14 +163,16 @@ def denoise_flux(
     """Run the FLUX loop and return the final latents ``[1, C, h, w]`` (unpacked).
 
     ``guidance_embeds``: the transformer takes the guidance scale (dev); else it is ignored
-    (schnell). ControlNets need ``controlnet`` and the VAE encoder ``encode`` (with the VAE's
-    shift and scaling factors). ``on_step(i, n)`` is called after step ``i`` of ``n``.
+    (schnell). ControlNets need the VAE encoder ``encode`` (with the VAE's shift and scaling
+    factors) and ``controlnet``, or, with ``controlnet_in_transformer``, a ``transformer`` that runs
+    ``controls=[(ControlInput, packed control latents, scale at this step), ...]`` itself.
+    ``on_step(i, n)`` is called after step ``i`` of ``n``.
     """
     device, dtype = prompt_embeds.device, prompt_embeds.dtype
     if prompt_embeds.shape[0] != 1:
         raise ValueError(f"prompt_embeds has batch {prompt_embeds.shape[0]}; FLUX runs one row (no CFG)")
-    if controls and (controlnet is None or encode is None):
-        raise ValueError("ControlNets need a controlnet and the VAE encoder")
+    if controls and ((controlnet is None and not controlnet_in_transformer) or encode is None):
+        raise ValueError("ControlNets need a controlnet (or a transformer that runs them) and the VAE encoder")
     h, w = latent_size(height, width, vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)
 
@@ -188,16 +194,18 @@ def denoise_flux(
     n = len(timesteps)
     for i, t in enumerate(timesteps):
         timestep = t.expand(1).to(dtype) / 1000
-        blocks, singles = None, None
-        for control, cond in zip(controls, conds):
-            scale = control.scale * control.keep(i, n)
-            if scale == 0.0:
-                continue  # outside its window: adding zero residuals changes nothing
-            b, s = controlnet(control.name, latents, cond, scale, timestep, guidance, pooled_prompt_embeds,
-                              prompt_embeds, txt_ids, img_ids)
-            blocks, singles = _add(blocks, b), _add(singles, s)
-        noise_pred = transformer(latents, timestep, guidance, pooled_prompt_embeds, prompt_embeds, txt_ids, img_ids,
-                                 blocks, singles)
+        # ControlNets inside their step window (outside it, adding zero residuals changes nothing)
+        active = [(c, cond, c.scale * c.keep(i, n)) for c, cond in zip(controls, conds)]
+        active = [a for a in active if a[2] != 0.0]
+        args = (latents, timestep, guidance, pooled_prompt_embeds, prompt_embeds, txt_ids, img_ids)
+        if controlnet_in_transformer:
+            noise_pred = transformer(*args, None, None, controls=active)
+        else:
+            blocks, singles = None, None
+            for control, cond, scale in active:
+                b, s = controlnet(control.name, *args[:1], cond, scale, *args[1:])
+                blocks, singles = _add(blocks, b), _add(singles, s)
+            noise_pred = transformer(*args, blocks, singles)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
         if on_step is not None:
             on_step(i, n)

@@ -90,6 +90,7 @@ def run_flux_loop(
     folder,
     transformer: TransformerFn,
     controlnet: FluxControlNetFn | None,
+    controlnet_in_transformer: bool,
     encode: EncodeFn | None,
     vae_shift_factor: float,
     vae_scaling_factor: float,
@@ -97,7 +98,8 @@ def run_flux_loop(
 ) -> torch.Tensor:
     """A FLUX request's loop (:func:`katz.diffusion.flux.denoise_flux`): ``embeds [1, L, D]``,
     ``pooled [1, P]``, ``images [n, 3, H, W]`` -> latents ``[1, C, h, w]``; its ControlNets need the
-    VAE encoder ``encode`` and the VAE's factors."""
+    VAE encoder ``encode`` and the VAE's factors, and run through ``controlnet`` before each step or,
+    with ``controlnet_in_transformer``, inside ``transformer``'s call."""
     return denoise_flux(
         transformer=transformer,
         scheduler=make_scheduler(params.scheduler, folder.scheduler_config),
@@ -113,6 +115,7 @@ def run_flux_loop(
         vae_scale_factor=folder.vae_scale_factor,
         controlnet=controlnet,
         controls=request_controls(params, images),
+        controlnet_in_transformer=controlnet_in_transformer,
         encode=encode,
         vae_shift_factor=vae_shift_factor,
         vae_scaling_factor=vae_scaling_factor,

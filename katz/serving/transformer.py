@@ -1,9 +1,11 @@
 """``unet`` of a FLUX.1 deployment: the transformer, running whole loop requests with BAL.
 
 A FLUX request reaches it as a loop request (:mod:`katz.diffusion.loop`, :func:`run_flux_loop`):
-the loop runs here, next to the transformer, its ControlNets (mode ``local``: in this process, one
-after the other before each step) and, where the folder has ControlNets, the VAE whose encoder
-turns control images into latents. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
+the loop runs here, next to the transformer, its ControlNets and, where the folder has ControlNets,
+the VAE whose encoder turns control images into latents. Mode ``local``: the ControlNets run beside
+each transformer evaluation, their residuals streamed block by block
+(:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``inline`` (the baseline): one
+after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
 manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
 the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``.
 """
@@ -14,6 +16,7 @@ import time
 
 import torch
 
+from katz.controlnet.blocks import TransformerControlNetStep
 from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loop
 from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
 from katz.engines.torch.vae import VaeDecoderEngine
@@ -30,6 +33,8 @@ class Transformer:
         self.engine = FluxTransformerEngine(folder, device, dtype)
         self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets else None
         self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
+        self.beside = deployment.controlnet_mode == "local"  # else inline: before each step
+        self.step = TransformerControlNetStep(self.engine, self.controlnets)
         self.loras = LoraManager(
             deployment.loras,
             [self.engine.lora],
@@ -58,10 +63,10 @@ class Transformer:
             raise InvalidArgument("loop_pooled_prompt_embeds", "required for a FLUX model")
         bal = self.bal.begin(params.lora_set, params.lora_k)
 
-        def transformer(*args):
+        def transformer(*args, controls=()):
             bal.before_step()
             start = time.perf_counter()
-            out = self.engine(*args)
+            out = self.step(*args, controls=controls)
             self._sync()  # eager engine: the step's time is the BAL estimate's step time
             seconds = time.perf_counter() - start
             self.runs, self.run_seconds = self.runs + 1, self.run_seconds + seconds
@@ -70,7 +75,7 @@ class Transformer:
 
         vae = self.vae
         latents = run_flux_loop(
-            params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets,
+            params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets, self.beside,
             vae.encode_distribution if vae is not None else None,
             vae.shift_factor if vae is not None else 0.0, vae.scaling_factor if vae is not None else 1.0,
         )
@@ -110,6 +115,9 @@ class Transformer:
         return [
             ("katz_unet_runs_total", "denoiser evaluations (FLUX: transformer steps)", {}, self.runs),
             ("katz_unet_run_seconds_total", "time of the denoiser evaluations (s)", {}, self.run_seconds),
+            ("katz_controlnet_residual_wait_seconds_total",
+             "time the transformer waited for ControlNet residuals not made yet (mode local; s)", {},
+             self.step.waited_seconds),
             *self.loras.stats.metrics(),
             ("katz_lora_hints_total", "LoRA name lists received from preprocessing for arriving requests", {},
              self.hints.received if self.hints is not None else 0),
