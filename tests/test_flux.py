@@ -502,3 +502,37 @@ def test_controlnets_beside_the_transformer_give_the_inline_latents(flux):
     failing = TransformerControlNetStep(model.transformer, Broken())
     with pytest.raises(RuntimeError, match="controlnet exploded"):
         model.latents(controlnet=True, transformer=failing, beside=True)
+
+
+def test_perf_analyzer_input_is_a_valid_flux_request(preset_dir):
+    """``katz perf``'s input data (no client code for FLUX) passes a FLUX server's validation."""
+    import base64
+
+    from katz.deployment import Deployment
+    from katz.diffusion.images import decode_control_image
+    from katz.models.folder import ModelFolder, discover_controlnets
+    from katz.request import Limits, parse_request
+    from katz.tools.perf import input_data
+
+    path = preset_dir("tiny-flux")
+    folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
+    dep = Deployment(path, folder.controlnets, path / "loras", Limits(), controlnet_mode="local")
+    data = input_data(count=2, steps=2, width=SIZE, height=SIZE, controlnets=["canny"], loras=[("style", 0.5)])
+    for entry in data["data"]:
+        tensors = {}
+        for name, value in entry.items():
+            if "b64" in value:  # Triton's BYTES serialization: a 4-byte length, then the bytes, per element
+                raw, items = base64.b64decode(value["b64"]), []
+                while raw:
+                    size = int.from_bytes(raw[:4], "little")
+                    items, raw = items + [raw[4:4 + size]], raw[4 + size:]
+                tensors[name] = np.array(items, object)
+            elif isinstance(value["content"][0], str):
+                tensors[name] = np.array([v.encode() for v in value["content"]], object)
+            elif isinstance(value["content"][0], float):
+                tensors[name] = np.array(value["content"], np.float32)
+            else:
+                tensors[name] = np.array(value["content"], np.int64 if name == "seed" else np.int32)
+        req = parse_request(tensors, dep.request_limits, frozenset(folder.controlnets), dep.loras.exists)
+        assert (req.width, req.controlnets, req.loras) == (SIZE, ["canny"], ["style"])
+        assert decode_control_image(req.control_images[0], SIZE, SIZE, 1 << 24).shape == (1, 3, SIZE, SIZE)
