@@ -63,10 +63,13 @@ def run_loop(
 ) -> torch.Tensor:
     """The request's loop: ``embeds [B, 77, D]`` (and SDXL ``pooled [B, P]``) on the loop's device,
     ``images [n, 3, H, W]`` -> latents ``[1, C, h, w]``. ``folder`` is the deployment's model folder."""
-    return denoise(
-        unet=unet,
-        controlnet=controlnet,
-        controlnet_in_unet=controlnet_in_unet,
+    return denoise(unet=unet, controlnet=controlnet, controlnet_in_unet=controlnet_in_unet,
+                   **_request_loop(params, embeds, pooled, images, folder, on_step))
+
+
+def _request_loop(params: RequestParams, embeds, pooled, images, folder, on_step) -> dict:
+    """The loop arguments a request and the model folder give, whatever the family."""
+    return dict(
         scheduler=make_scheduler(params.scheduler, folder.scheduler_config),
         prompt_embeds=embeds,
         pooled_prompt_embeds=pooled,
@@ -75,7 +78,7 @@ def run_loop(
         guidance_scale=params.guidance_scale,
         height=params.height,
         width=params.width,
-        latent_channels=folder.unet_config["in_channels"],
+        latent_channels=folder.latent_channels,
         vae_scale_factor=folder.vae_scale_factor,
         controls=request_controls(params, images),
         on_step=on_step,
@@ -101,25 +104,9 @@ def run_flux_loop(
     VAE encoder ``encode`` and the VAE's factors, and run through ``controlnet`` before each step or,
     with ``controlnet_in_transformer``, inside ``transformer``'s call."""
     return denoise_flux(
-        transformer=transformer,
-        scheduler=make_scheduler(params.scheduler, folder.scheduler_config),
-        prompt_embeds=embeds,
-        pooled_prompt_embeds=pooled,
-        seed=params.seed,
-        steps=params.steps,
-        guidance_scale=params.guidance_scale,
-        guidance_embeds=folder.guidance_embeds,
-        height=params.height,
-        width=params.width,
-        latent_channels=folder.latent_channels,
-        vae_scale_factor=folder.vae_scale_factor,
-        controlnet=controlnet,
-        controls=request_controls(params, images),
-        controlnet_in_transformer=controlnet_in_transformer,
-        encode=encode,
-        vae_shift_factor=vae_shift_factor,
-        vae_scaling_factor=vae_scaling_factor,
-        on_step=on_step,
+        transformer=transformer, controlnet=controlnet, controlnet_in_transformer=controlnet_in_transformer,
+        guidance_embeds=folder.guidance_embeds, encode=encode, vae_shift_factor=vae_shift_factor,
+        vae_scaling_factor=vae_scaling_factor, **_request_loop(params, embeds, pooled, images, folder, on_step),
     )
 
 

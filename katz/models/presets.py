@@ -190,7 +190,8 @@ def _text_encoder(with_projection: bool, seed: int):
     return cls(config).eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int, latent_channels: int = 4, scaling_factor: float = 0.13025, **flux):
+    """The SD/SDXL autoencoder layout; ``flux`` holds FLUX's differences (:func:`_vae_flux`)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -201,10 +202,11 @@ def _vae(seed: int):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=64,
-        scaling_factor=0.13025,
+        scaling_factor=scaling_factor,
+        **flux,
     ).eval()
 
 
@@ -284,24 +286,8 @@ def _t5_encoder(seed: int):
 
 def _vae_flux(seed: int):
     """FLUX's autoencoder layout: 16 latent channels, no quant convs, a shift factor."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=64,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    return _vae(seed, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _transformer_flux(seed: int, guidance: bool):

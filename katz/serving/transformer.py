@@ -21,9 +21,7 @@ from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loo
 from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
 from katz.engines.torch.vae import VaeDecoderEngine
 from katz.errors import InvalidArgument
-from katz.lora.bal import UNetLoras
-from katz.lora.manager import LoraManager
-from katz.request import RequestParams
+from katz.lora.bal import instance_loras, queued_loop_order
 
 
 class Transformer:
@@ -35,20 +33,7 @@ class Transformer:
         self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
         self.beside = deployment.controlnet_mode == "local"  # else inline: before each step
         self.step = TransformerControlNetStep(self.engine, self.controlnets)
-        self.loras = LoraManager(
-            deployment.loras,
-            [self.engine.lora],
-            device,
-            host_budget_bytes=deployment.lora_host_cache_bytes,
-            device_budget_bytes=deployment.lora_device_cache_bytes,
-            load_delay_s=deployment.lora_load_delay_s,
-        )
-        self.bal = UNetLoras(self.loras, self.engine.set_loras, self.engine.lora)
-        self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora.hints)
-        if deployment.lora_hints and deployment.lora_dir:
-            from katz.lora.hints import HintListener
-
-            self.hints = HintListener(deployment.lora_hints, self.loras.hint)
+        self.loras, self.bal, self.hints = instance_loras(deployment, self.engine)
         self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         self.runs, self.run_seconds = 0, 0.0  # transformer evaluations and their time
 
@@ -98,18 +83,12 @@ class Transformer:
                 loops.append(i)
             else:
                 results[i] = InvalidArgument("loop_params", "required: a FLUX transformer runs whole loop requests")
-        for i in (loops[j] for j in self.bal.order(self._queued_loras(batch[i]) for i in loops)):
+        for i in queued_loop_order(self.bal, batch, loops):
             try:
                 results[i] = self._run_loop(batch[i])
             except Exception as exc:
                 results[i] = exc
         return results
-
-    def _queued_loras(self, inputs: dict) -> tuple | None:
-        try:
-            return RequestParams.from_tensor(inputs["loop_params"], "loop_params").lora_set
-        except Exception:
-            return None
 
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         return [
