@@ -256,10 +256,16 @@ def _controlnet(unet, seed: int):
     from diffusers import ControlNetModel
 
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    return _randomize(net, ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding"), seed)
+
+
+def _randomize(net, prefixes: tuple[str, ...], seed: int):
+    """``net`` with its parameters under ``prefixes`` (a ControlNet's zero-initialised output
+    projections) drawn at random, so that its residuals change the image."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+            if name.startswith(prefixes):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return net.eval()
 
@@ -318,12 +324,7 @@ def _controlnet_flux(transformer, seed: int):
         attention_head_dim=transformer.config.attention_head_dim,
         num_attention_heads=transformer.config.num_attention_heads,
     )
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.startswith(("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder")):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return net.eval()
+    return _randomize(net, ("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder"), seed)
 
 
 def _scheduler_flux(schnell: bool):
