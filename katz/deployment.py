@@ -138,8 +138,9 @@ class Deployment:
         model), one shard, ControlNets in that process (``local``; ``inline``, the baseline),
         PyTorch engines, eager."""
         if self.unet_shards != 1:
-            raise DeploymentError("unet_shards", "must be 1 for FLUX models: latent parallelism for a transformer "
-                                  "(sequence parallelism, docs/techniques.md) is not built yet")
+            raise DeploymentError("unet_shards", "must be 1 for FLUX models: their latent parallelism (sequence "
+                                  "parallelism, docs/techniques.md) runs in one process only; serving it over "
+                                  "several shards is not built yet")
         if self.loop_place != "unet":
             raise DeploymentError("loop", "must be unet (or auto) for FLUX models: their loop runs in the "
                                   "transformer's process")
