@@ -129,7 +129,9 @@ class Deployment:
                      "feature_cache_bytes", "torch_threads"):
             if getattr(self, name) < 0:
                 raise DeploymentError(name, f"must be >= 0, not {getattr(self, name)}")
-        if self.folder.family == "flux":
+        from katz.models.folder import is_flux_folder
+
+        if is_flux_folder(self.model_dir):  # settings alone: the folder's own checks come when it is loaded
             self._check_flux()
         return self
 

@@ -34,6 +34,12 @@ def _deepest_side(channels: int, groups: int) -> int:
     return 1 if channels // groups >= 2 else 2
 
 
+def is_flux_folder(path: Path) -> bool:
+    """Whether the model folder ``path`` is FLUX.1's (it has a ``transformer/``), read without
+    checking the rest of it."""
+    return (Path(path) / "transformer").is_dir()
+
+
 def min_flux_image_size(vae_config: dict) -> int:
     """The smallest width/height of a FLUX folder: the VAE's deepest map (as for the UNet families),
     on whole 2x2 latent patches (the transformer's tokens)."""
@@ -126,7 +132,7 @@ class ModelFolder:
     # ------------------------------------------------------------------ facts
     @cached_property
     def family(self) -> str:
-        if (self.path / "transformer").is_dir():
+        if is_flux_folder(self.path):
             return "flux"
         unet_cfg = self.path / "unet" / "config.json"
         if unet_cfg.exists():
