@@ -13,7 +13,7 @@ from pathlib import Path
 from katz.deployment import CONTROLNET_MODES, ENGINES, LOOPS, Deployment, DeploymentError
 from katz.request import Limits
 
-DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5}
+DEFAULT_GUIDANCE = {"sdxl": 5.0, "sd15": 7.5, "flux": 3.5}  # diffusers' pipeline defaults
 # Deployment fields whose flag is not --<field with dashes>
 FLAGS = {"latent_overlap": "--tile-overlap", "controlnet_timeout_s": "--controlnet-timeout", "fp8": "--experimental-fp8",
          "lora_host_cache_bytes": "--lora-host-cache-mb", "lora_device_cache_bytes": "--lora-device-cache-mb",
@@ -47,7 +47,8 @@ def flag_of(field: str) -> str:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from katz.models.folder import add_model_arguments
 
-    add_model_arguments(p, "register a ControlNet: a diffusers folder or a single .safetensors file (repeatable)")
+    add_model_arguments(p, "register a ControlNet: a diffusers folder or a single SD 1.5 / SDXL .safetensors file "
+                           "(repeatable)")
     p.add_argument("--lora-dir", type=Path, help="folder of .safetensors LoRAs (default: <model>/loras)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
@@ -75,11 +76,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
                         "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
                         "katz_stream always runs it in pipeline mode (it reports every step)")
-    p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=D("controlnet_mode"),
-                   help="inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
+    p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=None,
+                   help=f"inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
                         "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
-                        "remote: on another server (--controlnet-url)")
+                        f"remote: on another server (--controlnet-url). Default: {D('controlnet_mode')} "
+                        "(FLUX models: local; inline is their baseline)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
     p.add_argument("--controlnet-timeout", type=float, default=D("controlnet_timeout_s"), help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
@@ -148,6 +150,8 @@ def build_deployment(args):
     # ModelFolderError listing every problem of the model, its ControlNets and their weight files
     folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, dtype, args.preset)
     folder.check_weights()
+    if args.controlnet_mode is None:
+        args.controlnet_mode = "local" if folder.family == "flux" else _deployment_default("controlnet_mode")
     # a checkpoint's config folder may be a preset's, whose LoRAs are not the checkpoint's
     lora_dir = args.lora_dir or (None if folder.checkpoint else folder.path / "loras")
     if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
-from katz.request import Limits
+from katz.request import Limits, inapplicable_fields
 
 # where the ControlNets run: inline (the controlnet model, called serially before each UNet step),
 # service (the controlnet model, beside the UNet's down path), local (in the UNet's process), remote
@@ -131,7 +131,31 @@ class Deployment:
                      "feature_cache_bytes", "torch_threads"):
             if getattr(self, name) < 0:
                 raise DeploymentError(name, f"must be >= 0, not {getattr(self, name)}")
+        from katz.models.folder import is_flux_folder
+
+        if is_flux_folder(self.model_dir):  # settings alone: the folder's own checks come when it is loaded
+            self._check_flux()
         return self
+
+    def _check_flux(self) -> None:
+        """What a FLUX.1 deployment runs so far: the loop in the transformer's process (``unet``
+        model), one shard, ControlNets in that process (``local``; ``inline``, the baseline),
+        PyTorch engines, eager."""
+        if self.unet_shards != 1:
+            raise DeploymentError("unet_shards", "must be 1 for FLUX models: their latent parallelism (sequence "
+                                  "parallelism, docs/techniques.md) runs in one process only; serving it over "
+                                  "several shards is not built yet")
+        if self.loop_place != "unet":
+            raise DeploymentError("loop", "must be unet (or auto) for FLUX models: their loop runs in the "
+                                  "transformer's process")
+        if self.controlnet_mode not in ("local", "inline"):
+            raise DeploymentError("controlnet_mode", f"must be local or inline for FLUX models, not "
+                                  f"{self.controlnet_mode!r}: ControlNets on instances of their own are not built "
+                                  "for a transformer yet")
+        if self.engine != "torch":
+            raise DeploymentError("engine", "must be torch for FLUX models")
+        if self.fp8:
+            raise DeploymentError("fp8", "is not built for FLUX models")
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:
@@ -168,9 +192,14 @@ class Deployment:
     def request_limits(self) -> Limits:
         """``limits`` with the minimum size raised to the folder's (:attr:`ModelFolder.min_image_size`),
         so however the deployment was made, a request its networks cannot run is a 400, not a 500."""
-        low = self.folder.min_image_size
+        folder = self.folder
+        low = folder.min_image_size
+        refused = inapplicable_fields(folder.family, folder.guidance_embeds)
+        multiple = 2 * folder.vae_scale_factor if folder.family == "flux" else 8
         return replace(self.limits, min_width=max(self.limits.min_width, low),
-                       min_height=max(self.limits.min_height, low))
+                       min_height=max(self.limits.min_height, low),
+                       size_multiple=max(self.limits.size_multiple, multiple),
+                       refused_fields=tuple(map(tuple, self.limits.refused_fields)) + refused)
 
     @cached_property
     def loras(self):

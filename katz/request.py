@@ -8,12 +8,13 @@ glue turns that into an ``INVALID_ARG`` error.
 tensor                 type       shape     meaning
 =====================  =========  ========  ==============================================
 prompt                 BYTES      [1]       required, UTF-8
-negative_prompt        BYTES      [1]       optional; SDXL: absent -> zero embeddings
+negative_prompt        BYTES      [1]       optional; SDXL: absent -> zero embeddings; not for FLUX
 seed                   INT64      [1]       optional, 0 <= seed < 2**63; absent -> random
 steps                  INT32      [1]       optional, 1..max_steps
 guidance_scale         FP32       [1]       optional, 0..max_guidance; <= 1 turns CFG off
-width, height          INT32      [1]       optional, multiples of 8, min..max (min: see Limits)
-scheduler              BYTES      [1]       optional, see :mod:`katz.diffusion.schedulers`
+                                            (FLUX dev: the guidance input; schnell: not taken)
+width, height          INT32      [1]       optional, multiples of 8 (FLUX: 16), min..max (min: see Limits)
+scheduler              BYTES      [1]       optional, see :mod:`katz.diffusion.schedulers`; not for FLUX
 controlnets            BYTES      [n]       ControlNet names
 control_images         BYTES      [n]       PNG/JPEG bytes, one per ControlNet
 controlnet_scales      FP32       [n]       optional, default 1.0 each
@@ -24,6 +25,9 @@ lora_scales            FP32       [m]       optional, default 1.0 each
 lora_k                 INT32      [1]       optional; LoRAs are patched in by this step at the latest
                                             (0 = before the first step); default per deployment
 =====================  =========  ========  ==============================================
+
+A field that does not apply to the served model's family (:func:`inapplicable_fields`) is refused
+naming it, rather than ignored.
 """
 
 from __future__ import annotations
@@ -87,6 +91,24 @@ class Limits:
     # BAL's bound when a request sends none: 0, the LoRA in from the first step, since later bounds kept
     # well under 90 % of a LoRA's effect wherever that was measured (docs/techniques.md, "Choosing k")
     default_lora_k: int = 0
+    # widths and heights are multiples of this (FLUX: 16, whole 2x2 patches of latent pixels)
+    size_multiple: int = 8
+    # ((field, why it does not apply), ...): fields the served model's family refuses (inapplicable_fields)
+    refused_fields: tuple[tuple[str, str], ...] = ()
+
+
+def inapplicable_fields(family: str, guidance_input: bool) -> tuple[tuple[str, str], ...]:
+    """The request fields a model of ``family`` cannot honour, each with the reason a client is told.
+    FLUX.1 runs one transformer evaluation a step on its flow-match schedule: no negative prompt (no
+    classifier-free guidance) and no other scheduler; schnell (``guidance_input`` False) also takes no
+    guidance scale."""
+    if family != "flux":
+        return ()
+    out = [("negative_prompt", "does not apply to FLUX models (no classifier-free guidance); leave it out"),
+           ("scheduler", "does not apply to FLUX models (they run their flow-match Euler schedule); leave it out")]
+    if not guidance_input:
+        out.append(("guidance_scale", "does not apply to this FLUX model (schnell: no guidance input); leave it out"))
+    return tuple(out)
 
 
 @dataclass
@@ -257,6 +279,9 @@ def parse_request(
     unknown = set(k for k, v in inputs.items() if v is not None) - set(INPUT_FIELDS)
     if unknown:
         raise InvalidArgument(sorted(unknown)[0], "is not a known input")
+    for name, reason in limits.refused_fields:
+        if inputs.get(name) is not None:
+            raise InvalidArgument(name, reason)
 
     prompt = _scalar(inputs, "prompt", str)
     if prompt is None:
@@ -290,8 +315,9 @@ def parse_request(
     ):
         v = _scalar(inputs, name, int)
         v = default if v is None else v
-        if v < 8 or v % 8:
-            raise InvalidArgument(name, f"{v} is not a positive multiple of 8")
+        step = max(limits.size_multiple, 8)
+        if v < step or v % step:
+            raise InvalidArgument(name, f"{v} is not a positive multiple of {step}")
         if v < low:
             raise InvalidArgument(name, f"{v} is below the minimum {low} (the smallest size this server's models run)")
         if v > top:

@@ -2,8 +2,10 @@
 
 The templates hold each model's config with ``${name}`` placeholders; this
 module fills in what depends on the deployment: the model family's extra
-tensors (SDXL's second tokenizer and pooled embeddings, the UNet's residual
-count), the dtype, instance groups and the deployment parameters.
+tensors (the second tokenizer and pooled embeddings of SDXL and FLUX, SDXL's added
+conditioning, the UNet's residual count), the dtype, instance groups and the deployment
+parameters. A FLUX deployment's ``unet`` model is its transformer (loop requests only) and it
+has no ``katz_stream`` yet (:data:`FLUX_MODELS`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ MODELS = (
     "png_encoder",
     "katz_stream",
 )
+# what a FLUX deployment renders: its loop runs in the transformer's process, which streaming (one
+# BLS call per step from katz_stream) does not do yet
+FLUX_MODELS = tuple(m for m in MODELS if m != "katz_stream")
 # the ensemble's steps: each gets a bounded queue (Placement.queue_policy)
 QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing", "png_encoder")
 # models that run networks and take an instance group on GPU hosts
@@ -109,13 +114,14 @@ def template_values(deployment: Deployment) -> dict[str, str]:
     folder = deployment.folder
     dtype = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16"}[deployment.dtype]
     sdxl = folder.family == "sdxl"
-    residuals = folder.residual_names
+    two = folder.family in ("sdxl", "flux")  # a second tokenizer and encoder, pooled embeddings
+    residuals = folder.residual_names if folder.family != "flux" else []
     return {
         "dtype": dtype,
-        "extra_outputs_preprocessing": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if sdxl else "",
-        "extra_inputs_text_encoder": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if sdxl else "",
-        "extra_outputs_text_encoder": ",\n" + _tensor("pooled_prompt_embeds", dtype, "-1, -1") if sdxl else "",
-        "extra_inputs_katz_pipeline": _tensor("pooled_prompt_embeds", dtype, "-1, -1") + "," if sdxl else "",
+        "extra_outputs_preprocessing": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if two else "",
+        "extra_inputs_text_encoder": _tensor("input_ids_2", "TYPE_INT64", "-1, -1") + "," if two else "",
+        "extra_outputs_text_encoder": ",\n" + _tensor("pooled_prompt_embeds", dtype, "-1, -1") if two else "",
+        "extra_inputs_katz_pipeline": _tensor("pooled_prompt_embeds", dtype, "-1, -1") + "," if two else "",
         "added_cond_inputs": (
             _tensor("text_embeds", dtype, "-1, -1") + ",\n" + _tensor("time_ids", dtype, "-1, 6") + ","
             if sdxl
@@ -126,18 +132,18 @@ def template_values(deployment: Deployment) -> dict[str, str]:
             + _tensor("time_ids", dtype, "6", optional=True) + "," if sdxl else ""
         ),
         "unet_loop_pooled_input": _tensor("loop_pooled_prompt_embeds", dtype, "-1, -1", optional=True) + ","
-        if sdxl else "",
-        "unet_residual_inputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1", optional=True) for r in residuals) + ",",
+        if two else "",
+        "unet_residual_inputs": "".join(_tensor(r, dtype, "-1, -1, -1", optional=True) + ",\n" for r in residuals),
         "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
         "preprocessing_extra_outputs": (
-            '      output_map { key: "input_ids_2" value: "_input_ids_2" }' if sdxl else ""
+            '      output_map { key: "input_ids_2" value: "_input_ids_2" }' if two else ""
         ),
-        "text_encoder_extra_inputs": '      input_map { key: "input_ids_2" value: "_input_ids_2" }' if sdxl else "",
+        "text_encoder_extra_inputs": '      input_map { key: "input_ids_2" value: "_input_ids_2" }' if two else "",
         "text_encoder_extra_outputs": (
-            '      output_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if sdxl else ""
+            '      output_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if two else ""
         ),
         "pipeline_extra_inputs": (
-            '      input_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if sdxl else ""
+            '      input_map { key: "pooled_prompt_embeds" value: "_pooled_prompt_embeds" }' if two else ""
         ),
         "ensemble_inputs": _ensemble_inputs(),
     }
@@ -152,6 +158,8 @@ def render_repository(
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
     if deployment.controlnet_mode == "local":
         models = tuple(m for m in models if m != "controlnet")
+    if deployment.folder.family == "flux":
+        models = tuple(m for m in models if m in FLUX_MODELS)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

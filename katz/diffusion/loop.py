@@ -15,6 +15,10 @@ batching model): ``loop_params [1, 1]`` (the preprocessing ``params`` JSON),
 ``loop_prompt_embeds [1, B, 77, D]``, SDXL ``loop_pooled_prompt_embeds [1, B, P]`` and
 ``loop_control_images [1, n, 3, H, W]`` (float32, in ``[0, 1]``). Its outputs are
 ``latents [1, C, h, w]`` and ``lora_applied_step`` int32 ``[1, 1]``.
+
+A FLUX request is a loop request too (its loop always runs in the transformer's process,
+:func:`run_flux_loop`): ``loop_prompt_embeds [1, 1, L, D]`` (T5), ``loop_pooled_prompt_embeds
+[1, 1, P]`` (CLIP).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Callable
 import torch
 
 from katz.diffusion.denoise import ControlInput, ControlNetFn, UNetFn, denoise
+from katz.diffusion.flux import EncodeFn, FluxControlNetFn, TransformerFn, denoise_flux
 from katz.diffusion.schedulers import make_scheduler
 from katz.errors import InvalidArgument
 from katz.request import RequestParams
@@ -58,10 +63,13 @@ def run_loop(
 ) -> torch.Tensor:
     """The request's loop: ``embeds [B, 77, D]`` (and SDXL ``pooled [B, P]``) on the loop's device,
     ``images [n, 3, H, W]`` -> latents ``[1, C, h, w]``. ``folder`` is the deployment's model folder."""
-    return denoise(
-        unet=unet,
-        controlnet=controlnet,
-        controlnet_in_unet=controlnet_in_unet,
+    return denoise(unet=unet, controlnet=controlnet, controlnet_in_unet=controlnet_in_unet,
+                   **_request_loop(params, embeds, pooled, images, folder, on_step))
+
+
+def _request_loop(params: RequestParams, embeds, pooled, images, folder, on_step) -> dict:
+    """The loop arguments a request and the model folder give, whatever the family."""
+    return dict(
         scheduler=make_scheduler(params.scheduler, folder.scheduler_config),
         prompt_embeds=embeds,
         pooled_prompt_embeds=pooled,
@@ -70,10 +78,35 @@ def run_loop(
         guidance_scale=params.guidance_scale,
         height=params.height,
         width=params.width,
-        latent_channels=folder.unet_config["in_channels"],
+        latent_channels=folder.latent_channels,
         vae_scale_factor=folder.vae_scale_factor,
         controls=request_controls(params, images),
         on_step=on_step,
+    )
+
+
+def run_flux_loop(
+    params: RequestParams,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    images: torch.Tensor,
+    folder,
+    transformer: TransformerFn,
+    controlnet: FluxControlNetFn | None,
+    controlnet_in_transformer: bool,
+    encode: EncodeFn | None,
+    vae_shift_factor: float,
+    vae_scaling_factor: float,
+    on_step: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """A FLUX request's loop (:func:`katz.diffusion.flux.denoise_flux`): ``embeds [1, L, D]``,
+    ``pooled [1, P]``, ``images [n, 3, H, W]`` -> latents ``[1, C, h, w]``; its ControlNets need the
+    VAE encoder ``encode`` and the VAE's factors, and run through ``controlnet`` before each step or,
+    with ``controlnet_in_transformer``, inside ``transformer``'s call."""
+    return denoise_flux(
+        transformer=transformer, controlnet=controlnet, controlnet_in_transformer=controlnet_in_transformer,
+        guidance_embeds=folder.guidance_embeds, encode=encode, vae_shift_factor=vae_shift_factor,
+        vae_scaling_factor=vae_scaling_factor, **_request_loop(params, embeds, pooled, images, folder, on_step),
     )
 
 

@@ -47,7 +47,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from katz.lora.patch import LoraPatcher
+from katz.lora.patch import LoraPatcher, warm_up
+from katz.request import RequestParams
 
 # a request's LoRAs: ((name, scale), ...) in request order; () is the base weights
 LoraSet = tuple[tuple[str, float], ...]
@@ -257,6 +258,45 @@ class UNetLoras:
     def begin(self, want: LoraSet, k: int) -> "LoopLoras":
         """BAL for one loop request wanting ``want`` with the bound ``k``."""
         return LoopLoras(self, want, k)
+
+
+def instance_loras(deployment, engine):
+    """A denoiser instance's LoRA side (UNet, FLUX transformer): ``(manager, bal, hints)``, its loader
+    (:class:`katz.lora.manager.LoraManager`) over the engine's patcher, its :class:`UNetLoras`, and the
+    listener for preprocessing's load hints (:mod:`katz.lora.hints`; None where they are off)."""
+    from katz.lora.manager import LoraManager
+
+    manager = LoraManager(
+        deployment.loras,
+        [engine.lora],
+        deployment.device,
+        host_budget_bytes=deployment.lora_host_cache_bytes,
+        device_budget_bytes=deployment.lora_device_cache_bytes,
+        load_delay_s=deployment.lora_load_delay_s,
+    )
+    hints = None
+    if deployment.lora_hints and deployment.lora_dir:
+        from katz.lora.hints import HintListener
+
+        hints = HintListener(deployment.lora_hints, manager.hint)
+    if deployment.lora_dir and isinstance(engine.lora, LoraPatcher):
+        # the first LoRA request would otherwise pay for the first merge (kernels, scratch, pristine copies)
+        warm_up(engine.lora)
+    return manager, UNetLoras(manager, engine.set_loras, engine.lora), hints
+
+
+def queued_loop_order(bal: "UNetLoras", batch: list[dict], loops: list[int]) -> list[int]:
+    """The indices ``loops`` of ``batch``'s loop requests in the order to run them: those wanting the
+    weight set in place first (:meth:`UNetLoras.order`); a request whose params do not parse keeps
+    its place and fails when run."""
+
+    def wanted(inputs: dict) -> LoraSet | None:
+        try:
+            return RequestParams.from_tensor(inputs["loop_params"], "loop_params").lora_set
+        except Exception:
+            return None
+
+    return [loops[j] for j in bal.order(wanted(batch[i]) for i in loops)]
 
 
 class LoopLoras:

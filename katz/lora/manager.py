@@ -548,8 +548,13 @@ class LoraManager:
 
     def _check_family(self, name: str, keys: Iterable[str]) -> None:
         """Report keys of a component the model family lacks (they are not read: not the manager's)."""
-        missing = [c for c in COMPONENT_PREFIXES if c not in COMPONENTS[self.store.family]]
+        family = COMPONENTS[self.store.family]
+        missing = [c for c in COMPONENT_PREFIXES if c not in family]
+        # a prefix two components share (kohya's lora_unet_: UNet or FLUX transformer) is the family's
+        present = tuple(p for c in family for p in COMPONENT_PREFIXES[c])
         for key in keys:
+            if key.startswith(present):
+                continue
             for c in missing:
                 if key.startswith(COMPONENT_PREFIXES[c]):
                     raise lora_error(name, f"tensor {key!r} targets {c}, which a {self.store.family} model does not have")

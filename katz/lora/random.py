@@ -10,9 +10,14 @@ from typing import Iterable, Mapping
 
 import torch
 
+from katz.lora.flux_names import flux_target
 from katz.lora.safetensors import DIFFUSERS_METADATA_KEY
 
 _UNET_ATTN_RE = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_FLUX_ATTN_RE = re.compile(
+    r"^(transformer_blocks|single_transformer_blocks)\.\d+\.attn\."
+    r"(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+)
 # CLIPTextModel has no 'text_model.' level in transformers>=5; CLIPTextModelWithProjection has.
 _TE_ATTN_RE = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
@@ -43,6 +48,48 @@ def make_random_lora(
     ``dtype`` is the dtype of the down/up weights (drawn in float32, then cast; kohya alphas stay
     float32): a rank-64 SDXL UNet LoRA takes 186 MB in float16, 372 MB in float32.
     """
+    layers = [(p, "lora_unet_" + p.replace(".", "_"), lin.in_features, lin.out_features)
+              for p, lin in _targets(unet, _UNET_ATTN_RE)]
+    _write(path, "unet", layers, text_encoders, rank, seed, fmt, dtype)
+
+
+def make_random_flux_lora(
+    path: str | Path,
+    transformer: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    rank: int,
+    seed: int,
+    fmt: str,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """:func:`make_random_lora` for a FLUX.1 ``FluxTransformer2DModel`` (and its CLIP text encoder).
+
+    fmt 'peft': diffusers names on the attention projections of every double block (image and
+    text) and single block. fmt 'kohya': the original FLUX layer names, fused as there
+    (``img_attn_qkv`` is one layer over to_q, to_k and to_v; :mod:`katz.lora.flux_names`), on the
+    double blocks' attention and the single blocks' ``linear2``, and ``lora_te1_`` names on the
+    text encoder. (Not on ``linear1``: diffusers' kohya loader, the reference the tests hold Katz
+    to, splits it at full-size FLUX widths only.)
+    """
+    if fmt == "peft":
+        layers = [(p, "", lin.in_features, lin.out_features) for p, lin in _targets(transformer, _FLUX_ATTN_RE)]
+    else:
+        modules = dict(transformer.named_modules())
+        flats = [f"double_blocks_{i}_{part}" for i in range(len(transformer.transformer_blocks))
+                 for part in ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj")]
+        flats += [f"single_blocks_{i}_linear2" for i in range(len(transformer.single_transformer_blocks))]
+        layers = []
+        for flat in flats:
+            parts = [modules[p] for p, _ in flux_target(flat).parts]
+            layers.append(("", "lora_unet_" + flat, parts[0].in_features, sum(m.out_features for m in parts)))
+    encoders = {"text_encoder": text_encoder} if text_encoder is not None else {}
+    # FLUX's kohya files name the CLIP encoder lora_te1_ (its T5 would be lora_te2_)
+    _write(path, "transformer", layers, encoders, rank, seed, fmt, dtype, te_prefix={"text_encoder": "lora_te1_"})
+
+
+def _write(path, component, layers, text_encoders, rank, seed, fmt, dtype, te_prefix=None) -> None:
+    """Draw and save the LoRA: ``layers`` = [(peft module path, kohya stem, in, out)] of the
+    denoiser ``component``, then the text encoders' attention projections."""
     from safetensors.torch import save_file
 
     if fmt not in ("peft", "kohya"):
@@ -52,44 +99,39 @@ def make_random_lora(
         raise ValueError(f"unknown text encoder component(s) {sorted(unknown)}")
     gen = torch.Generator().manual_seed(seed)
     alpha = rank / 2
-    te_prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    if "text_encoder_2" not in text_encoders:
-        te_prefix["text_encoder"] = "lora_te_"
-    parts = [("unet", unet, _UNET_ATTN_RE, "lora_unet_")]
+    if te_prefix is None:
+        te_prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+        if "text_encoder_2" not in text_encoders:
+            te_prefix["text_encoder"] = "lora_te_"
+    parts = [(component, layers)]
     for c in ("text_encoder", "text_encoder_2"):
         if c in text_encoders:
-            parts.append((c, text_encoders[c], _TE_ATTN_RE, te_prefix[c]))
+            # Files always say 'text_model.encoder...' (kohya: 'text_model_encoder_...').
+            te = [("text_model." + p.removeprefix("text_model."), "", lin.in_features, lin.out_features)
+                  for p, lin in _targets(text_encoders[c], _TE_ATTN_RE)]
+            parts.append((c, [(p, te_prefix[c] + p.replace(".", "_"), i, o) for p, _, i, o in te]))
 
     tensors: dict[str, torch.Tensor] = {}
     metadata: dict[str, object] = {}
-    for component, module, pattern, kohya_prefix in parts:
-        targets = _targets(module, pattern)
+    for comp, targets in parts:
         if not targets:
             continue
-        short_paths = []
-        for mod_path, lin in targets:
-            if component != "unet":
-                # Files always say 'text_model.encoder...' (kohya: 'text_model_encoder_...').
-                short_paths.append(mod_path.removeprefix("text_model."))
-                mod_path = "text_model." + short_paths[-1]
-            else:
-                short_paths.append(mod_path)
-            down = torch.randn(rank, lin.in_features, generator=gen) / math.sqrt(lin.in_features)
-            up = torch.randn(lin.out_features, rank, generator=gen) / math.sqrt(rank)
+        for mod_path, stem, fan_in, fan_out in targets:
+            down = torch.randn(rank, fan_in, generator=gen) / math.sqrt(fan_in)
+            up = torch.randn(fan_out, rank, generator=gen) / math.sqrt(rank)
             if fmt == "peft":
-                tensors[f"{component}.{mod_path}.lora_A.weight"] = down.to(dtype).contiguous()
-                tensors[f"{component}.{mod_path}.lora_B.weight"] = up.to(dtype).contiguous()
+                tensors[f"{comp}.{mod_path}.lora_A.weight"] = down.to(dtype).contiguous()
+                tensors[f"{comp}.{mod_path}.lora_B.weight"] = up.to(dtype).contiguous()
             else:
-                stem = kohya_prefix + mod_path.replace(".", "_")
                 tensors[f"{stem}.lora_down.weight"] = down.to(dtype).contiguous()
                 tensors[f"{stem}.lora_up.weight"] = up.to(dtype).contiguous()
                 tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
         if fmt == "peft":
-            metadata[f"{component}.r"] = rank
-            metadata[f"{component}.lora_alpha"] = alpha
+            metadata[f"{comp}.r"] = rank
+            metadata[f"{comp}.lora_alpha"] = alpha
             # peft matches target_modules by suffix, so the short text-encoder paths fit both
             # CLIPTextModel layouts (with and without 'text_model.').
-            metadata[f"{component}.target_modules"] = sorted(short_paths)
+            metadata[f"{comp}.target_modules"] = sorted(t[0].removeprefix("text_model.") for t in targets)
     if not tensors:
         raise ValueError("no attention projections found to put a LoRA on")
     # One header entry only: safetensors writes the header map in arbitrary order, and the

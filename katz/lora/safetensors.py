@@ -399,6 +399,8 @@ DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 # file-key prefixes of each component, in the formats parse_lora reads
 COMPONENT_PREFIXES = {
     "unet": ("unet.", "lora_unet_"),
+    # kohya names FLUX's transformer 'unet' too: which component lora_unet_ is depends on the family
+    "transformer": ("transformer.", "lora_unet_"),
     "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_"),
     "text_encoder_2": ("text_encoder_2.", "lora_te2_"),
 }
@@ -455,7 +457,7 @@ def fold_diffusers_metadata(tensors: dict[str, torch.Tensor], raw: str, name: st
             raise ValueError("not a JSON object")
     except ValueError as e:
         raise lora_error(name, f"unreadable {DIFFUSERS_METADATA_KEY} in the file header ({e})") from None
-    for component in ("unet", "text_encoder", "text_encoder_2"):
+    for component in COMPONENT_PREFIXES:
         cfg = {k[len(component) + 1 :]: v for k, v in meta.items() if k.startswith(component + ".")}
         if not cfg:
             continue

@@ -14,6 +14,9 @@ A LoRA adapts a Linear (weight ``[out, in]``) or Conv2d (weight ``[out, in, kh, 
 * kohya/A1111     ``lora_unet_<path, '.' -> '_'>.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha``; ``lora_te_`` (= text_encoder), ``lora_te1_`` / ``lora_te2_``. UNet names may be
   diffusers names or original-SD (ldm/sgm) names such as ``input_blocks_4_1_...``.
+* FLUX.1: diffusers/peft (and ai-toolkit) ``transformer.<module path>.lora_A.weight``; kohya
+  ``lora_unet_<original FLUX layer>`` (``double_blocks_0_img_attn_qkv``, ``single_blocks_1_linear1``),
+  whose fused layers become one layer per diffusers module (:mod:`katz.lora.flux_names`).
 
 Kohya names are flattened, so they only become module paths against a real module: either pass
 ``modules`` to :func:`parse_lora`, or (the serving path) leave them flattened (no ``.`` in the
@@ -32,10 +35,12 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from katz.errors import lora_error
+from katz.lora.flux_names import flux_target
 
 COMPONENTS = {
     "sdxl": ("unet", "text_encoder", "text_encoder_2"),
     "sd15": ("unet", "text_encoder"),
+    "flux": ("transformer", "text_encoder", "text_encoder_2"),
 }
 # UNet ``layers_per_block`` of the original-SD layouts (both SD 1.x and SDXL use 2); needed to
 # turn ldm ``input_blocks.N`` / ``output_blocks.N`` numbers into diffusers block/layer indices.
@@ -82,7 +87,8 @@ class LoraLayer:
 class LoraWeights:
     """A parsed LoRA: ``layers[component][module path] -> LoraLayer``.
 
-    ``component`` is 'unet', 'text_encoder' or 'text_encoder_2' (only those with layers appear).
+    ``component`` is 'unet' (FLUX: 'transformer'), 'text_encoder' or 'text_encoder_2' (only those
+    with layers appear).
     A module path is dotted (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``), or,
     for an unresolved kohya name, the flattened form without dots (``down_blocks_1_..._to_q``).
     """
@@ -96,7 +102,7 @@ class LoraWeights:
 # --------------------------------------------------------------------------- #
 _KOHYA_RE = re.compile(r"lora_(unet|te|te1|te2)_(\w+)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _KOHYA_COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}
-_PEFT_RE = re.compile(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|alpha)")
+_PEFT_RE = re.compile(r"(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A\.weight|lora_B\.weight|alpha)")
 _OLD_RE = re.compile(r"(?:(unet|text_encoder|text_encoder_2)\.)?(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight")
 _OLD_PROC_RE = re.compile(
     r"(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight"
@@ -184,6 +190,11 @@ def _classify(key: str, name: str, family: str) -> tuple[str, str, str]:
     m = _KOHYA_RE.fullmatch(key)
     if m:
         component, target, role = _KOHYA_COMPONENT[m[1]], m[2], _ROLE[m[3]]
+        if component == "unet" and family == "flux":
+            # kohya names FLUX's transformer 'unet'; its layers keep the original names, mapped later
+            if flux_target(target) is None:
+                raise lora_error(name, f"tensor {key!r} names no layer of the original FLUX.1 layout")
+            return "transformer", target, role
         if component == "unet":
             mapped = _ldm_unet_name(target, _LAYERS_PER_BLOCK[family])
             if mapped is None:
@@ -280,18 +291,34 @@ def parse_lora(
             alpha = float(a.reshape(()).to(torch.float64))
             if not math.isfinite(alpha):
                 raise lora_error(name, f"tensor {alpha_key!r} contains NaN or infinite values")
-        if component in indexes:
-            resolved = indexes[component].resolve(target)
-            if resolved is None:
-                raise lora_error(name, f"tensor {down_key!r} targets no module of the {component}")
-            target = resolved
+        if family == "flux" and component == "transformer" and flux_target(target) is not None:
+            split = _split_flux_layer(target, down, up, alpha, down_key, up_key, name)
+        else:
+            if component in indexes:
+                resolved = indexes[component].resolve(target)
+                if resolved is None:
+                    raise lora_error(name, f"tensor {down_key!r} targets no module of the {component}")
+                target = resolved
+            split = [(target, LoraLayer(down=down, up=up, alpha=alpha, key=down_key))]
         per = layers.setdefault(component, {})
-        if target in per:
-            raise lora_error(name, f"tensors {per[target].key!r} and {down_key!r} target the same module {target!r}")
-        per[target] = LoraLayer(down=down, up=up, alpha=alpha, key=down_key)
+        for target, layer in split:
+            if target in per:
+                raise lora_error(name, f"tensors {per[target].key!r} and {down_key!r} target the same module {target!r}")
+            per[target] = layer
     if not layers:
         raise lora_error(name, "the file contains no LoRA layers (no down/up weight pairs)")
     return LoraWeights(name=name, layers=layers)
+
+
+def _split_flux_layer(flat, down, up, alpha, down_key, up_key, name) -> list[tuple[str, LoraLayer]]:
+    """An original-layout FLUX layer's LoRA as one LoRA per diffusers module: ``down`` shared, ``up``
+    cut into the parts' rows (W_part + up_part @ down is the fused layer's update, row for row)."""
+    target = flux_target(flat)
+    slices = target.row_slices(up.shape[0])
+    if slices is None:
+        raise lora_error(name, f"tensor {up_key!r} has {up.shape[0]} output rows, which do not split into "
+                               f"{' + '.join(p for p, _ in target.parts)}")
+    return [(path, LoraLayer(down=down, up=up[a:b], alpha=alpha, key=down_key)) for path, a, b in slices]
 
 
 class PathIndex:

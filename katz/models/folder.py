@@ -2,21 +2,25 @@
 
 Real weights and the built-in presets go through this one class. A folder holds
 ``unet/``, ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/`` and, for
-SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. ControlNets are separate
-diffusers-format folders (``config.json`` + weights) or single files, registered by name.
+SDXL, ``text_encoder_2/`` and ``tokenizer_2/``. A FLUX.1 folder holds ``transformer/``
+instead of ``unet/`` and a T5 encoder as ``text_encoder_2/`` (``tokenizer_2/``). ControlNets are
+separate diffusers-format folders (``config.json`` + weights) or single files, registered by name.
 
 Weights are read from safetensors only (``use_safetensors=True`` on every load): a pickle can run
 code when it is loaded. A component's weights may be a variant (``model.fp16.safetensors``, as a
 download of only the fp16 files leaves them): :func:`resolve_variant` picks the file each component
-loads, and the folder's checks look for exactly those files, reporting every problem at once.
+loads, and the folder's checks look for exactly those files, reporting every problem at once. FLUX.1
+folders go through the same loading and checks, component for component.
 
 A single-file checkpoint (:mod:`katz.models.checkpoint`) is served through the same class: its
 configs, scheduler and tokenizers come from the config folder shipped for its architecture
-(``path``), its weights from the file (``checkpoint``).
+(``path``), its weights from the file (``checkpoint``). Checkpoints are SD 1.5 and SDXL only; a
+FLUX.1 model is served from its diffusers folder.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -32,10 +36,21 @@ _INDEX_RE = re.compile(
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # the variant a deployment's dtype reads by default where a folder has it (half the bytes of float32)
 DTYPE_VARIANTS = {"float16": "fp16", "bfloat16": "bf16"}
-# how each component is loaded: for the conversion advice on pickle-only folders
+# the class each weighted component loads with (library, name): the loaders take it from here, and the
+# conversion advice for pickle-only folders names it
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
             "controlnet": ("diffusers", "ControlNetModel"), "text_encoder": ("transformers", "CLIPTextModel"),
             "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+# FLUX.1's: a transformer instead of the UNet, a T5 second encoder, FLUX ControlNets
+_FLUX_CLASSES = {"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": _CLASSES["vae"],
+                 "controlnet": ("diffusers", "FluxControlNetModel"), "text_encoder": _CLASSES["text_encoder"],
+                 "text_encoder_2": ("transformers", "T5EncoderModel")}
+
+
+def component_classes(family: str) -> dict[str, tuple[str, str]]:
+    """Each weighted component of a ``family`` model (``unet`` or ``transformer``, ``vae``, the text
+    encoders, ``controlnet``) and the (library, class name) that loads it."""
+    return _FLUX_CLASSES if family == "flux" else _CLASSES
 
 
 @dataclass(frozen=True)
@@ -91,8 +106,8 @@ def resolve_variant(files: WeightFiles, requested: str | None, preferred: str | 
     raise ValueError("has no weights (*.safetensors)")
 
 
-def _pickle_advice(kind: str, folder: Path) -> str:
-    lib, cls = _CLASSES[kind]
+def _pickle_advice(kind: str, family: str, folder: Path) -> str:
+    lib, cls = component_classes(family)[kind]
     return (f"convert them once, where you trust the files: python -c \"from {lib} import {cls}; "
             f"{cls}.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}')\"")
 
@@ -103,6 +118,21 @@ def _deepest_side(channels: int, groups: int) -> int:
     channel per group a 1x1 map leaves one (PyTorch refuses it for a batch of one, and for two it
     normalises every value to the bias)."""
     return 1 if channels // groups >= 2 else 2
+
+
+def is_flux_folder(path: Path) -> bool:
+    """Whether the model folder ``path`` is FLUX.1's (it has a ``transformer/``), read without
+    checking the rest of it."""
+    return (Path(path) / "transformer").is_dir()
+
+
+def min_flux_image_size(vae_config: dict) -> int:
+    """The smallest width/height of a FLUX folder: the VAE's deepest map (as for the UNet families),
+    on whole 2x2 latent patches (the transformer's tokens)."""
+    vae_scale = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    need = vae_scale * _deepest_side(vae_config["block_out_channels"][-1], int(vae_config.get("norm_num_groups", 32)))
+    patch = 2 * vae_scale
+    return -(-need // patch) * patch
 
 
 def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -> int:
@@ -123,8 +153,16 @@ def min_image_size(unet_config: dict, vae_config: dict, controlnet_configs=()) -
     return -(-need // 8) * 8  # request sizes are multiples of 8
 
 
+def _a(family: str) -> str:
+    """``family`` with its article, as the messages say it: an sd15, an sdxl, a flux."""
+    return f"a {family}" if family == "flux" else f"an {family}"
+
+
 def _family(unet_or_controlnet_config: dict) -> str:
-    """SDXL's UNets and ControlNets take ``text_time`` added conditioning; SD 1.5's take none."""
+    """FLUX.1's transformers and ControlNets have single-stream blocks (``num_single_layers``); SDXL's
+    UNets and ControlNets take ``text_time`` added conditioning; SD 1.5's take none."""
+    if "num_single_layers" in unet_or_controlnet_config:
+        return "flux"
     return "sdxl" if unet_or_controlnet_config.get("addition_embed_type") == "text_time" else "sd15"
 
 
@@ -132,46 +170,51 @@ class ModelFolderError(ValueError):
     """A model or ControlNet folder or file cannot be served: each line of the message names one problem."""
 
 
-def _check_component(folder: Path, part: str, problems: list[str], weights: tuple | None) -> str | None:
-    """Append ``part``'s problems; with ``weights`` = (requested, preferred variant), resolve and return
-    the variant its weights load from."""
+def _check_component(folder: Path, part: str, family: str, problems: list[str], weights: tuple | None) -> str | None:
+    """Append the problems of ``part`` of a ``family`` model; with ``weights`` = (requested, preferred
+    variant), resolve and return the variant its weights load from."""
     sub = folder / part
     if not sub.is_dir():
         problems.append(f"{part}/ is missing")
         return None
     if part.startswith("tokenizer"):
-        if not ((sub / "vocab.json").exists() and (sub / "merges.txt").exists()) and not (
-            sub / "tokenizer.json"
-        ).exists():
-            problems.append(f"{part}/ is missing vocab.json + merges.txt")
+        # FLUX.1's second tokenizer is T5's (SentencePiece), the others CLIP's (BPE); a fast
+        # tokenizer's tokenizer.json serves either
+        if family == "flux" and part == "tokenizer_2":
+            need, missing = ("spiece.model",), "tokenizer.json or spiece.model"
+        else:
+            need, missing = ("vocab.json", "merges.txt"), "vocab.json + merges.txt"
+        if not (sub / "tokenizer.json").exists() and not all((sub / f).exists() for f in need):
+            problems.append(f"{part}/ is missing {missing}")
         return None
     config = "scheduler_config.json" if part == "scheduler" else "config.json"
     if not (sub / config).exists():
         problems.append(f"{part}/ is missing {config}")
     if weights is None:
         return None
-    return _resolve(sub, part, part, weights, problems)
+    return _resolve(sub, part, part, family, weights, problems)
 
 
-def _resolve(folder: Path, label: str, kind: str, weights: tuple, problems: list[str]) -> str | None:
+def _resolve(folder: Path, label: str, kind: str, family: str, weights: tuple, problems: list[str]) -> str | None:
     files = WeightFiles.scan(folder)
     try:
         return resolve_variant(files, *weights)
     except ValueError as exc:
-        advice = f"; {_pickle_advice(kind, folder)}" if files.pickles and not files.safetensors else ""
+        advice = f"; {_pickle_advice(kind, family, folder)}" if files.pickles and not files.safetensors else ""
         problems.append(f"{label}/ {exc}{advice}")
         return None
 
 
 @dataclass
 class ModelFolder:
-    """A validated SD 1.5 or SDXL model: a diffusers-format folder, or a single-file ``checkpoint``
-    served with the config folder ``path`` of its architecture.
+    """A validated SD 1.5, SDXL or FLUX.1 model: a diffusers-format folder, or a single-file SD 1.5 / SDXL
+    ``checkpoint`` served with the config folder ``path`` of its architecture.
 
-    ``family`` is ``"sdxl"`` when the UNet takes ``text_time`` added conditioning (and there is a second
-    text encoder), else ``"sd15"``. ``variant`` (``--variant``) and ``dtype`` (the deployment's) pick the
-    weight files each component loads (:func:`resolve_variant`). ``controlnets`` maps names to ControlNet
-    folders or single files.
+    ``family`` is ``"flux"`` when the folder has a ``transformer/``, ``"sdxl"`` when the UNet takes
+    ``text_time`` added conditioning (and there is a second text encoder), else ``"sd15"``. ``variant``
+    (``--variant``) and ``dtype`` (the deployment's) pick the weight files each component loads
+    (:func:`resolve_variant`), a FLUX transformer and T5 encoder as the others. ``controlnets`` maps names
+    to ControlNet folders or single files (single files: SD 1.5 / SDXL ControlNets).
     """
 
     path: Path
@@ -199,13 +242,14 @@ class ModelFolder:
                 raise ModelFolderError(f"checkpoint {self.checkpoint} is a ControlNet, not a model; register it with "
                                        "--controlnet NAME=FILE")
         weights = None if self.checkpoint else (self.variant, DTYPE_VARIANTS.get(self.dtype))
-        parts = ["unet", "vae", "scheduler", "text_encoder", "tokenizer"]
-        if self.family == "sdxl":
+        weighted = component_classes(self.family)
+        parts = ["transformer" if self.family == "flux" else "unet", "vae", "scheduler", "text_encoder", "tokenizer"]
+        if self.family in ("sdxl", "flux"):
             parts += ["text_encoder_2", "tokenizer_2"]
         self._variants = {}
         for part in parts:
-            self._variants[part] = _check_component(self.path, part, problems,
-                                                    weights if part in _CLASSES else None)
+            self._variants[part] = _check_component(self.path, part, self.family, problems,
+                                                    weights if part in weighted else None)
         self._controlnet_files = {}
         self.controlnets = {name: Path(cn) for name, cn in self.controlnets.items()}
         for name, cn in self.controlnets.items():
@@ -219,7 +263,7 @@ class ModelFolder:
                 if info.kind != "controlnet":
                     problems.append(f"{label} is a whole model, not a ControlNet")
                 elif info.family != self.family:
-                    problems.append(f"{label} is an {info.family} ControlNet; this model is {self.family}")
+                    problems.append(f"{label} is {_a(info.family)} ControlNet; this model is {self.family}")
                 else:
                     self._controlnet_files[name] = info
             elif not cn.is_dir():
@@ -228,9 +272,9 @@ class ModelFolder:
                 if not (cn / "config.json").exists():
                     problems.append(f"{label} is missing config.json")
                 elif (family := _family(json.loads((cn / "config.json").read_text()))) != self.family:
-                    problems.append(f"{label} is an {family} ControlNet; this model is {self.family}")
+                    problems.append(f"{label} is {_a(family)} ControlNet; this model is {self.family}")
                 self._variants[f"controlnet:{name}"] = _resolve(
-                    cn, label, "controlnet", (self.variant, DTYPE_VARIANTS.get(self.dtype)), problems)
+                    cn, label, "controlnet", self.family, (self.variant, DTYPE_VARIANTS.get(self.dtype)), problems)
         if problems:
             what = f"checkpoint {self.checkpoint}" if self.checkpoint else f"model folder {self.path}"
             raise ModelFolderError(f"{what} cannot be served:\n  - " + "\n  - ".join(problems))
@@ -269,6 +313,8 @@ class ModelFolder:
     # ------------------------------------------------------------------ facts
     @cached_property
     def family(self) -> str:
+        if is_flux_folder(self.path):
+            return "flux"
         unet_cfg = self.path / "unet" / "config.json"
         if unet_cfg.exists():
             return _family(json.loads(unet_cfg.read_text()))
@@ -277,6 +323,29 @@ class ModelFolder:
     @cached_property
     def unet_config(self) -> dict:
         return json.loads((self.path / "unet" / "config.json").read_text())
+
+    @cached_property
+    def transformer_config(self) -> dict:
+        """A FLUX folder's ``FluxTransformer2DModel`` config."""
+        return json.loads((self.path / "transformer" / "config.json").read_text())
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """FLUX: the transformer takes the guidance scale as an input (dev; schnell does not)."""
+        return self.family == "flux" and bool(self.transformer_config.get("guidance_embeds", False))
+
+    @property
+    def classifier_free_guidance(self) -> bool:
+        """Whether a guidance scale above 1 runs the denoiser on a negative and a positive row (SD
+        1.5, SDXL); FLUX runs one row, its guidance (dev) an input of the transformer."""
+        return self.family != "flux"
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent the denoiser works on."""
+        if self.family == "flux":
+            return int(self.transformer_config["in_channels"]) // 4
+        return int(self.unet_config["in_channels"])
 
     @cached_property
     def vae_config(self) -> dict:
@@ -297,7 +366,10 @@ class ModelFolder:
 
     @property
     def default_size(self) -> int:
-        """Default image side in pixels (diffusers: ``unet.sample_size * vae_scale_factor``)."""
+        """Default image side in pixels (diffusers: ``unet.sample_size * vae_scale_factor``; FLUX:
+        ``128 * vae_scale_factor``, as FluxPipeline's default)."""
+        if self.family == "flux":
+            return 128 * self.vae_scale_factor
         return int(self.unet_config["sample_size"]) * self.vae_scale_factor
 
     @property
@@ -307,11 +379,11 @@ class ModelFolder:
 
     @property
     def text_encoder_parts(self) -> tuple[str, ...]:
-        return ("text_encoder", "text_encoder_2") if self.family == "sdxl" else ("text_encoder",)
+        return ("text_encoder", "text_encoder_2") if self.family in ("sdxl", "flux") else ("text_encoder",)
 
     @property
     def tokenizer_parts(self) -> tuple[str, ...]:
-        return ("tokenizer", "tokenizer_2") if self.family == "sdxl" else ("tokenizer",)
+        return ("tokenizer", "tokenizer_2") if self.family in ("sdxl", "flux") else ("tokenizer",)
 
     @property
     def num_down_residuals(self) -> int:
@@ -336,36 +408,42 @@ class ModelFolder:
     @cached_property
     def min_image_size(self) -> int:
         """The smallest width/height every network here runs, ControlNets included (:func:`min_image_size`):
-        32 for SDXL and the tiny presets, 64 for SD 1.5."""
+        32 for SDXL and the tiny presets, 64 for SD 1.5; FLUX: :func:`min_flux_image_size` (16 for the tiny
+        FLUX presets)."""
+        if self.family == "flux":
+            return min_flux_image_size(self.vae_config)
         controlnets = [self.controlnet_config(name) for name in self.controlnets]
         return min_image_size(self.unet_config, self.vae_config, controlnets)
 
     # ---------------------------------------------------------------- loading
-    def _load(self, part: str, cls, dtype: torch.dtype, **extra):
-        if self._checkpoint is not None:
+    def _load(self, part: str, dtype: torch.dtype, **extra):
+        """``part`` (``unet``, ``transformer``, ``vae``, a text encoder, or ``controlnet:<name>`` of a ControlNet
+        folder) with the class its family loads it with (:func:`component_classes`): from the checkpoint where
+        that holds it, else from its folder, safetensors only, in the variant the checks resolved."""
+        if self._checkpoint is not None and part in self._checkpoint.parts:
             from katz.models.checkpoint import load_part
 
             return load_part(self._checkpoint, part, dtype, self.path)
-        return cls.from_pretrained(self.path / part, torch_dtype=dtype, variant=self._variants.get(part),
-                                   use_safetensors=True, **extra)
+        kind, _, name = part.partition(":")
+        lib, cls = component_classes(self.family)[kind]
+        folder = self.controlnets[name] if name else self.path / part
+        return getattr(importlib.import_module(lib), cls).from_pretrained(
+            folder, torch_dtype=dtype, variant=self._variants.get(part), use_safetensors=True, **extra)
 
     def load_unet(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import UNet2DConditionModel
+        return self._load("unet", dtype).to(device).eval()
 
-        return self._load("unet", UNet2DConditionModel, dtype).to(device).eval()
+    def load_transformer(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        """A FLUX folder's ``FluxTransformer2DModel``."""
+        return self._load("transformer", dtype).to(device).eval()
 
     def load_vae(self, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import AutoencoderKL
-
-        return self._load("vae", AutoencoderKL, dtype).to(device).eval()
+        return self._load("vae", dtype).to(device).eval()
 
     def load_text_encoder(self, part: str, dtype: torch.dtype = torch.float32, **extra):
-        """One text encoder (``text_encoder`` or ``text_encoder_2``) on the CPU; ``extra`` goes to
-        ``from_pretrained`` (a checkpoint's take none)."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
-        model = self._load(part, cls, dtype, **extra)
+        """One text encoder (``text_encoder``: CLIP; ``text_encoder_2``: SDXL's second CLIP or FLUX's T5) on
+        the CPU; ``extra`` goes to ``from_pretrained`` (a checkpoint's take none)."""
+        model = self._load(part, dtype, **extra)
         if self._checkpoint is not None and extra.get("attn_implementation"):
             model.set_attn_implementation(extra["attn_implementation"])
         return model.eval()
@@ -376,7 +454,13 @@ class ModelFolder:
     def load_tokenizers(self) -> dict:
         from transformers import CLIPTokenizer
 
-        return {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts}
+        out = {part: CLIPTokenizer.from_pretrained(self.path / part) for part in self.tokenizer_parts
+               if not (self.family == "flux" and part == "tokenizer_2")}
+        if self.family == "flux":
+            from transformers import T5TokenizerFast
+
+            out["tokenizer_2"] = T5TokenizerFast.from_pretrained(self.path / "tokenizer_2")
+        return out
 
     def controlnet_config(self, name: str) -> dict:
         if name in self._controlnet_files:
@@ -386,8 +470,6 @@ class ModelFolder:
         return json.loads((self.controlnets[name] / "config.json").read_text())
 
     def load_controlnet(self, name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import ControlNetModel
-
         if name not in self.controlnets:
             raise KeyError(name)
         if name in self._controlnet_files:
@@ -396,8 +478,7 @@ class ModelFolder:
             info = self._controlnet_files[name]
             net = load_part(info, "controlnet", dtype, controlnet_config_folder(info.architecture))
         else:
-            net = ControlNetModel.from_pretrained(self.controlnets[name], torch_dtype=dtype, use_safetensors=True,
-                                                  variant=self._variants.get(f"controlnet:{name}"))
+            net = self._load(f"controlnet:{name}", dtype)
         return net.to(device).eval()
 
 
@@ -415,11 +496,14 @@ def discover_controlnets(folder: Path) -> dict[str, Path]:
 
 def add_model_arguments(parser, controlnet_help: str) -> None:
     """The flags that name a model, as :func:`open_model` takes them (``katz serve``, ``render``, ``export``)."""
+    from katz.models.presets import DEFAULT_PRESET, PRESETS
+
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="built-in model (tiny-sdxl, tiny-sd15); default tiny-sdxl")
-    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL folder")
+    src.add_argument("--preset", help=f"built-in model ({', '.join(PRESETS)}); default {DEFAULT_PRESET}")
+    src.add_argument("--model-dir", type=Path, help="local diffusers-format SD 1.5 / SDXL / FLUX.1 folder")
     src.add_argument("--checkpoint", type=Path, metavar="FILE.safetensors",
-                     help="single-file SD 1.5 / SDXL checkpoint in the original (A1111 / ComfyUI) layout")
+                     help="single-file SD 1.5 / SDXL checkpoint in the original (A1111 / ComfyUI) layout "
+                          "(FLUX.1: serve its diffusers folder with --model-dir)")
     parser.add_argument("--variant", help="weight files to read where a folder has several (e.g. fp16: "
                         "model.fp16.safetensors); default: the one matching --dtype where present, else the plain files")
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=DIR|FILE", help=controlnet_help)

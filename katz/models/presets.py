@@ -1,4 +1,4 @@
-"""Built-in model presets: the real SDXL / SD 1.5 architectures at tiny width.
+"""Built-in model presets: the real SDXL / SD 1.5 / FLUX.1 architectures at tiny width.
 
 A preset is written once as an ordinary diffusers-format folder (``unet/``,
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ... plus ``controlnets/`` and
@@ -13,6 +13,14 @@ Layout of a preset folder::
         controlnets/canny/           # one tiny ControlNet (diffusers format)
         loras/style.safetensors      # UNet-only LoRA (diffusers/peft names)
         loras/detail.safetensors     # UNet + text-encoder LoRA (kohya names)
+
+The FLUX.1 presets hold ``transformer/`` instead of ``unet/`` and a T5 encoder as
+``text_encoder_2/`` (its tokenizer a small unigram vocabulary built here, as the CLIP one
+is). ``tiny-flux`` is the dev flavour (guidance embedding, resolution-dependent shift of
+the flow-match schedule); ``tiny-flux-schnell`` the schnell one (neither). Its
+``controlnets/canny/`` is a ``FluxControlNetModel``; ``loras/style`` has diffusers/peft
+names, ``loras/detail`` the kohya names of the original FLUX layout (fused ``qkv``,
+``linear1``), also on the CLIP text encoder.
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("tiny-sdxl", "tiny-sd15")
+PRESETS = ("tiny-sdxl", "tiny-sd15", "tiny-flux", "tiny-flux-schnell")
 DEFAULT_PRESET = "tiny-sdxl"
 # Bump when the generated files change, so stale caches are rebuilt.
 PRESET_VERSION = 2
 
 _TEXT_HIDDEN = 32
 _VOCAB_SIZE = 1000
+_T5_VOCAB_SIZE = 256
+_T5_MAX_LENGTH = 512  # what FluxPipeline pads T5 prompts to (max_sequence_length)
 
 
 def cache_dir() -> Path:
@@ -101,6 +111,12 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+_WORDS = (
+    "a photo of the cat dog on in with red blue green house tree sky "
+    "portrait landscape painting city night light water mountain style"
+).split()
+
+
 def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     """Write a small CLIP BPE tokenizer (byte alphabet + common English merges)."""
     from transformers import CLIPTokenizer
@@ -113,11 +129,7 @@ def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
     for c in chars:
         vocab[c + "</w>"] = len(vocab)
     merges = []
-    words = (
-        "a photo of the cat dog on in with red blue green house tree sky "
-        "portrait landscape painting city night light water mountain style"
-    ).split()
-    for w in words:
+    for w in _WORDS:
         # merge left to right: t h -> th, th e</w> -> the</w>, ...
         parts = list(w[:-1]) + [w[-1] + "</w>"]
         while len(parts) > 1:
@@ -151,6 +163,24 @@ def write_clip_tokenizer(folder: Path, merges: list[str]) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def write_t5_tokenizer(folder: Path) -> None:
+    """Write a small T5 unigram tokenizer: T5's special ids (pad 0, eos 1, unk 2), every ASCII
+    letter, digit and punctuation mark with and without the word-start mark, and whole words."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        vocab += [(c, -5.0), ("\u2581" + c, -5.5)]
+    vocab += [("\u2581" + w, -1.0) for w in _WORDS]
+    assert len(vocab) <= _T5_VOCAB_SIZE, len(vocab)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.model_max_length = _T5_MAX_LENGTH
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+
+
 # --------------------------------------------------------------------------- #
 # Components
 # --------------------------------------------------------------------------- #
@@ -177,7 +207,8 @@ def _text_encoder(with_projection: bool, seed: int):
     return cls(config).eval()
 
 
-def _vae(seed: int):
+def _vae(seed: int, latent_channels: int = 4, scaling_factor: float = 0.13025, **flux):
+    """The SD/SDXL autoencoder layout; ``flux`` holds FLUX's differences (:func:`_vae_flux`)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -188,10 +219,11 @@ def _vae(seed: int):
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=64,
-        scaling_factor=0.13025,
+        scaling_factor=scaling_factor,
+        **flux,
     ).eval()
 
 
@@ -241,12 +273,119 @@ def _controlnet(unet, seed: int):
     from diffusers import ControlNetModel
 
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    return _randomize(net, ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding"), seed)
+
+
+def _randomize(net, prefixes: tuple[str, ...], seed: int):
+    """``net`` with its parameters under ``prefixes`` (a ControlNet's zero-initialised output
+    projections) drawn at random, so that its residuals change the image."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")):
+            if name.startswith(prefixes):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     return net.eval()
+
+
+def _t5_encoder(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=_T5_VOCAB_SIZE,
+        d_model=_TEXT_HIDDEN,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's encoder
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def _vae_flux(seed: int):
+    """FLUX's autoencoder layout: 16 latent channels, no quant convs, a shift factor."""
+    return _vae(seed, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _transformer_flux(seed: int, guidance: bool):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_HIDDEN,  # T5 width
+        pooled_projection_dim=_TEXT_HIDDEN,  # CLIP width
+        guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def _controlnet_flux(transformer, seed: int):
+    """A FluxControlNetModel started from ``transformer`` (as diffusers trains them), its zero
+    projections made random so its residuals change the image."""
+    from diffusers import FluxControlNetModel
+
+    net = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    return _randomize(net, ("controlnet_blocks", "controlnet_single_blocks", "controlnet_x_embedder"), seed)
+
+
+def _scheduler_flux(schnell: bool):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if schnell:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def _build_flux(out: Path, schnell: bool) -> None:
+    from katz.lora.random import make_random_flux_lora
+
+    _vae_flux(seed=1).save_pretrained(out / "vae", safe_serialization=True)
+    _scheduler_flux(schnell).save_pretrained(out / "scheduler")
+    te = _text_encoder(with_projection=False, seed=2)
+    te.save_pretrained(out / "text_encoder", safe_serialization=True)
+    write_tokenizer(out / "tokenizer")
+    _t5_encoder(seed=3).save_pretrained(out / "text_encoder_2", safe_serialization=True)
+    write_t5_tokenizer(out / "tokenizer_2")
+    transformer = _transformer_flux(seed=4, guidance=not schnell)
+    transformer.save_pretrained(out / "transformer", safe_serialization=True)
+    _controlnet_flux(transformer, seed=5).save_pretrained(out / "controlnets" / "canny", safe_serialization=True)
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    loras = out / "loras"
+    loras.mkdir()
+    make_random_flux_lora(loras / "style.safetensors", transformer, None, rank=4, seed=6, fmt="peft")
+    make_random_flux_lora(loras / "detail.safetensors", transformer, te, rank=4, seed=7, fmt="kohya")
 
 
 def _scheduler(family: str):
@@ -267,6 +406,9 @@ def _scheduler(family: str):
 def _build_preset(name: str, out: Path) -> None:
     from katz.lora.random import make_random_lora
 
+    if name.startswith("tiny-flux"):
+        _build_flux(out, schnell=name == "tiny-flux-schnell")
+        return
     family = "sdxl" if name == "tiny-sdxl" else "sd15"
     vae = _vae(seed=1)
     vae.save_pretrained(out / "vae", safe_serialization=True)

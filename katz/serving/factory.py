@@ -25,6 +25,10 @@ def create_model(role: str, params: dict[str, str], device: str, call=None):
 
         return Stream(deployment, call)
     elif role == "unet":
+        if deployment.folder.family == "flux":  # the denoiser of a FLUX model is its transformer
+            from katz.serving.transformer import Transformer
+
+            return Transformer(deployment, call)
         from katz.serving.unet import UNet
 
         return UNet(deployment, call)

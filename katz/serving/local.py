@@ -26,6 +26,8 @@ class LocalEnsemble:
     def __init__(self, deployment: Deployment):
         params = deployment.to_parameters()
         roles = dict(ROLES)
+        if deployment.folder.family == "flux":  # as the rendered repository: its transformer holds the ControlNets
+            del roles["controlnet"]
         roles.update({f"unet_{i}": "unet" for i in range(1, deployment.unet_shards)})
         self.models = {
             name: create_model(role, params, deployment.device, call=self._call) for name, role in roles.items()

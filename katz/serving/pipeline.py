@@ -40,11 +40,13 @@ class Pipeline:
         folder = deployment.folder
         self.family = folder.family
         make_scheduler(DEFAULT, folder.scheduler_config)  # imports diffusers at load, not on the first request
-        self.num_residuals = folder.num_down_residuals
-        self.residual_names = folder.residual_names
         self.device = torch.device(deployment.device)
+        # FLUX: the loop runs in the transformer's process only (Deployment checks loop_place), so the
+        # per-step path below, with its UNet residuals and shards, is the UNet families'
+        unet = folder.family != "flux"
+        self.residual_names = folder.residual_names if unet else []
         self.shards = ShardedUNet(call, deployment.unet_shards, deployment.latent_overlap,
-                                  folder.unet_downsampling_factor)
+                                  folder.unet_downsampling_factor) if unet else None
         self.loop = deployment.loop_place  # where katz_pipeline's loop runs
         # where a step's time goes on this side: waiting for the UNet calls vs the loop's own work
         self.steps, self.unet_call_seconds = 0, 0.0
@@ -71,6 +73,8 @@ class Pipeline:
 
     def _steps_run(self, params) -> int:
         """How many UNet steps the request's loop runs (some schedulers run more than ``steps``)."""
+        if self.family == "flux":  # flow-match Euler: one evaluation per step
+            return params.steps
         scheduler = make_scheduler(params.scheduler, self.deployment.folder.scheduler_config)
         scheduler.set_timesteps(params.steps)
         return len(scheduler.timesteps)

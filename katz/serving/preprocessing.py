@@ -66,7 +66,8 @@ class Preprocessing:
             lora_k=req.lora_k,
             zero_negative=bool(req.do_cfg and req.negative_prompt is None and dep.folder.force_zeros_for_empty_prompt),
         )
-        ids = tokenize(self.tokenizers, req.prompt, req.negative_prompt, req.do_cfg)
+        ids = tokenize(self.tokenizers, req.prompt, req.negative_prompt,
+                       req.do_cfg and dep.folder.classifier_free_guidance)
         return {
             **{k: torch.from_numpy(v) for k, v in ids.items()},
             "control_images": control,

@@ -33,10 +33,7 @@ from katz.controlnet.transports import LocalControlNets, controlnet_client, inli
 from katz.diffusion.loop import added_cond, is_loop_request, read_loop_request, run_loop, step_tensors
 from katz.engines import engine_class
 from katz.errors import InvalidArgument
-from katz.lora.bal import UNetLoras, device_ahead, requested_loras
-from katz.lora.manager import LoraManager
-from katz.lora.patch import LoraPatcher, warm_up
-from katz.request import RequestParams
+from katz.lora.bal import device_ahead, instance_loras, queued_loop_order, requested_loras
 from katz.serving.metrics import GcPauses, graph_metrics
 
 
@@ -69,23 +66,7 @@ class UNet:
                 split=deployment.controlnet_mode in ("service", "remote"),
                 compile_batches=deployment.compile_batches,
             )
-        self.loras = LoraManager(
-            deployment.loras,
-            [self.engine.lora],
-            deployment.device,
-            host_budget_bytes=deployment.lora_host_cache_bytes,
-            device_budget_bytes=deployment.lora_device_cache_bytes,
-            load_delay_s=deployment.lora_load_delay_s,
-        )
-        self.bal = UNetLoras(self.loras, self.engine.set_loras, self.engine.lora)
-        # the first LoRA request would otherwise pay for the first merge (kernels, scratch, pristine copies)
-        self.lora_warmup_s = warm_up(self.engine.lora) \
-            if deployment.lora_dir and isinstance(self.engine.lora, LoraPatcher) else 0.0
-        self.hints = None  # preprocessing names arriving requests' LoRAs (katz.lora.hints)
-        if deployment.lora_hints and deployment.lora_dir:
-            from katz.lora.hints import HintListener
-
-            self.hints = HintListener(deployment.lora_hints, self.loras.hint)
+        self.loras, self.bal, self.hints = instance_loras(deployment, self.engine)
         self.runs, self.run_seconds = 0, 0.0  # UNet evaluations and their time on the device
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._on_gpu = torch.device(deployment.device).type == "cuda"
@@ -241,19 +222,12 @@ class UNet:
             except Exception as exc:
                 for i in groups[weight_set]:
                     results[i] = exc
-        for i in (loops[j] for j in self.bal.order(self._queued_loras(batch[i]) for i in loops)):
+        for i in queued_loop_order(self.bal, batch, loops):
             try:
                 results[i] = self._run_loop(batch[i])
             except Exception as exc:
                 results[i] = exc
         return results
-
-    def _queued_loras(self, inputs: dict) -> tuple | None:
-        """The LoRA set a queued loop request asks for (None if its params do not parse: it fails when run)."""
-        try:
-            return RequestParams.from_tensor(inputs["loop_params"], "loop_params").lora_set
-        except Exception:
-            return None
 
     def _check_step_call(self, inputs: dict) -> None:
         for name in ("sample", "timestep", "encoder_hidden_states"):

@@ -38,6 +38,8 @@ class VaeDecoderEngine:
         self.scale = folder.vae_scale_factor
         cfg = self.vae.config
         self.scaling_factor = cfg.scaling_factor
+        # FLUX's VAE: latents are (x - shift) * scale
+        self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         stats = mean is not None and std is not None
         self.latents_mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, self.compute_dtype) if stats else None
@@ -103,5 +105,12 @@ class VaeDecoderEngine:
             std = self.latents_std.to(latents)
             latents = latents * std / self.scaling_factor + mean
         else:
-            latents = latents / self.scaling_factor
+            latents = latents / self.scaling_factor + self.shift_factor
         return self.vae.decode(latents, return_dict=False)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_distribution(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image [1, 3, H, W]`` in ``[-1, 1]`` -> the encoder's latent distribution ``(mean, std)``
+        (FLUX ControlNets take a sample of it: :func:`katz.diffusion.flux.control_latents`)."""
+        dist = self.vae.encode(image.to(self.device, self.compute_dtype)).latent_dist
+        return dist.mean, dist.std

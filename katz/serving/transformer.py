@@ -1,0 +1,106 @@
+"""``unet`` of a FLUX.1 deployment: the transformer, running whole loop requests with BAL.
+
+A FLUX request reaches it as a loop request (:mod:`katz.diffusion.loop`, :func:`run_flux_loop`):
+the loop runs here, next to the transformer, its ControlNets and, where the folder has ControlNets,
+the VAE whose encoder turns control images into latents. Mode ``local``: the ControlNets run beside
+each transformer evaluation, their residuals streamed block by block
+(:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``inline`` (the baseline): one
+after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
+manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
+the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from katz.controlnet.blocks import TransformerControlNetStep
+from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loop
+from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
+from katz.engines.torch.vae import VaeDecoderEngine
+from katz.errors import InvalidArgument
+from katz.lora.bal import instance_loras, queued_loop_order
+
+
+class Transformer:
+    def __init__(self, deployment, call=None):
+        self.deployment = deployment
+        folder, device, dtype = deployment.folder, deployment.device, deployment.torch_dtype
+        self.engine = FluxTransformerEngine(folder, device, dtype)
+        self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets else None
+        self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
+        self.beside = deployment.controlnet_mode == "local"  # else inline: before each step
+        self.step = TransformerControlNetStep(self.engine, self.controlnets)
+        self.loras, self.bal, self.hints = instance_loras(deployment, self.engine)
+        self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.runs, self.run_seconds = 0, 0.0  # transformer evaluations and their time
+
+    @property
+    def applied(self):
+        """The LoRA set in place (``()``: the base weights)."""
+        return self.bal.applied
+
+    def _run_loop(self, inputs: dict) -> dict:
+        params, embeds, pooled, images = read_loop_request(inputs, self.deployment.device, self.deployment.torch_dtype)
+        if pooled is None:
+            raise InvalidArgument("loop_pooled_prompt_embeds", "required for a FLUX model")
+        bal = self.bal.begin(params.lora_set, params.lora_k)
+
+        def transformer(*args, controls=()):
+            bal.before_step()
+            start = time.perf_counter()
+            out = self.step(*args, controls=controls)
+            self._sync()  # eager engine: the step's time is the BAL estimate's step time
+            seconds = time.perf_counter() - start
+            self.runs, self.run_seconds = self.runs + 1, self.run_seconds + seconds
+            self.bal.observe_step(seconds)
+            return out
+
+        vae = self.vae
+        latents = run_flux_loop(
+            params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets, self.beside,
+            vae.encode_distribution if vae is not None else None,
+            vae.shift_factor if vae is not None else 0.0, vae.scaling_factor if vae is not None else 1.0,
+        )
+        bal.finish()
+        return {"latents": latents, "lora_applied_step": torch.tensor([[bal.applied_step]], dtype=torch.int32)}
+
+    def execute(self, inputs: dict) -> dict:
+        result = self.execute_batch([inputs])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def execute_batch(self, batch: list[dict]) -> list:
+        """Run the queued loop requests, those wanting the LoRA set in place first; an error fails
+        only its own request."""
+        results: list = [None] * len(batch)
+        loops = []
+        for i, inputs in enumerate(batch):
+            if is_loop_request(inputs):
+                loops.append(i)
+            else:
+                results[i] = InvalidArgument("loop_params", "required: a FLUX transformer runs whole loop requests")
+        for i in queued_loop_order(self.bal, batch, loops):
+            try:
+                results[i] = self._run_loop(batch[i])
+            except Exception as exc:
+                results[i] = exc
+        return results
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        return [
+            ("katz_unet_runs_total", "denoiser evaluations (FLUX: transformer steps)", {}, self.runs),
+            ("katz_unet_run_seconds_total", "time of the denoiser evaluations (s)", {}, self.run_seconds),
+            ("katz_controlnet_residual_wait_seconds_total",
+             "time the transformer waited for ControlNet residuals not made yet (mode local; s)", {},
+             self.step.waited_seconds),
+            *self.loras.stats.metrics(),
+            ("katz_lora_hints_total", "LoRA name lists received from preprocessing for arriving requests", {},
+             self.hints.received if self.hints is not None else 0),
+        ]
+
+    def gauges(self) -> list[tuple[str, str, dict, float]]:
+        return list(self.loras.gauges())
