@@ -167,6 +167,11 @@ def test_checkpoint_check_names_missing_and_misshapen_weights(files, tmp_path):
     ({"model.diffusion_model.input_blocks.0.0.weight": (64, 4, 3, 3),
       "cond_stage_model.transformer.x": (1,)}, ".safetensors", "sd15 model of width 64"),
     ({"lora_unet_down.alpha": (1,)}, ".safetensors", "neither an SD 1.5 / SDXL model"),
+    # FLUX.1 single files: BFL's layout as ComfyUI saves it, diffusers' names, an InstantX ControlNet
+    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (48, 16)}, ".safetensors", "a FLUX.1 model"),
+    ({"single_transformer_blocks.0.proj_mlp.weight": (64, 16)}, ".safetensors", "a FLUX.1 model"),
+    ({"controlnet_x_embedder.weight": (16, 64), "controlnet_blocks.0.weight": (16, 16)}, ".safetensors",
+     "a FLUX.1 ControlNet.*--model-dir"),
 ])
 def test_checkpoint_that_cannot_be_served_is_named(tmp_path, keys, suffix, words):
     path = tmp_path / f"model{suffix}"
@@ -182,6 +187,42 @@ def test_controlnet_of_the_other_family_is_refused(files, preset_dir, tmp_path):
                                                       "lines": preset_dir("tiny-sd15") / "controlnets" / "canny"})
     assert "ControlNet 'edges'" in str(err.value) and "ControlNet 'lines'" in str(err.value)
     assert str(err.value).count("is an sd15 ControlNet; this model is sdxl") == 2
+
+
+def test_flux_folder_loads_its_variants_through_the_same_machinery(preset_dir, tmp_path):
+    """A FLUX.1 folder's transformer, T5 encoder and FLUX ControlNet read their variant files as the SD
+    components do (safetensors only, the variant the check resolved)."""
+    flux = preset_dir("tiny-flux")
+    copy = variant_only_copy(flux, tmp_path / "flux-fp16")
+    folder = ModelFolder(copy, discover_controlnets(copy / "controlnets"), dtype="float16")
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "controlnet:canny"):
+        assert folder.weight_variant(part) == "fp16", part
+    reference = ModelFolder(flux, discover_controlnets(flux / "controlnets"))
+    assert _states_equal(folder.load_transformer(), reference.load_transformer())
+    assert _states_equal(folder.load_text_encoders()["text_encoder_2"], reference.load_text_encoders()["text_encoder_2"])
+    assert _states_equal(folder.load_controlnet("canny"), reference.load_controlnet("canny"))
+
+
+def test_flux_folder_check_lists_every_problem(files, preset_dir, tmp_path):
+    flux = tmp_path / "flux"
+    shutil.copytree(preset_dir("tiny-flux"), flux, ignore=shutil.ignore_patterns("loras"))
+    weights = flux / "transformer" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), flux / "transformer" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    (flux / "tokenizer_2" / "tokenizer.json").unlink()
+    shutil.rmtree(flux / "vae")
+    flux_net = tmp_path / "flux-canny.safetensors"
+    shutil.copy(flux / "controlnets" / "canny" / "diffusion_pytorch_model.safetensors", flux_net)
+    with pytest.raises(ModelFolderError) as err:
+        ModelFolder(flux, {"sdxl": files.preset / "controlnets" / "canny", "file": flux_net})
+    message = str(err.value)
+    assert "transformer/ has only pickle weights (diffusion_pytorch_model.bin)" in message
+    assert "FluxTransformer2DModel.from_pretrained(" in message
+    assert "tokenizer_2/ is missing tokenizer.json or spiece.model" in message and "vae/ is missing" in message
+    assert "is an sdxl ControlNet; this model is flux" in message
+    assert "ControlNet 'file'" in message and "is a FLUX.1 ControlNet" in message
+    with pytest.raises(ModelFolderError, match="is a flux ControlNet; this model is sdxl"):
+        ModelFolder(files.preset, {"flux": preset_dir("tiny-flux") / "controlnets" / "canny"})
 
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd15"])

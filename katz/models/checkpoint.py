@@ -5,7 +5,8 @@ A1111, ComfyUI and most community fine-tunes publish models this way: the UNet u
 ``cond_stage_model.transformer.`` (SD 1.5) or ``conditioner.embedders.0.transformer.`` and
 ``conditioner.embedders.1.model.`` (SDXL, the second one in OpenCLIP's layout). ControlNets come as
 one file too, in the original layout (``input_hint_block``, ``zero_convs``, optionally under
-``control_model.``) or with diffusers' names.
+``control_model.``) or with diffusers' names. FLUX.1 files are recognised and refused by name: FLUX.1 is
+served from diffusers-format folders.
 
 The file carries weights but no configuration, so each architecture's diffusers configs ship with
 Katz (``configs/sdxl``, ``configs/sd15``; the tiny presets' are the preset folders) and the
@@ -42,6 +43,9 @@ PREFIXES = {
              "text_encoder_2": "conditioner.embedders.1.model."},
 }
 CONTROLNET_PREFIX = "control_model."
+# FLUX.1's transformer blocks, in BFL's original names (ComfyUI's under UNET_PREFIX) and diffusers', and the
+# control-image embedding of diffusers' FluxControlNetModel: Katz serves FLUX.1 from folders only
+FLUX_KEYS = ("double_blocks.", "single_blocks.", "single_transformer_blocks.", "controlnet_x_embedder.")
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,12 @@ def recognise(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, 
                           shapes[prefix + hint][0])
             return CheckpointInfo(path, "controlnet", arch, layout, _DTYPES.get(dtypes[prefix + conv], torch.float32),
                                   shapes)
+    if any(k.removeprefix(UNET_PREFIX).startswith(FLUX_KEYS) for k in shapes):
+        # refused by name: the configs shipped here are SD 1.5 / SDXL's, and a FLUX file is none of them
+        what = "ControlNet" if any(k.startswith(("controlnet", "input_hint_block")) for k in shapes) else "model"
+        raise CheckpointError(f"checkpoint {path} is a FLUX.1 {what}; single files are read for SD 1.5 and SDXL "
+                              "only: serve FLUX.1 from its diffusers-format folder (--model-dir; ControlNets as "
+                              "folders, --controlnet NAME=DIR)")
     raise CheckpointError(f"checkpoint {path} is neither an SD 1.5 / SDXL model (no {UNET_PREFIX}input_blocks) nor "
                           "a ControlNet (no input_hint_block / controlnet_cond_embedding)")
 
