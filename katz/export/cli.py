@@ -66,9 +66,12 @@ def add_parsers(sub) -> None:
 
 
 def _folder(args):
-    from katz.models.folder import open_model
+    from katz.models.folder import ModelFolderError, open_model
 
     folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, args.dtype, args.preset)
+    if folder.family == "flux":  # the graphs exported are a UNet's, its ControlNets' and CLIP encoders'
+        raise ModelFolderError(f"{folder.path} is a FLUX.1 model; katz export writes SD 1.5 / SDXL graphs only "
+                               "(FLUX.1 is served by the PyTorch engines, --engine torch)")
     folder.check_weights()
     return folder
 
