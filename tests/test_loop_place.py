@@ -146,7 +146,8 @@ def test_memory_gauges(preset_dir):
     unet = ens.models["unet"]
     parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     weights = sum(p.numel() * p.element_size() for p in unet.engine.unet.parameters())
-    assert parts == {"weights": weights, "pristine": 0.0, "lora_cache": 0.0}
+    # the warm-up merge at load made the pristine copies of the attention projections already
+    assert parts["weights"] == weights and 0 < parts["pristine"] < weights and parts["lora_cache"] == 0.0
     ens.generate(_req(loras=["style"]))
     parts = {labels["part"]: value for name, _d, labels, value in unet.gauges() if name == "katz_unet_memory_bytes"}
     assert 0 < parts["pristine"] < weights and parts["lora_cache"] > 0
