@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, diffusers_baseline, prepare  # noqa: E402
-from katz.lora.readahead import evict  # noqa: E402
+from bench.sdxl_random import lora_copy  # noqa: E402
 from katz.deploy.repository import QUEUED_MODELS  # noqa: E402
 
 
@@ -482,12 +482,7 @@ def main() -> None:
             nonlocal n_copies
             n_copies += 1
             name = f"{where}{os.getpid()}_{n_copies}"
-            path = lora_dir / f"{name}.safetensors"
-            shutil.copy(lora_dir / "style.safetensors", path)
-            if where == "cold":
-                evict(path)
-            else:
-                path.read_bytes()  # every page in the page cache
+            path = lora_copy(lora_dir / "style.safetensors", lora_dir / f"{name}.safetensors", where)
             try:
                 return timed(Generation(**{**vars(request), "loras": [name],
                                            "lora_k": min(args.bal_k, args.steps - 1) if k == BAL else k}))

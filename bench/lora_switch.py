@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_bench import bench_device, sync  # noqa: E402
+from bench.sdxl_random import lora_copy  # noqa: E402
 from katz.lora.patch import LoraPatcher  # noqa: E402
 from katz.lora.random import make_random_lora  # noqa: E402
 from katz.lora.readahead import evict  # noqa: E402
@@ -205,12 +205,7 @@ def load_then_merge(args, patcher, manager, lora_dir, cuda) -> dict[str, list[fl
         nonlocal n
         n += 1
         name = f"{where}{n}"
-        path = lora_dir / f"{name}.safetensors"
-        shutil.copy(lora_dir / "a.safetensors", path)
-        if where == "cold":
-            evict(path)
-        else:
-            path.read_bytes()
+        lora_copy(lora_dir / "a.safetensors", lora_dir / f"{name}.safetensors", where)
         return name
 
     for where in ("page_cache", "cold"):

@@ -125,3 +125,18 @@ def write_lora(path: Path, rank: int = 64, dtype: str = "float16") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     make_random_lora(path, unet, {}, rank=rank, seed=1, fmt="peft", dtype=want)
     return path
+
+
+def lora_copy(src: Path, dst: Path, where: str) -> Path:
+    """A copy of the LoRA ``src`` at ``dst`` (a name a server has not seen), ``cold`` (evicted from the
+    page cache) or with every page in the ``page_cache``."""
+    import shutil
+
+    from katz.lora.readahead import evict
+
+    shutil.copy(src, dst)
+    if where == "cold":
+        evict(dst)
+    else:
+        Path(dst).read_bytes()
+    return Path(dst)
