@@ -105,3 +105,17 @@ def test_launch_summary_splits_graph_replays_from_single_launches():
     assert lines[1].split() == ["0.03", "1", "denoise.py(10):", "step", "aten::mul"]
     assert lines[2].split() == ["0.02", "1", "-", "-"]  # outside any Katz frame and op
     assert launch_summary({"traceEvents": []}) == ""
+
+
+def test_a_failing_trace_never_fails_the_call(tmp_path, monkeypatch):
+    from katz.serving.profiling import ExecuteTrace
+
+    trace = ExecuteTrace(tmp_path, "m", {1})
+
+    def broken(prof, call):
+        raise UnicodeDecodeError("utf-8", b"\xae", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(trace, "save", broken)
+    assert trace.run(lambda x: x + 1, 1) == 2
+    (gaps,) = tmp_path.glob("m.*.call1.gaps.txt")
+    assert gaps.read_text().startswith("no trace: the profiler failed (UnicodeDecodeError")

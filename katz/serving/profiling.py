@@ -102,7 +102,13 @@ class ExecuteTrace:
             out = fn(*args)
             if cuda:
                 torch.cuda.synchronize()
-        self.save(prof, self.calls)
+        try:
+            self.save(prof, self.calls)
+        except Exception as exc:  # a diagnostic never fails the request (torch's profiler can fail to read its events)
+            stem = self.folder / f"{self.model_name}.{os.getpid()}.call{self.calls}"
+            Path(f"{stem}.gaps.txt").write_text(f"no trace: the profiler failed ({type(exc).__name__}: {exc})\n")
+            print(f"katz: trace of {self.model_name} call {self.calls} failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
         return out
 
     def save(self, prof, call: int) -> Path:
