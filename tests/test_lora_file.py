@@ -128,6 +128,9 @@ def test_values_match_safetensors(tmp_path, monkeypatch, dtype):
     path = tmp_path / "v.safetensors"
     save_file(tensors, str(path))
     _same(read_lora_file(path, "v"), load_file(str(path)))
+    # into a slice of a larger (staging) buffer: the views are made from the slice's own offset
+    staging = torch.full((1 << 16,), 0xFF, dtype=torch.uint8)
+    _same(lf.read_lora_bytes(path, "v", None, lambda n: staging[64 : 64 + n]).tensors(), load_file(str(path)))
     # many small parallel chunks with odd boundaries, and one range per tensor
     monkeypatch.setattr(lf, "MIN_CHUNK_BYTES", 5)
     monkeypatch.setattr(lf, "MAX_CHUNK_BYTES", 7)
@@ -220,6 +223,11 @@ def test_metadata_folding_and_components(tmp_path):
     assert set(unet_only) == {k for k in full if k.startswith("unet.")}
     w = parse_lora(unet_only, "meta", "sdxl")
     assert w.layers["unet"]["a"].factor == 2.0 and w.layers["unet"]["b"].factor == 0.5
+    # the manager's form: the same alphas as Python floats, which parse_lora takes as well
+    floats = lf.read_lora_bytes(path, "meta", None, lambda n: torch.empty(n, dtype=torch.uint8)).tensors(floats=True)
+    assert type(floats["unet.b.alpha"]) is float and floats["unet.b.alpha"] == 1.0
+    wf = parse_lora(floats, "meta", "sdxl")
+    assert wf.layers["unet"]["b"].factor == 0.5 and wf.layers["text_encoder"]["t"].alpha == 2.0
     save_file(sd, str(path), metadata={"lora_adapter_metadata": "[1"})
     _raises(lambda: read_lora_file(path, "meta"), "lora 'meta'", "lora_adapter_metadata")
 

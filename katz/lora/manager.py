@@ -662,21 +662,24 @@ class LoraManager:
             with self._timed("upload_seconds"), self._stream_ctx():
                 dev = torch.empty(read.buffer.numel(), dtype=torch.uint8, device=self.device)
         with self._timed("upload_seconds"), self._stream_ctx():
-            tensors = read.tensors(dev)  # views into the device buffer; folded alphas on the host
-            # the file's alphas (scalars) on the host, as copies: parse_lora reads them as floats
+            tensors = read.tensors(dev, floats=True)  # views into the device buffer; folded alphas as floats
+            # the file's alphas (read first) from the host bytes, as floats; parse_lora rejects any
+            # that is not a scalar
             alphas = [k for k in read.keys if _is_alpha(k)]
-            tensors.update((k, t.clone()) for k, t in tensor_views(read.buffer, read.header, read.plan, alphas).items())
+            tensors.update((k, float(t) if t.numel() == 1 else t.clone())
+                           for k, t in tensor_views(read.buffer, read.header, read.plan, alphas).items())
         on_device = {k: t for k, t in tensors.items() if not _is_alpha(k)}
-        spans, extra = [], []
+        spans, extra, known = [], [], {}
         for k, t in on_device.items():
             spec, at = read.header.tensors[k], read.plan.offsets[k]
             if at % spec.dtype.itemsize:
                 extra.append(t)  # copied on the device by tensor_views: not a view of dev
             else:
                 spans.append((at, at + spec.nbytes, spec.dtype))
+                known[id(t)] = Spec(offset=at, shape=spec.shape, dtype=spec.dtype)
         with self._timed("parse_seconds"):
             weights = parse_lora(tensors, name, self.store.family, check_finite=False)
-            layout = layout_of(weights, dev)
+            layout = layout_of(weights, dev, known=known)
         invalid = None
         with self._timed("parse_seconds"):
             try:

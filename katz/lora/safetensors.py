@@ -101,15 +101,16 @@ class LoraRead:
     # (a future's result raises that read's error); empty otherwise
     chunks: list = field(default_factory=list)
 
-    def tensors(self, buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def tensors(self, buffer: torch.Tensor | None = None, floats: bool = False) -> dict[str, torch.Tensor]:
         """name -> tensor as views into ``buffer`` (default: the read buffer; else a byte copy of it,
         on any device), with diffusers' ``lora_adapter_metadata`` alphas folded in as float64 CPU
-        scalars. A tensor at an offset that is not a multiple of its dtype size is copied (on the
-        buffer's device) instead of viewed."""
+        scalars (``floats``: as Python floats, which :func:`parse_lora` also takes, and cheaper on a
+        load's critical path). A tensor at an offset that is not a multiple of its dtype size is
+        copied (on the buffer's device) instead of viewed."""
         tensors = tensor_views(self.buffer if buffer is None else buffer, self.header, self.plan, self.keys)
         raw = self.header.metadata.get(DIFFUSERS_METADATA_KEY)
         if raw and tensors:
-            fold_diffusers_metadata(tensors, raw, self.name)
+            fold_diffusers_metadata(tensors, raw, self.name, floats)
             tensors = {k: v for k, v in tensors.items() if in_components(k, self.components)}
         return tensors
 
@@ -314,14 +315,29 @@ def wait_reads(futures: list) -> None:
 
 def tensor_views(buffer: torch.Tensor, header: Header, plan: ReadPlan, keys: Sequence[str]) -> dict[str, torch.Tensor]:
     """``keys`` -> views of their bytes in ``buffer`` as ``dtype[shape]``; a tensor whose buffer offset
-    is not a multiple of its dtype size cannot be viewed and is copied instead."""
-    out = {}
+    is not a multiple of its dtype size cannot be viewed and is copied instead.
+
+    A LoRA has hundreds to thousands of tensors and this runs on a cold load's critical path, so each
+    view is one ``as_strided`` of a typed view of the whole buffer (made once per dtype) rather than
+    a slice and two views per tensor."""
+    out: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
     for key in keys:
         spec, at = header.tensors[key], plan.offsets[key]
-        raw = buffer[at : at + spec.nbytes]
-        if at % spec.dtype.itemsize:
-            raw = raw.clone()
-        out[key] = raw.view(spec.dtype).view(spec.shape)
+        dtype = spec.dtype
+        size = dtype.itemsize
+        if at % size:
+            out[key] = buffer[at : at + spec.nbytes].clone().view(dtype).view(spec.shape)
+            continue
+        base = typed.get(dtype)
+        if base is None:
+            base = typed[dtype] = buffer[: buffer.numel() - buffer.numel() % size].view(dtype)
+        shape = spec.shape
+        strides, stride = [0] * len(shape), 1
+        for i in range(len(shape) - 1, -1, -1):
+            strides[i] = stride
+            stride *= shape[i]
+        out[key] = base.as_strided(shape, strides, base.storage_offset() + at // size)
     return out
 
 
@@ -450,7 +466,9 @@ def _peft_pattern_match(patterns: Mapping[str, object], module_path: str):
     return None
 
 
-def fold_diffusers_metadata(tensors: dict[str, torch.Tensor], raw: str, name: str) -> None:
+def fold_diffusers_metadata(tensors: dict[str, torch.Tensor], raw: str, name: str, floats: bool = False) -> None:
+    """Add the alpha of each peft-format layer of ``tensors`` from diffusers' header entry ``raw``, as
+    ``<component>.<module path>.alpha``: a float64 0-dim tensor, or (``floats``) a Python float."""
     try:
         meta = json.loads(raw)
         if not isinstance(meta, dict):
@@ -484,4 +502,4 @@ def fold_diffusers_metadata(tensors: dict[str, torch.Tensor], raw: str, name: st
             # alpha for the tensor's own rank.
             rank = down.shape[0] if down.ndim else 1
             scaling = alpha / math.sqrt(r_cfg) if cfg.get("use_rslora") else alpha / r_cfg
-            tensors[alpha_key] = torch.tensor(scaling * rank, dtype=torch.float64)
+            tensors[alpha_key] = scaling * rank if floats else torch.tensor(scaling * rank, dtype=torch.float64)

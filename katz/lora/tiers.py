@@ -74,10 +74,19 @@ def spec_of(t: torch.Tensor, base: torch.Tensor | None, host: bool) -> Spec:
     return Spec(offset=start, shape=tuple(t.shape), dtype=t.dtype)
 
 
-def layout_of(weights: LoraWeights, base: torch.Tensor | None, host: bool = False) -> list:
+def layout_of(weights: LoraWeights, base: torch.Tensor | None, host: bool = False,
+              known: dict[int, Spec] | None = None) -> list:
     """Where ``weights``' tensors lie in ``base`` (uint8), row by row (:data:`LayoutRow`); tensors
-    outside it are kept as they are (``host``: as CPU copies)."""
-    return [(comp, path, l.alpha, l.key, spec_of(l.down, base, host), spec_of(l.up, base, host))
+    outside it are kept as they are (``host``: as CPU copies). ``known``: the specs of tensors the
+    caller made as views of ``base`` itself, by ``id`` (asking the tensors costs microseconds each,
+    on a cold load's critical path)."""
+    known = known or {}
+
+    def spec(t: torch.Tensor) -> Spec:
+        hit = known.get(id(t))
+        return spec_of(t, base, host) if hit is None else hit
+
+    return [(comp, path, l.alpha, l.key, spec(l.down), spec(l.up))
             for comp, group in weights.layers.items() for path, l in group.items()]
 
 

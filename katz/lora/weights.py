@@ -187,7 +187,7 @@ def _ldm_unet_name(flat: str, layers_per_block: int) -> str | None:
 
 def _classify(key: str, name: str, family: str) -> tuple[str, str, str]:
     """File key -> (component, target module path or flattened kohya name, role)."""
-    m = _KOHYA_RE.fullmatch(key)
+    m = _KOHYA_RE.fullmatch(key) if key.startswith("lora_") else None
     if m:
         component, target, role = _KOHYA_COMPONENT[m[1]], m[2], _ROLE[m[3]]
         if component == "unet" and family == "flux":
@@ -238,6 +238,8 @@ def parse_lora(
 ) -> LoraWeights:
     """Group a LoRA state dict into :class:`LoraWeights` for ``family`` ('sdxl' or 'sd15').
 
+    An alpha may be a scalar tensor or a Python float.
+
     Checks key formats, down/up pairing, ranks, dtypes and finiteness (not the target modules:
     that is :meth:`LoraPatcher.validate`). Kohya names stay flattened unless ``modules``
     (component -> module, e.g. ``{'unet': unet}``) is given; then they are resolved to dotted
@@ -255,7 +257,9 @@ def parse_lora(
         component, target, role = _classify(key, name, family)
         if component not in COMPONENTS[family]:
             raise lora_error(name, f"tensor {key!r} targets {component}, which a {family} model does not have")
-        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point()):
+        if role == "alpha" and type(tensor) is float:
+            pass  # an alpha already read (LoraRead.tensors(floats=True))
+        elif not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point()):
             raise lora_error(name, f"tensor {key!r} is not a floating-point tensor")
         slot = groups.setdefault((component, target), {})
         if role in slot:
@@ -286,9 +290,12 @@ def parse_lora(
         alpha = None
         if "alpha" in slot:
             alpha_key, a = slot["alpha"]
-            if a.numel() != 1:
+            if type(a) is float:
+                alpha = a
+            elif a.numel() != 1:
                 raise lora_error(name, f"tensor {alpha_key!r} has shape {list(a.shape)}; alpha must be a scalar")
-            alpha = float(a.reshape(()).to(torch.float64))
+            else:
+                alpha = float(a.reshape(()).to(torch.float64))
             if not math.isfinite(alpha):
                 raise lora_error(name, f"tensor {alpha_key!r} contains NaN or infinite values")
         if family == "flux" and component == "transformer" and flux_target(target) is not None:
