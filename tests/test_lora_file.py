@@ -354,6 +354,47 @@ def test_manager_host_hit_skips_disk_and_parsing(tmp_path, monkeypatch):
         m.close()
 
 
+def test_loads_nobody_collects_do_not_keep_their_buffers(tmp_path):
+    """A hinted load that ends before its request asks is answered from the device tier; once the
+    tier evicts it, nothing may keep its buffer alive (on a GPU: one LoRA's memory per LoRA ever
+    hinted, unbounded with a long tail of LoRAs)."""
+    import gc
+    import weakref
+
+    from katz.lora.bal import UNetLoras
+
+    n = 8
+    for i in range(n):
+        _peft_lora(tmp_path / f"l{i}.safetensors", i)
+    size = (tmp_path / "l0.safetensors").stat().st_size
+    m = _manager(tmp_path, device_budget_bytes=2 * size, host_budget_bytes=0)
+    bal = UNetLoras(m, None, m.patchers["unet"])
+    buffers = []
+    read_entry = m._read_entry
+
+    def recorded(name, progress):
+        entry, fill = read_entry(name, progress)
+        buffers.append(weakref.ref(entry.buffer))
+        return entry, fill
+
+    m._read_entry = recorded
+    gc.disable()  # a reference cycle would not count as freed either
+    try:
+        for i in range(n):
+            assert m.hint([f"l{i}"])
+            m.wait_idle()  # the load is over before the request asks for the LoRA
+            loop = bal.begin(((f"l{i}", 1.0),), k=0)
+            loop.before_step()
+            loop.finish()
+            bal.switch_to(())
+        alive = sum(r() is not None for r in buffers)
+        cached = len(m.device_cache.items)
+        assert len(buffers) == n and alive <= cached, f"{alive} of {n} LoRA buffers alive, {cached} in the device tier"
+    finally:
+        gc.enable()
+        m.close()
+
+
 def test_manager_host_tier_respects_its_budget(tmp_path):
     _peft_lora(tmp_path / "a.safetensors", 1)
     _peft_lora(tmp_path / "b.safetensors", 2)

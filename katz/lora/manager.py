@@ -488,6 +488,12 @@ class LoraManager:
             with self._lock:
                 load.tier = tier
                 self.device_cache.put(name, key, entry)
+                # Forgotten now that the device tier answers for it: a load nobody collects (a hint's,
+                # finished before its request asked) would otherwise keep its device buffer alive
+                # after the tier evicts the entry, one buffer per LoRA ever hinted. A merge streaming
+                # it holds the load itself; a failed load stays until a request collects its error.
+                if self._inflight.get(name) is load:
+                    del self._inflight[name]
                 self.stats.loads += 1
                 self.stats.load_seconds += seconds
                 self.stats.loads_by_tier[tier] += 1
@@ -830,8 +836,7 @@ class LoraManager:
         with self._lock:
             self.host.clear()
             self.device_cache.clear()
-            # a finished load still listed (a streamed merge does not collect it) holds its entry
-            # and would answer ready() and get() from it
+            # a failed load still listed would answer ready() and get() with its error
             for name in [n for n, load in self._inflight.items() if load.fut.done()]:
                 del self._inflight[name]
 
