@@ -215,6 +215,7 @@ def load_then_merge(args, patcher, manager, lora_dir, cuda) -> dict[str, list[fl
                 patcher.apply([])
                 sync()
                 name = fresh(where)
+                parsed = manager.stats.parse_seconds
                 t0 = time.perf_counter()
                 if how == "streamed":
                     loaded, arrival = manager.stream([name])
@@ -227,6 +228,8 @@ def load_then_merge(args, patcher, manager, lora_dir, cuda) -> dict[str, list[fl
                 times.append((time.perf_counter() - t0) * 1e3)
                 patcher.settle()
                 manager.wait_idle()
+                # parsing and validating the header's tensors: on the critical path, before any merge
+                out.setdefault(f"k0_{where}_parse", []).append((manager.stats.parse_seconds - parsed) * 1e3)
                 manager.clear_caches()
                 (lora_dir / f"{name}.safetensors").unlink()
     if args.trace:  # one streamed page-cache case under the torch profiler: both threads, the GPU
