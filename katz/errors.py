@@ -25,6 +25,11 @@ def lora_error(name: str, msg: str) -> LoraError:
     return LoraError(f"lora {name!r}: {msg}")
 
 
+class RequestGone(RuntimeError):
+    """The request's client went away (a cancelled stream) while a model still worked on it: the
+    work stops; not a fault of the request or of the server (nothing is logged for it)."""
+
+
 class ExportError(RuntimeError):
     """An export or an export folder is unusable; the message says why."""
 
@@ -60,9 +65,12 @@ INVALID_ARG_MARK = "INVALID_ARG: "
 
 def error_kind(exc: BaseException) -> str:
     """``"invalid_arg"`` for errors caused by the request, ``"unavailable"`` for a dependency
-    that is down or overloaded, else ``"internal"``."""
+    that is down or overloaded, ``"gone"`` for work stopped because its client went away, else
+    ``"internal"``."""
     if isinstance(exc, ModelCallError):
         return exc.kind
+    if isinstance(exc, RequestGone):
+        return "gone"
     if isinstance(exc, (InvalidArgument, LoraError)):
         return "invalid_arg"
     if is_out_of_memory(exc):

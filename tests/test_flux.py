@@ -412,12 +412,17 @@ def test_flux_deployment_refuses_what_is_not_built_for_it(preset_dir):
 def test_served_by_katz_serve(start_server, flux):
     """``katz serve --preset tiny-flux`` (no other flag): a ControlNet + LoRA request over HTTP gives
     the in-process image (which is diffusers', test_matches_diffusers); a field of another family is
-    a 400 naming it."""
+    a 400 naming it. Over gRPC streaming (``katz_stream``) the same request reports each step of the
+    loop running in the transformer's process, then the same image; a cancelled stream stops that
+    loop at its next step (katz_stream has one instance and the transformer one: the next request is
+    served long before the cancelled one would have ended)."""
+    import time
     from dataclasses import replace
 
     from tritonclient.utils import InferenceServerException
 
     from katz.client import Generation, infer, make_client
+    from katz.client.streaming import StreamCancelled, stream_generate
 
     server = start_server("tiny-flux")
     gen = Generation(prompt=PROMPT, seed=42, steps=2, width=SIZE, height=SIZE, controlnets=["canny"],
@@ -431,6 +436,25 @@ def test_served_by_katz_serve(start_server, flux):
         assert "negative_prompt: does not apply to FLUX models" in err.value.message()
     finally:
         client.close()
+    seen = []
+    streamed = stream_generate(server.grpc_url, replace(gen, steps=3), seen.append, timeout=120)
+    assert [(p.step, p.steps) for p in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [p.elapsed_s for p in seen] == sorted(p.elapsed_s for p in seen)
+    with pytest.raises(InferenceServerException) as err:
+        stream_generate(server.grpc_url, replace(gen, negative_prompt="blurry"), timeout=120)
+    assert err.value.message().startswith("negative_prompt: does not apply to FLUX models"), err.value.message()
+    long = replace(gen, steps=150, width=512, height=512, controlnets=[], control_images=[],
+                   controlnet_scales=[], loras=[])
+    progress = []
+    with pytest.raises(StreamCancelled):
+        stream_generate(server.grpc_url, long, lambda p: progress.append(p) or p.step < 3, timeout=120)
+    remaining = (progress[2].elapsed_s - progress[1].elapsed_s) * (150 - 3)
+    assert remaining > 3.0, f"the long request is too short to tell ({remaining:.1f}s left)"
+    start = time.monotonic()
+    again = stream_generate(server.grpc_url, replace(gen, steps=3), timeout=120)
+    took = time.monotonic() - start
+    assert took < remaining / 2, f"the next request took {took:.1f}s; the cancelled loop had ~{remaining:.1f}s left"
+    assert np.array_equal(again.image, streamed.image)
     model = flux("tiny-flux")
     model.set_loras([("detail", 1.0)])
     try:
@@ -439,6 +463,12 @@ def test_served_by_katz_serve(start_server, flux):
         model.set_loras([])
     assert result.image.std() > 5
     assert _max_diff(result.image, ref) <= TOLERANCE
+    model.set_loras([("detail", 1.0)])
+    try:
+        ref3 = model.image(controlnet=True, steps=3)
+    finally:
+        model.set_loras([])
+    assert _max_diff(streamed.image, ref3) <= TOLERANCE
 
 
 # --------------------------------------------------------------------------- #

@@ -83,3 +83,11 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert looping["katz_pipeline"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     cpu_cfgs = _configs(render_repository(dep, tmp_path / "cpu", Placement(device="cpu")))
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu_cfgs["unet"].parameters
+    assert "loop_progress" not in {i.name for i in cpu_cfgs["unet"].input}
+    # FLUX: katz_stream relays the transformer's loop and its step reports, on the host
+    flux = _configs(render_repository(_deployment(preset_dir("tiny-flux"), dtype="bfloat16"),
+                                      tmp_path / "flux", placement))
+    assert flux["katz_stream"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert flux["unet"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    progress = next(i for i in flux["unet"].input if i.name == "loop_progress")
+    assert progress.data_type == model_config_pb2.TYPE_STRING and progress.optional

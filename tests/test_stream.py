@@ -171,3 +171,29 @@ def test_generate_cli_shows_a_progress_bar(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "3/3 steps" in proc.stderr and "[" in proc.stderr and "seed 4" in proc.stdout
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_progress_channel_reports_steps_and_tells_the_loop_when_the_stream_is_gone():
+    """katz.serving.progress: what a FLUX loop in the transformer's process reports to katz_stream."""
+    from katz.errors import InvalidArgument, error_kind
+    from katz.serving.progress import ListenerGone, ProgressListener, loop_progress
+
+    listener = ProgressListener()
+    send = loop_progress({"loop_progress": np.array([[listener.name.encode()]], dtype=np.object_)})
+    try:
+        assert listener.get(timeout=0) is None
+        for i in range(3):
+            send(i, 3)
+        assert [listener.get(timeout=1) for _ in range(3)] == [(0, 3), (1, 3), (2, 3)]
+        assert listener.get(timeout=0.01) is None
+        listener.close()  # the client cancelled
+        with pytest.raises(ListenerGone) as gone:
+            send(1, 3)
+        assert error_kind(gone.value) == "gone" and "2/3" in str(gone.value)
+    finally:
+        send.close()
+        listener.close()
+    assert loop_progress({}) is None
+    for bad in (np.array([[b"../x"]], dtype=np.object_), np.array([[b""]], dtype=np.object_)):
+        with pytest.raises(InvalidArgument, match="^loop_progress: "):
+            loop_progress({"loop_progress": bad})

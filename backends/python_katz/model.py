@@ -115,6 +115,8 @@ class TritonPythonModel:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             error = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
+        elif kind == "gone":  # its client cancelled: nobody reads this, and it is no fault to log
+            error = pb_utils.TritonError(f"{self.model_name}: {result}")
         else:
             trace = "".join(traceback.format_exception(type(result), result, result.__traceback__))
             pb_utils.Logger.log_error(f"{self.model_name}: {trace}")

@@ -4,8 +4,8 @@ The templates hold each model's config with ``${name}`` placeholders; this
 module fills in what depends on the deployment: the model family's extra
 tensors (the second tokenizer and pooled embeddings of SDXL and FLUX, SDXL's added
 conditioning, the UNet's residual count), the dtype, instance groups and the deployment
-parameters. A FLUX deployment's ``unet`` model is its transformer (loop requests only) and it
-has no ``katz_stream`` yet (:data:`FLUX_MODELS`).
+parameters. A FLUX deployment's ``unet`` model is its transformer (loop requests only; ``katz_stream``
+sends it loop requests that report their steps, :mod:`katz.serving.progress`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,7 @@ MODELS = (
     "png_encoder",
     "katz_stream",
 )
-# what a FLUX deployment renders: its loop runs in the transformer's process, which streaming (one
-# BLS call per step from katz_stream) does not do yet
-FLUX_MODELS = tuple(m for m in MODELS if m != "katz_stream")
+
 # the ensemble's steps: each gets a bounded queue (Placement.queue_policy)
 QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing", "png_encoder")
 # models that run networks and take an instance group on GPU hosts
@@ -84,9 +82,12 @@ def host_models(deployment: Deployment) -> frozenset[str]:
     """Models of :data:`GPU_MODELS` that need no GPU in this deployment: ``katz_pipeline`` when the
     denoising loop runs inside the ``unet`` model (:attr:`katz.deployment.Deployment.loop_place`),
     where it only forwards the text embeddings to the UNet and the latents to the VAE (a GPU instance
-    would hold a CUDA context, ~0.55 GB per instance, for nothing)."""
-    return frozenset({"katz_pipeline"}) if deployment.loop_place == "unet" \
-        else frozenset()
+    would hold a CUDA context, ~0.55 GB per instance, for nothing); for FLUX also ``katz_stream``, which
+    then only relays the transformer's loop and its step reports (SD's runs its loop itself)."""
+    if deployment.loop_place != "unet":
+        return frozenset()
+    flux = deployment.folder.family == "flux"
+    return frozenset({"katz_pipeline", "katz_stream"} if flux else {"katz_pipeline"})
 
 
 def _quote(value: str) -> str:
@@ -133,6 +134,9 @@ def template_values(deployment: Deployment) -> dict[str, str]:
         ),
         "unet_loop_pooled_input": _tensor("loop_pooled_prompt_embeds", dtype, "-1, -1", optional=True) + ","
         if two else "",
+        # FLUX: katz_stream's loop requests name a progress channel (katz.serving.progress)
+        "unet_loop_progress_input": _tensor("loop_progress", "TYPE_STRING", "1", optional=True) + ","
+        if folder.family == "flux" else "",
         "unet_residual_inputs": "".join(_tensor(r, dtype, "-1, -1, -1", optional=True) + ",\n" for r in residuals),
         "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
         "preprocessing_extra_outputs": (
@@ -158,8 +162,6 @@ def render_repository(
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
     if deployment.controlnet_mode == "local":
         models = tuple(m for m in models if m != "controlnet")
-    if deployment.folder.family == "flux":
-        models = tuple(m for m in models if m in FLUX_MODELS)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import torch
 
 from katz.controlnet.step import control_inputs
@@ -31,6 +32,7 @@ from katz.diffusion.schedulers import DEFAULT, make_scheduler
 from katz.lora.bal import RequestLoras
 from katz.parallel.shards import UNET_OUTPUTS, ShardedUNet
 from katz.request import read_params
+from katz.serving.progress import ProgressListener
 
 
 class Pipeline:
@@ -71,6 +73,37 @@ class Pipeline:
                 self.steps += steps
                 self.unet_call_seconds += time.perf_counter() - start
 
+    def _loop_with_progress(self, request: dict, on_step) -> dict:
+        """The loop request ``request`` over BLS (on a thread of its own) while this thread hands each
+        step the loop reports to ``on_step(i, n)``. When ``on_step`` raises (the client cancelled),
+        the progress channel is closed, which stops the loop at its next step, and this waits for it."""
+        listener = ProgressListener()
+        request = {**request, "loop_progress": np.array([[listener.name.encode()]], dtype=np.object_)}
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                done["out"] = self.call("unet", request, list(LOOP_OUTPUTS))
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                done["error"] = exc
+
+        worker = threading.Thread(target=run, name="katz-stream-loop", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                step = listener.get(timeout=0.05)
+                if step is not None:
+                    on_step(*step)
+            # every step the loop finished was sent before its response: all are queued by now
+            while (step := listener.get(timeout=0)) is not None:
+                on_step(*step)
+        finally:
+            listener.close()
+            worker.join()
+        if "error" in done:
+            raise done["error"]
+        return done["out"]
+
     def _steps_run(self, params) -> int:
         """How many UNet steps the request's loop runs (some schedulers run more than ``steps``)."""
         if self.family == "flux":  # flow-match Euler: one evaluation per step
@@ -81,10 +114,14 @@ class Pipeline:
 
     def execute(self, inputs: dict, on_step=None) -> dict:
         params = read_params(inputs)
-        if self.loop == "unet" and on_step is None:
+        if self.loop == "unet" and (on_step is None or self.family == "flux"):
             # the whole loop in the UNet's process: one BLS call (katz.diffusion.loop)
-            out = self._timed_unet_call(
-                lambda: self.call("unet", loop_request(inputs), list(LOOP_OUTPUTS)), steps=self._steps_run(params))
+            request = loop_request(inputs)
+            if on_step is None:
+                call = lambda: self.call("unet", request, list(LOOP_OUTPUTS))  # noqa: E731
+            else:  # katz_stream: the loop reports its steps (a FLUX loop runs in the transformer only)
+                call = lambda: self._loop_with_progress(request, on_step)  # noqa: E731
+            out = self._timed_unet_call(call, steps=self._steps_run(params))
             return {"latents": out["latents"], "lora_applied_step": out["lora_applied_step"].reshape(1)}
         dtype = self.deployment.torch_dtype
         embeds = inputs["prompt_embeds"].to(self.device, dtype)

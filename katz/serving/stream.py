@@ -4,7 +4,8 @@ It takes the same request tensors as the ``katz`` ensemble and runs the same
 steps — preprocessing → ``text_encoder`` → denoising loop → ``vae_decoder`` →
 ``postprocessing`` → ``png_encoder`` — with the same classes, so its images are the ensemble's.
 Preprocessing (validation, tokenization, image decoding: CPU work) and the loop
-(:class:`katz.serving.pipeline.Pipeline`) run in this model's process; the
+(:class:`katz.serving.pipeline.Pipeline`) run in this model's process (a FLUX loop runs in the
+transformer's process and reports its steps here: :mod:`katz.serving.progress`); the
 networks, postprocessing and the PNG encode are BLS calls to their own models. Preprocessing
 runs here because BLS loses the callee's error code (Triton 2.51 reports every
 BLS error as INTERNAL): a bad field must still come back as INVALID_ARG.
@@ -45,9 +46,9 @@ class Stream:
         self.call = call
         self.preprocessing = Preprocessing(deployment)
         self.pipeline = Pipeline(deployment, call)
-        sdxl = deployment.folder.family == "sdxl"
-        self.ids = ["input_ids", "input_ids_2"] if sdxl else ["input_ids"]
-        self.embeds = ["prompt_embeds", "pooled_prompt_embeds"] if sdxl else ["prompt_embeds"]
+        two = deployment.folder.family in ("sdxl", "flux")  # a second tokenizer and encoder
+        self.ids = ["input_ids", "input_ids_2"] if two else ["input_ids"]
+        self.embeds = ["prompt_embeds", "pooled_prompt_embeds"] if two else ["prompt_embeds"]
 
     def metrics(self) -> list[tuple[str, str, dict, float]]:
         return self.pipeline.metrics()

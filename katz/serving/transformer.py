@@ -7,7 +7,9 @@ each transformer evaluation, their residuals streamed block by block
 (:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``inline`` (the baseline): one
 after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
 manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
-the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``.
+the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``. A loop request from
+``katz_stream`` names a progress channel (``loop_progress``, :mod:`katz.serving.progress`): the loop
+reports each step there and stops at a step boundary once the stream is cancelled.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformer
 from katz.engines.torch.vae import VaeDecoderEngine
 from katz.errors import InvalidArgument
 from katz.lora.bal import instance_loras, queued_loop_order
+from katz.serving.progress import loop_progress
 
 
 class Transformer:
@@ -59,11 +62,17 @@ class Transformer:
             return out
 
         vae = self.vae
-        latents = run_flux_loop(
-            params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets, self.beside,
-            vae.encode_distribution if vae is not None else None,
-            vae.shift_factor if vae is not None else 0.0, vae.scaling_factor if vae is not None else 1.0,
-        )
+        progress = loop_progress(inputs)  # katz_stream's request: a report per step
+        try:
+            latents = run_flux_loop(
+                params, embeds, pooled, images, self.deployment.folder, transformer, self.controlnets, self.beside,
+                vae.encode_distribution if vae is not None else None,
+                vae.shift_factor if vae is not None else 0.0, vae.scaling_factor if vae is not None else 1.0,
+                on_step=progress,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
         bal.finish()
         return {"latents": latents, "lora_applied_step": torch.tensor([[bal.applied_step]], dtype=torch.int32)}
 
