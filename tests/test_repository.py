@@ -19,9 +19,9 @@ def _deployment(path, dtype="float32", **settings):
     return Deployment(folder.path, folder.controlnets, path / "loras", Limits(), dtype=dtype, **settings)
 
 
-def _configs(repo):
+def _configs(repo, models=MODELS):
     out = {}
-    for model in MODELS:
+    for model in models:
         cfg = model_config_pb2.ModelConfig()
         text_format.Parse((repo / model / "config.pbtxt").read_text(), cfg)
         assert (repo / model / "1").is_dir()
@@ -85,8 +85,10 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu_cfgs["unet"].parameters
     assert "loop_progress" not in {i.name for i in cpu_cfgs["unet"].input}
     # FLUX: katz_stream relays the transformer's loop and its step reports, on the host
-    flux = _configs(render_repository(_deployment(preset_dir("tiny-flux"), dtype="bfloat16"),
-                                      tmp_path / "flux", placement))
+    flux_repo = render_repository(_deployment(preset_dir("tiny-flux"), dtype="bfloat16"), tmp_path / "flux", placement)
+    # inline too: a FLUX transformer runs its ControlNets itself, so there is no controlnet model
+    assert not (flux_repo / "controlnet").exists()
+    flux = _configs(flux_repo, tuple(m for m in MODELS if m != "controlnet"))
     assert flux["katz_stream"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert flux["unet"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     progress = next(i for i in flux["unet"].input if i.name == "loop_progress")

@@ -158,9 +158,10 @@ def render_repository(
 ) -> Path:
     """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for each of ``models``
     (all by default; ``("controlnet",)`` makes a stand-alone ControlNet server). With
-    ``controlnet_mode`` local the UNet instances hold the ControlNets: no ``controlnet`` model."""
+    ``controlnet_mode`` local, and for FLUX, the UNet instances hold the ControlNets: no ``controlnet`` model."""
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
-    if deployment.controlnet_mode == "local":
+    if deployment.controlnet_mode == "local" or deployment.folder.family == "flux":
+        # FLUX ControlNets run in the transformer's process in either of its modes (local, inline)
         models = tuple(m for m in models if m != "controlnet")
     out = Path(out)
     if out.exists():
