@@ -75,8 +75,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where the denoising loop runs: unet (in the UNet model's process, one BLS call per "
                         "request: the GPU is not idle between steps), pipeline (katz_pipeline calls the UNet over "
                         "BLS every step); auto: unet with one UNet shard, pipeline with latent parallelism. "
-                        "katz_stream runs an SD loop in pipeline mode (it reports every step); a FLUX loop always "
-                        "runs in the transformer's process, which reports its steps to katz_stream")
+                        "katz_stream's requests run where the loop runs and report every step")
     p.add_argument("--controlnet-mode", choices=CONTROLNET_MODES, default=None,
                    help=f"inline: ControlNets run serially in the loop (baseline); service: on their own instances, "
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "

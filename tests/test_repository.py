@@ -72,18 +72,21 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert cfgs["preprocessing"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert cfgs["unet"].input[0].data_type == model_config_pb2.TYPE_FP16
     # GPU models take GPU tensors as they come (the Python backend would copy every input to the host)
-    for name in ("unet", "controlnet", "katz_stream", "vae_decoder", "text_encoder"):
+    for name in ("unet", "controlnet", "vae_decoder", "text_encoder"):
         assert cfgs[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no", name
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs["preprocessing"].parameters
-    # the loop runs inside the unet model (one shard): katz_pipeline only forwards, on the host
-    assert cfgs["katz_pipeline"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs["katz_pipeline"].parameters
+    # the loop runs inside the unet model (one shard): katz_pipeline and katz_stream only forward, on the host
+    for name in ("katz_pipeline", "katz_stream"):
+        assert cfgs[name].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cfgs[name].parameters
     looping = _configs(render_repository(_deployment(preset_dir("tiny-sdxl"), dtype="float16", loop="pipeline"),
                                          tmp_path / "looping", placement))
-    assert looping["katz_pipeline"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    for name in ("katz_pipeline", "katz_stream"):
+        assert looping[name].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        assert looping[name].parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no", name
     cpu_cfgs = _configs(render_repository(dep, tmp_path / "cpu", Placement(device="cpu")))
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in cpu_cfgs["unet"].parameters
-    assert "loop_progress" not in {i.name for i in cpu_cfgs["unet"].input}
+    assert "loop_progress" in {i.name for i in cpu_cfgs["unet"].input}
     # FLUX: katz_stream relays the transformer's loop and its step reports, on the host
     flux_repo = render_repository(_deployment(preset_dir("tiny-flux"), dtype="bfloat16"), tmp_path / "flux", placement)
     # inline too: a FLUX transformer runs its ControlNets itself, so there is no controlnet model

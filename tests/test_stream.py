@@ -31,6 +31,8 @@ def _config(repo, model):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_katz_stream_config_is_decoupled_with_the_ensembles_inputs(preset_dir, tmp_path, device):
+    from dataclasses import replace
+
     from katz.deploy.repository import Placement, render_repository
     from katz.deployment import Deployment
     from katz.models.folder import ModelFolder, discover_controlnets
@@ -50,6 +52,10 @@ def test_katz_stream_config_is_decoupled_with_the_ensembles_inputs(preset_dir, t
     group = stream.instance_group[0]
     assert group.count == 3
     if device == "cuda":
+        # the loop runs in the unet model (one shard): katz_stream only relays it, on the host
+        assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        looping = render_repository(replace(dep, loop="pipeline"), tmp_path / "looping", placement)
+        group = _config(looping, "katz_stream").instance_group[0]  # runs the loop itself
         assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [1]
 
 

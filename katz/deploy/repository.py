@@ -82,12 +82,9 @@ def host_models(deployment: Deployment) -> frozenset[str]:
     """Models of :data:`GPU_MODELS` that need no GPU in this deployment: ``katz_pipeline`` when the
     denoising loop runs inside the ``unet`` model (:attr:`katz.deployment.Deployment.loop_place`),
     where it only forwards the text embeddings to the UNet and the latents to the VAE (a GPU instance
-    would hold a CUDA context, ~0.55 GB per instance, for nothing); for FLUX also ``katz_stream``, which
-    then only relays the transformer's loop and its step reports (SD's runs its loop itself)."""
-    if deployment.loop_place != "unet":
-        return frozenset()
-    flux = deployment.folder.family == "flux"
-    return frozenset({"katz_pipeline", "katz_stream"} if flux else {"katz_pipeline"})
+    would hold a CUDA context, ~0.55 GB per instance, for nothing), and ``katz_stream``, which then
+    only relays that loop and its step reports (:mod:`katz.serving.progress`)."""
+    return frozenset({"katz_pipeline", "katz_stream"}) if deployment.loop_place == "unet" else frozenset()
 
 
 def _quote(value: str) -> str:
@@ -134,9 +131,8 @@ def template_values(deployment: Deployment) -> dict[str, str]:
         ),
         "unet_loop_pooled_input": _tensor("loop_pooled_prompt_embeds", dtype, "-1, -1", optional=True) + ","
         if two else "",
-        # FLUX: katz_stream's loop requests name a progress channel (katz.serving.progress)
-        "unet_loop_progress_input": _tensor("loop_progress", "TYPE_STRING", "1", optional=True) + ","
-        if folder.family == "flux" else "",
+        # katz_stream's loop requests name a progress channel (katz.serving.progress)
+        "unet_loop_progress_input": _tensor("loop_progress", "TYPE_STRING", "1", optional=True) + ",",
         "unet_residual_inputs": "".join(_tensor(r, dtype, "-1, -1, -1", optional=True) + ",\n" for r in residuals),
         "residual_outputs": ",\n".join(_tensor(r, dtype, "-1, -1, -1, -1") for r in residuals),
         "preprocessing_extra_outputs": (

@@ -2,7 +2,8 @@
 
 Where the deployment runs the loop in the UNet's process (``loop`` ``unet``, the default with one
 UNet shard; :mod:`katz.diffusion.loop`), this model hands each request to ``unet`` in one
-call instead and the per-step path below is ``katz_stream``'s (it reports every step).
+call instead; ``katz_stream`` does too, and the loop reports each step back to it
+(:mod:`katz.serving.progress`).
 
 With several UNet shards (latent parallelism) each step's UNet evaluation is
 split over the shards (:mod:`katz.parallel.shards`). BAL's loop side is
@@ -114,12 +115,12 @@ class Pipeline:
 
     def execute(self, inputs: dict, on_step=None) -> dict:
         params = read_params(inputs)
-        if self.loop == "unet" and (on_step is None or self.family == "flux"):
+        if self.loop == "unet":
             # the whole loop in the UNet's process: one BLS call (katz.diffusion.loop)
             request = loop_request(inputs)
             if on_step is None:
                 call = lambda: self.call("unet", request, list(LOOP_OUTPUTS))  # noqa: E731
-            else:  # katz_stream: the loop reports its steps (a FLUX loop runs in the transformer only)
+            else:  # katz_stream: the loop reports its steps
                 call = lambda: self._loop_with_progress(request, on_step)  # noqa: E731
             out = self._timed_unet_call(call, steps=self._steps_run(params))
             return {"latents": out["latents"], "lora_applied_step": out["lora_applied_step"].reshape(1)}

@@ -3,10 +3,11 @@
 It takes the same request tensors as the ``katz`` ensemble and runs the same
 steps — preprocessing → ``text_encoder`` → denoising loop → ``vae_decoder`` →
 ``postprocessing`` → ``png_encoder`` — with the same classes, so its images are the ensemble's.
-Preprocessing (validation, tokenization, image decoding: CPU work) and the loop
-(:class:`katz.serving.pipeline.Pipeline`) run in this model's process (a FLUX loop runs in the
-transformer's process and reports its steps here: :mod:`katz.serving.progress`); the
-networks, postprocessing and the PNG encode are BLS calls to their own models. Preprocessing
+Preprocessing (validation, tokenization, image decoding: CPU work) runs in this model's process and
+the loop where :class:`katz.serving.pipeline.Pipeline` runs it: by default in the UNet's (FLUX: the
+transformer's) process, which reports each step here (:mod:`katz.serving.progress`); with ``loop``
+``pipeline`` here, one BLS call per step. The networks, postprocessing and the PNG encode are BLS
+calls to their own models. Preprocessing
 runs here because BLS loses the callee's error code (Triton 2.51 reports every
 BLS error as INTERNAL): a bad field must still come back as INVALID_ARG.
 

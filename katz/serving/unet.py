@@ -35,6 +35,7 @@ from katz.engines import engine_class
 from katz.errors import InvalidArgument
 from katz.lora.bal import device_ahead, instance_loras, queued_loop_order, requested_loras
 from katz.serving.metrics import GcPauses, graph_metrics
+from katz.serving.progress import loop_progress
 
 
 class UNet:
@@ -145,9 +146,16 @@ class UNet:
             sync()
             return self._inline_controlnet(*args, **kwargs)
 
-        latents = run_loop(params, embeds, pooled, images, self.deployment.folder, unet=unet,
-                           controlnet=inline if self._inline_controlnet is not None else None,
-                           controlnet_in_unet=self.controlnets is not None)
+        # katz_stream's loop request: a report per step (when the host has queued it; a step with
+        # ControlNets in another process waits for the device, so the report follows the GPU there)
+        progress = loop_progress(inputs)
+        try:
+            latents = run_loop(params, embeds, pooled, images, self.deployment.folder, unet=unet,
+                               controlnet=inline if self._inline_controlnet is not None else None,
+                               controlnet_in_unet=self.controlnets is not None, on_step=progress)
+        finally:
+            if progress is not None:
+                progress.close()
         bal.finish()  # the merged weights' finiteness check, read once the device is done with them
         return {"latents": latents, "lora_applied_step": torch.tensor([[bal.applied_step]], dtype=torch.int32)}
 
