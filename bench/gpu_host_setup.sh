@@ -17,6 +17,13 @@
 set -euo pipefail
 BASE=${PYTHON:-python3}
 VENV=${KATZ_VENV:-/tmp/kv}
+if [ -f "$VENV/.katz-ready" ]; then  # made by an earlier call on this (still warm) machine
+  SITE=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$PWD" > "$SITE/katz-dev.pth"  # this call's checkout
+  echo "$VENV/bin/python3"
+  exit 0
+fi
+rm -rf "$VENV"  # a set-up cut off half way is made again
 IMAGE_SITE=$($BASE -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 $BASE -m venv --without-pip "$VENV" >&2
 SITE=$("$VENV/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -45,4 +52,5 @@ print("numpy", numpy.__version__, "torch", torch.__version__, "transformers", tr
       "diffusers", diffusers.__version__, "peft", peft.__version__, "| libpython for the stub:", os.path.join(d, so or "?"),
       "present" if so and os.path.exists(os.path.join(d, so)) else "MISSING")
 PY
+touch "$VENV/.katz-ready"
 echo "$VENV/bin/python3"

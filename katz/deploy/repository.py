@@ -34,7 +34,6 @@ MODELS = (
     "png_encoder",
     "katz_stream",
 )
-
 # the ensemble's steps: each gets a bounded queue (Placement.queue_policy)
 QUEUED_MODELS = ("preprocessing", "text_encoder", "katz_pipeline", "vae_decoder", "postprocessing", "png_encoder")
 # models that run networks and take an instance group on GPU hosts

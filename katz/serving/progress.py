@@ -1,9 +1,10 @@
 """Step progress from a loop in another model's process to the ``katz_stream`` instance reporting it.
 
-A FLUX request's loop runs in the transformer's process (the ``unet`` model), where ``katz_stream``
-cannot see its steps. So ``katz_stream`` binds a :class:`ProgressListener` (a Linux abstract Unix
-datagram socket of its own for the request) and puts its name in the loop request
-(``loop_progress``); the loop sends one datagram per finished step through :class:`ProgressSender`.
+A request's loop runs in the ``unet`` model's process (the UNet's, or a FLUX transformer's; see
+:mod:`katz.diffusion.loop`), where ``katz_stream`` cannot see its steps. So ``katz_stream`` binds a
+:class:`ProgressListener` (a Linux abstract Unix datagram socket of its own for the request) and puts
+its name in the loop request (``loop_progress``); the loop sends one datagram per step through
+:class:`ProgressSender`.
 Cancellation travels back the same way: a client that cancels makes ``katz_stream`` close its
 socket, the loop's next send is refused, and the loop stops at that step boundary
 (:class:`ListenerGone`), as the per-step path stops at its next BLS call.

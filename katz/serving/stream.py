@@ -7,9 +7,8 @@ Preprocessing (validation, tokenization, image decoding: CPU work) runs in this 
 the loop where :class:`katz.serving.pipeline.Pipeline` runs it: by default in the UNet's (FLUX: the
 transformer's) process, which reports each step here (:mod:`katz.serving.progress`); with ``loop``
 ``pipeline`` here, one BLS call per step. The networks, postprocessing and the PNG encode are BLS
-calls to their own models. Preprocessing
-runs here because BLS loses the callee's error code (Triton 2.51 reports every
-BLS error as INTERNAL): a bad field must still come back as INVALID_ARG.
+calls to their own models. Preprocessing runs here because BLS loses the callee's error code
+(Triton 2.51 reports every BLS error as INTERNAL): a bad field must still come back as INVALID_ARG.
 
 Responses, over gRPC streaming (``model_transaction_policy { decoupled: true }``):
 
