@@ -81,7 +81,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
                         "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
                         f"remote: on another server (--controlnet-url). Default: {D('controlnet_mode')} "
-                        "(FLUX models: local; inline is their baseline)")
+                        "(FLUX models: local; service streams each block's residual back; inline is their baseline)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
     p.add_argument("--controlnet-timeout", type=float, default=D("controlnet_timeout_s"), help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")

@@ -139,8 +139,8 @@ class Deployment:
 
     def _check_flux(self) -> None:
         """What a FLUX.1 deployment runs so far: the loop in the transformer's process (``unet``
-        model), one shard, ControlNets in that process (``local``; ``inline``, the baseline),
-        PyTorch engines, eager."""
+        model), one shard, ControlNets in that process (``local``; ``inline``, the baseline) or in the
+        ``controlnet`` model streaming residuals back (``service``), PyTorch engines, eager."""
         if self.unet_shards != 1:
             raise DeploymentError("unet_shards", "must be 1 for FLUX models: their latent parallelism (sequence "
                                   "parallelism, docs/techniques.md) runs in one process only; serving it over "
@@ -148,10 +148,9 @@ class Deployment:
         if self.loop_place != "unet":
             raise DeploymentError("loop", "must be unet (or auto) for FLUX models: their loop runs in the "
                                   "transformer's process")
-        if self.controlnet_mode not in ("local", "inline"):
-            raise DeploymentError("controlnet_mode", f"must be local or inline for FLUX models, not "
-                                  f"{self.controlnet_mode!r}: ControlNets on instances of their own are not built "
-                                  "for a transformer yet")
+        if self.controlnet_mode == "remote":
+            raise DeploymentError("controlnet_mode", "must be local, service or inline for FLUX models, not "
+                                  "'remote': ControlNets on another server are not built for a transformer yet")
         if self.engine != "torch":
             raise DeploymentError("engine", "must be torch for FLUX models")
         if self.fp8:

@@ -341,12 +341,12 @@ def ensemble(preset_dir):
     from katz.request import Limits
     from katz.serving.local import LocalEnsemble
 
-    def make(preset):
+    def make(preset, controlnet_mode="local"):
         path = preset_dir(preset)
         folder = ModelFolder(path, discover_controlnets(path / "controlnets"))
         limits = Limits(default_width=SIZE, default_height=SIZE, default_guidance=3.5)
         return LocalEnsemble(Deployment(folder.path, folder.controlnets, path / "loras", limits,
-                                        controlnet_mode="local"))
+                                        controlnet_mode=controlnet_mode))
 
     return make
 
@@ -364,6 +364,21 @@ def test_ensemble_matches_diffusers(ensemble, preset_dir):
     plain = ens.generate(_request())
     assert int(plain["lora_applied_step"][0]) == -1
     assert plain["image"].std() > 5
+
+
+def test_controlnet_service_gives_the_local_image(ensemble):
+    """Mode service: the ControlNets run in the controlnet model, which streams each block's residual
+    back as the block finishes (in-process here: the model on a thread of its own); the image is
+    mode local's bit for bit, with two ControlNets summed as one, and a scale window."""
+    request = _request(controlnets=["canny", "canny"], control_images=[control_png(), control_png()],
+                       controlnet_scales=[0.9, 0.4], loras=["detail"], lora_k=0)
+    request["control_guidance_end"] = np.array([1.0, 0.5], np.float32)
+    local = ensemble("tiny-flux").generate(request)
+    service = ensemble("tiny-flux", "service")
+    served = service.generate(request)
+    assert np.array_equal(served["image"], local["image"]) and local["image"].std() > 5
+    assert service.models["controlnet"].runs == STEPS + STEPS // 2  # canny at 0.4 ends half way
+    assert service.models["unet"].controlnets is None  # no ControlNet weights beside the transformer
 
 
 @pytest.mark.parametrize("preset, field, value, words", [
@@ -401,7 +416,7 @@ def test_flux_deployment_refuses_what_is_not_built_for_it(preset_dir):
 
     path = preset_dir("tiny-flux")
     for setting, field in ((dict(unet_shards=2), "unet_shards"), (dict(loop="pipeline"), "loop"),
-                           (dict(controlnet_mode="service"), "controlnet_mode")):
+                           (dict(controlnet_mode="remote", controlnet_url="localhost:8001"), "controlnet_mode")):
         dep = Deployment(path, {}, None, Limits(), **{"controlnet_mode": "local", **setting})
         with pytest.raises(DeploymentError) as err:
             dep.validate()
@@ -469,6 +484,31 @@ def test_served_by_katz_serve(start_server, flux):
     finally:
         model.set_loras([])
     assert _max_diff(streamed.image, ref3) <= TOLERANCE
+
+
+@pytest.mark.integration
+def test_controlnet_service_served_by_katz_serve(start_server, ensemble):
+    """``katz serve --preset tiny-flux --controlnet-mode service``: the ControlNets run in the
+    controlnet model, streaming each block's residual back over BLS (a decoupled model); the image is
+    the in-process one of mode local, and the controlnet model did the work."""
+    import urllib.request
+
+    from katz.client import Generation, infer, make_client
+
+    server = start_server("tiny-flux", ["--controlnet-mode", "service"])
+    gen = Generation(prompt=PROMPT, seed=42, steps=STEPS, width=SIZE, height=SIZE, controlnets=["canny"],
+                     control_images=[control_png()], controlnet_scales=[0.9], loras=["detail"], lora_k=0)
+    client = make_client(server.http_url)
+    try:
+        result = infer(client, gen)
+    finally:
+        client.close()
+    local = ensemble("tiny-flux").generate(_request(controlnets=["canny"], control_images=[control_png()],
+                                                    controlnet_scales=0.9, loras=["detail"], lora_k=0))
+    assert result.image.std() > 5 and _max_diff(result.image, local["image"]) <= TOLERANCE
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    runs = [line for line in text.splitlines() if line.startswith("katz_controlnet_runs_total")]
+    assert runs and float(runs[0].split()[-1]) == STEPS, runs
 
 
 # --------------------------------------------------------------------------- #

@@ -96,3 +96,11 @@ def test_gpu_placement_renders_kind_gpu(preset_dir, tmp_path):
     assert flux["unet"].instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     progress = next(i for i in flux["unet"].input if i.name == "loop_progress")
     assert progress.data_type == model_config_pb2.TYPE_STRING and progress.optional
+    # FLUX mode service: a decoupled controlnet model, one response per block residual, on its GPUs
+    service = _configs(render_repository(_deployment(preset_dir("tiny-flux"), dtype="bfloat16",
+                                                     controlnet_mode="service"), tmp_path / "flux_service", placement))
+    cn = service["controlnet"]
+    assert cn.model_transaction_policy.decoupled and cn.parameters["role"].string_value == "controlnet"
+    assert {o.name for o in cn.output} == {"residual", "block", "single"}
+    assert {"hidden_states", "controlnet_cond", "img_ids"} <= {i.name for i in cn.input}
+    assert list(cn.instance_group[0].gpus) == [1]

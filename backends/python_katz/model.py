@@ -57,7 +57,7 @@ class TritonPythonModel:
             device = f"cuda:{args['model_instance_device_id']}"
             torch.cuda.set_device(device)
         self.device = device
-        self.model = create_model(params["role"], params, device, call=self._call)
+        self.model = create_model(params["role"], params, device, call=self._call, call_stream=self._call_stream)
         if device != "cpu":  # hand back what loading left cached and free (warm-up's eager runs)
             torch.cuda.empty_cache()
         freeze_after_load()
@@ -67,17 +67,19 @@ class TritonPythonModel:
         self._trace = ExecuteTrace.from_env(self.model_name)  # KATZ_TRACE_DIR, KATZ_TRACE_AT (katz/serving/profiling.py)
         self._publish_metrics()  # the memory held after load (weights, CUDA graphs) before any request
 
-    def _call(self, model_name, inputs, output_names):
+    def _request(self, model_name, inputs, output_names):
         extra = {}
         if self.device == "cpu":  # a host instance (no CUDA context): GPU models answer in host memory
             extra["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-        request = pb_utils.InferenceRequest(
+        return pb_utils.InferenceRequest(
             model_name=model_name,
             inputs=[_to_triton(k, v) for k, v in inputs.items() if v is not None],
             requested_output_names=list(output_names),
             **extra,
         )
-        response = request.exec()
+
+    @staticmethod
+    def _outputs(model_name, response, output_names):
         if response.has_error():
             err = response.error()
             kind = {
@@ -88,6 +90,16 @@ class TritonPythonModel:
                 kind = "unavailable"  # the callee's instance process died; katz.deploy.watchdog brings it back
             raise ModelCallError.from_error(model_name, err.message(), kind)
         return {name: _to_python(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
+
+    def _call(self, model_name, inputs, output_names):
+        return self._outputs(model_name, self._request(model_name, inputs, output_names).exec(), output_names)
+
+    def _call_stream(self, model_name, inputs, output_names):
+        """BLS to a decoupled model: its responses' outputs, one dict each, as they come (the empty
+        final response ends the iteration)."""
+        for response in self._request(model_name, inputs, output_names).exec(decoupled=True):
+            if response.has_error() or response.output_tensors():
+                yield self._outputs(model_name, response, output_names)
 
     def _inputs(self, request):
         inputs = {n: _to_python(pb_utils.get_input_tensor_by_name(request, n)) for n in self.input_names}

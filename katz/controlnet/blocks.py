@@ -13,6 +13,11 @@ embedding and first block.
 In one process the two threads overlap on CPU cores. On a GPU both issue to the same CUDA stream:
 the result is the same and the host's launch work overlaps, but the kernels still run one after the
 other (a second stream with an event per block is not built).
+
+Mode ``service`` runs the ControlNets in the ``controlnet`` model's process instead (its own
+instances, on a GPU of their own where the deployment puts them): that model is decoupled and sends
+one response per block residual as the block finishes (:func:`run_blocks` with a sender), which
+the transformer's step reads from a BLS stream into the same :class:`StreamedResiduals`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
+
+
+# what the controlnet model of a FLUX deployment (mode service) sends, one response per block residual
+FLUX_RESIDUAL_OUTPUTS = ("residual", "block", "single")
 
 
 class StreamedResiduals(Sequence):
@@ -83,15 +92,40 @@ def _publisher(net: torch.nn.Module, kind: str, stream: StreamedResiduals, index
     return [block.register_forward_hook(hook_for(j)) for j, block in enumerate(blocks)]
 
 
+def run_blocks(controlnets, name: str, doubles, singles, index: int, scale: float, hidden_states, cond, timestep,
+               guidance, pooled, encoder_hidden_states, txt_ids, img_ids) -> None:
+    """Run the ControlNet ``name`` of the engine ``controlnets`` on one step, publishing each block's
+    residual (times ``scale``) to ``doubles`` / ``singles`` (``publish(block, index, residual)``; None:
+    that kind is not read) as the block finishes."""
+    net = controlnets.net(name)
+    hooks = (_publisher(net, "double", doubles, index, scale) if doubles is not None else []) + \
+        (_publisher(net, "single", singles, index, scale) if singles is not None else [])
+    try:
+        controlnets(name, hidden_states, cond, scale, timestep, guidance, pooled, encoder_hidden_states, txt_ids,
+                    img_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def block_counts(config: dict) -> tuple[int, int]:
+    """A FLUX ControlNet's (double, single) block counts from its ``config.json``."""
+    return int(config.get("num_layers", 0)), int(config.get("num_single_layers", 0))
+
+
 class TransformerControlNetStep:
-    """One transformer evaluation with the step's ControlNets beside it (mode ``local``):
-    ``controls`` = ``[(ControlInput, packed control latents, scale at this step), ...]``.
+    """One transformer evaluation with the step's ControlNets beside it: ``controls`` =
+    ``[(ControlInput, packed control latents, scale at this step), ...]``.
 
     ``engine``: the transformer engine; ``controlnets``: the ControlNet engine
-    (:class:`katz.engines.torch.transformer.FluxControlNetEngine`)."""
+    (:class:`katz.engines.torch.transformer.FluxControlNetEngine`; mode ``local``), or None with
+    ``remote(name, scale, hidden_states, cond, timestep, guidance, pooled, encoder_hidden_states,
+    txt_ids, img_ids)`` yielding ``(kind, block, residual)`` (``kind`` 'double' or 'single'; mode
+    ``service``) and ``counts(name)`` giving a ControlNet's (double, single) block counts."""
 
-    def __init__(self, engine, controlnets):
+    def __init__(self, engine, controlnets, remote=None, counts=None):
         self.engine, self.controlnets = engine, controlnets
+        self.remote, self.counts = remote, counts
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="katz-flux-controlnet")
         self.waited_seconds = 0.0  # the transformer's total wait for residuals (what the overlap did not hide)
 
@@ -100,26 +134,37 @@ class TransformerControlNetStep:
         if not controls:
             return self.engine(hidden_states, timestep, guidance, pooled, encoder_hidden_states, txt_ids, img_ids,
                                block_residuals, single_block_residuals)
-        nets = [self.controlnets.net(control.name) for control, _cond, _scale in controls]
-        counts = {(len(n.transformer_blocks), len(n.single_transformer_blocks)) for n in nets}
+        if self.remote is None:
+            nets = [self.controlnets.net(control.name) for control, _cond, _scale in controls]
+            counts = {(len(n.transformer_blocks), len(n.single_transformer_blocks)) for n in nets}
+        else:
+            counts = {self.counts(control.name) for control, _cond, _scale in controls}
         if len(counts) > 1:
             raise ValueError("controlnets: a request's FLUX ControlNets must have the same numbers of blocks "
                              f"to be summed, not {sorted(counts)}")
         double, single = counts.pop()
-        doubles = StreamedResiduals(double, len(nets)) if double else None
-        singles = StreamedResiduals(single, len(nets)) if single else None
+        doubles = StreamedResiduals(double, len(controls)) if double else None
+        singles = StreamedResiduals(single, len(controls)) if single else None
+        step = (timestep, guidance, pooled, encoder_hidden_states, txt_ids, img_ids)
 
         def produce():
             try:
                 for i, (control, cond, scale) in enumerate(controls):
-                    hooks = (_publisher(nets[i], "double", doubles, i, scale) if doubles else []) + \
-                        (_publisher(nets[i], "single", singles, i, scale) if singles else [])
-                    try:
-                        self.controlnets(control.name, hidden_states, cond, scale, timestep, guidance, pooled,
-                                         encoder_hidden_states, txt_ids, img_ids)
-                    finally:
-                        for h in hooks:
-                            h.remove()
+                    if self.remote is None:
+                        run_blocks(self.controlnets, control.name, doubles, singles, i, scale, hidden_states, cond,
+                                   *step)
+                        continue
+                    got = set()
+                    for kind, block, residual in self.remote(control.name, scale, hidden_states, cond, *step):
+                        stream = doubles if kind == "double" else singles
+                        if stream is None or not 0 <= block < len(stream):
+                            raise RuntimeError(f"controlnet {control.name!r} sent {kind} residual {block}, "
+                                               f"which its config does not have")
+                        stream.publish(block, i, residual)
+                        got.add((kind, block))
+                    if len(got) != double + single:  # the transformer would wait for the rest forever
+                        raise RuntimeError(f"controlnet {control.name!r} sent {len(got)} of its "
+                                           f"{double + single} block residuals")
             except BaseException as exc:
                 for stream in (doubles, singles):
                     if stream is not None:

@@ -153,10 +153,12 @@ def render_repository(
 ) -> Path:
     """Write ``out/<model>/config.pbtxt`` (+ an empty version folder ``1/``) for each of ``models``
     (all by default; ``("controlnet",)`` makes a stand-alone ControlNet server). With
-    ``controlnet_mode`` local, and for FLUX, the UNet instances hold the ControlNets: no ``controlnet`` model."""
+    ``controlnet_mode`` local (FLUX: other than service) the UNet instances hold the ControlNets: no
+    ``controlnet`` model."""
     placement = placement or Placement(device="cuda" if deployment.device.startswith("cuda") else "cpu")
-    if deployment.controlnet_mode == "local" or deployment.folder.family == "flux":
-        # FLUX ControlNets run in the transformer's process in either of its modes (local, inline)
+    flux = deployment.folder.family == "flux"
+    if deployment.controlnet_mode == "local" or (flux and deployment.controlnet_mode != "service"):
+        # FLUX ControlNets run in the transformer's process unless they are a service
         models = tuple(m for m in models if m != "controlnet")
     out = Path(out)
     if out.exists():
@@ -169,6 +171,8 @@ def render_repository(
         names = unet_model_names(deployment.unet_shards) if model == "unet" else [model]
         targets += [(model, name) for name in names]
     for template, model in targets:
+        if flux and template == "controlnet":  # one response per block residual (katz.controlnet.blocks)
+            template = "flux_controlnet"
         text = (TEMPLATES / template / "config.pbtxt").read_text()
         values = dict(common)
         values.update(

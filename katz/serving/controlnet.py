@@ -5,9 +5,14 @@ Inputs as :mod:`katz.serving.unet` (without residuals and LoRAs) plus
 ``conditioning_scale`` FP32 ``[1]`` and optional ``cond_key`` BYTES ``[1]`` (the
 control image's content hash: its conditioning features are computed once and
 cached across requests).
+
+A FLUX deployment's ``controlnet`` (mode ``service``) is :class:`FluxControlNets`: decoupled, one
+response per block residual.
 """
 
 from __future__ import annotations
+
+import torch
 
 from katz.diffusion.loop import added_cond
 from katz.engines import engine_class
@@ -61,3 +66,47 @@ class ControlNet:
             ("katz_controlnet_loads_total", "ControlNets loaded into the model cache", {}, self.engine.loads),
             *graph_metrics(self.engine),
         ]
+
+
+class FluxControlNets:
+    """``controlnet`` of a FLUX deployment in mode ``service``: one ControlNet on one transformer step,
+    decoupled, one response per block residual as the block finishes (``residual [1, L, C]`` times the
+    scale, ``block`` INT32 ``[1]``, ``single`` BOOL ``[1]``: a single-block residual), then an empty
+    final response. Inputs: ``controlnet_name`` BYTES ``[1]``, ``conditioning_scale`` FP32 ``[1]`` and
+    the step's ``hidden_states``, ``controlnet_cond`` (packed control latents), ``timestep``,
+    ``guidance`` (FP32, dev only), ``pooled_projections``, ``encoder_hidden_states``, ``txt_ids``,
+    ``img_ids`` (:class:`katz.controlnet.blocks.TransformerControlNetStep` sends them)."""
+
+    def __init__(self, deployment):
+        from katz.engines.torch.transformer import FluxControlNetEngine
+
+        self.engine = FluxControlNetEngine(deployment.folder, deployment.device, deployment.torch_dtype)
+        self.names = set(deployment.folder.controlnets)
+        self.runs = 0
+
+    def execute_stream(self, inputs: dict, send, is_cancelled=lambda: False) -> None:
+        from katz.controlnet.blocks import run_blocks
+
+        name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()
+        if name not in self.names:
+            raise InvalidArgument("controlnets", f"unknown ControlNet {name!r}")
+
+        class Sender:
+            def __init__(self, single: bool):
+                self.single = torch.tensor([single])
+
+            def publish(self, block: int, _index: int, residual: torch.Tensor) -> None:
+                send({"residual": residual, "block": torch.tensor([block], dtype=torch.int32),
+                      "single": self.single}, False)
+
+        run_blocks(self.engine, name, Sender(False), Sender(True), 0,
+                   float(inputs["conditioning_scale"].reshape(-1)[0]), inputs["hidden_states"],
+                   inputs["controlnet_cond"], inputs["timestep"], inputs.get("guidance"),
+                   inputs["pooled_projections"], inputs["encoder_hidden_states"], inputs["txt_ids"],
+                   inputs["img_ids"])
+        self.runs += 1
+        send({}, True)
+
+    def metrics(self) -> list[tuple[str, str, dict, float]]:
+        return [("katz_controlnet_runs_total", "FLUX ControlNet evaluations (one per step and ControlNet)", {},
+                 self.runs)]

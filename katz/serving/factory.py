@@ -9,8 +9,9 @@ from katz.deployment import Deployment
 BLS_ONLY_ROLES = ("unet", "controlnet")
 
 
-def create_model(role: str, params: dict[str, str], device: str, call=None):
-    """Build the model class for ``role`` (the ``role`` parameter of its config.pbtxt)."""
+def create_model(role: str, params: dict[str, str], device: str, call=None, call_stream=None):
+    """Build the model class for ``role`` (the ``role`` parameter of its config.pbtxt). ``call`` is the
+    BLS transport, ``call_stream`` its form for decoupled callees (an iterator of responses)."""
     deployment = Deployment.from_parameters(params, device)
     if role == "preprocessing":
         from katz.serving.preprocessing import Preprocessing as cls
@@ -28,12 +29,15 @@ def create_model(role: str, params: dict[str, str], device: str, call=None):
         if deployment.folder.family == "flux":  # the denoiser of a FLUX model is its transformer
             from katz.serving.transformer import Transformer
 
-            return Transformer(deployment, call)
+            return Transformer(deployment, call, call_stream)
         from katz.serving.unet import UNet
 
         return UNet(deployment, call)
     elif role == "controlnet":
-        from katz.serving.controlnet import ControlNet as cls
+        if deployment.folder.family == "flux":  # mode service: one response per block residual
+            from katz.serving.controlnet import FluxControlNets as cls
+        else:
+            from katz.serving.controlnet import ControlNet as cls
     elif role == "vae_decoder":
         from katz.serving.vae_decoder import VaeDecoder as cls
     elif role == "postprocessing":

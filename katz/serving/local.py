@@ -7,6 +7,9 @@ calls become direct calls.
 
 from __future__ import annotations
 
+import queue
+import threading
+
 from katz.deployment import Deployment
 from katz.serving.factory import create_model
 
@@ -26,16 +29,36 @@ class LocalEnsemble:
     def __init__(self, deployment: Deployment):
         params = deployment.to_parameters()
         roles = dict(ROLES)
-        if deployment.folder.family == "flux":  # as the rendered repository: its transformer holds the ControlNets
-            del roles["controlnet"]
+        if deployment.folder.family == "flux" and deployment.controlnet_mode != "service":
+            del roles["controlnet"]  # as the rendered repository: its transformer holds the ControlNets
         roles.update({f"unet_{i}": "unet" for i in range(1, deployment.unet_shards)})
         self.models = {
-            name: create_model(role, params, deployment.device, call=self._call) for name, role in roles.items()
+            name: create_model(role, params, deployment.device, call=self._call, call_stream=self._call_stream)
+            for name, role in roles.items()
         }
 
     def _call(self, model: str, inputs: dict, output_names: list[str]) -> dict:
         out = self.models[model].execute(inputs)
         return {k: out[k] for k in output_names}
+
+    def _call_stream(self, model: str, inputs: dict, output_names: list[str]):
+        """A decoupled model's responses as they are sent (its ``execute_stream`` on a thread of its
+        own, as the callee runs in its own process under Triton); its error is raised at the end."""
+        responses: queue.Queue = queue.Queue()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.models[model].execute_stream(inputs, lambda out, last: responses.put(None if last else out))
+            except BaseException as exc:  # noqa: BLE001 - raised to the caller below
+                failed.append(exc)
+                responses.put(None)
+
+        threading.Thread(target=run, name=f"katz-local-{model}", daemon=True).start()
+        while (out := responses.get()) is not None:
+            yield {k: out[k] for k in output_names}
+        if failed:
+            raise failed[0]
 
     def generate(self, request: dict) -> dict:
         """Request tensors (see :mod:`katz.request`) -> ``{"image", "png", "seed"}``."""

@@ -4,8 +4,9 @@ A FLUX request reaches it as a loop request (:mod:`katz.diffusion.loop`, :func:`
 the loop runs here, next to the transformer, its ControlNets and, where the folder has ControlNets,
 the VAE whose encoder turns control images into latents. Mode ``local``: the ControlNets run beside
 each transformer evaluation, their residuals streamed block by block
-(:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``inline`` (the baseline): one
-after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
+(:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``service``: the same, the
+ControlNets running in the ``controlnet`` model, which streams each block's residual back over BLS;
+mode ``inline`` (the baseline): one after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
 manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
 the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``. A loop request from
 ``katz_stream`` names a progress channel (``loop_progress``, :mod:`katz.serving.progress`): the loop
@@ -14,11 +15,13 @@ reports each step there and stops at a step boundary once the stream is cancelle
 
 from __future__ import annotations
 
+import functools
 import time
 
+import numpy as np
 import torch
 
-from katz.controlnet.blocks import TransformerControlNetStep
+from katz.controlnet.blocks import FLUX_RESIDUAL_OUTPUTS, TransformerControlNetStep, block_counts
 from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loop
 from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
 from katz.engines.torch.vae import VaeDecoderEngine
@@ -27,15 +30,38 @@ from katz.lora.bal import instance_loras, queued_loop_order
 from katz.serving.progress import loop_progress
 
 
+def _remote_residuals(call_stream, name, scale, hidden_states, cond, timestep, guidance, pooled,
+                      encoder_hidden_states, txt_ids, img_ids):
+    """One ControlNet on one step in the ``controlnet`` model (mode service): ``(kind, block, residual)``
+    per block residual, as that model sends them (:class:`katz.serving.controlnet.FluxControlNets`)."""
+    inputs = {
+        "controlnet_name": np.array([name.encode()], dtype=np.object_),
+        "conditioning_scale": torch.tensor([scale], dtype=torch.float32),
+        "hidden_states": hidden_states, "controlnet_cond": cond, "timestep": timestep, "guidance": guidance,
+        "pooled_projections": pooled, "encoder_hidden_states": encoder_hidden_states, "txt_ids": txt_ids,
+        "img_ids": img_ids,
+    }
+    for out in call_stream("controlnet", inputs, FLUX_RESIDUAL_OUTPUTS):
+        kind = "single" if bool(out["single"].reshape(-1)[0]) else "double"
+        yield kind, int(out["block"].reshape(-1)[0]), out["residual"].to(hidden_states.device)
+
+
 class Transformer:
-    def __init__(self, deployment, call=None):
+    def __init__(self, deployment, call=None, call_stream=None):
         self.deployment = deployment
         folder, device, dtype = deployment.folder, deployment.device, deployment.torch_dtype
         self.engine = FluxTransformerEngine(folder, device, dtype)
-        self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets else None
+        service = deployment.controlnet_mode == "service"  # the ControlNets in the controlnet model
+        self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets and not service else None
         self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
-        self.beside = deployment.controlnet_mode == "local"  # else inline: before each step
-        self.step = TransformerControlNetStep(self.engine, self.controlnets)
+        self.beside = deployment.controlnet_mode in ("local", "service")  # else inline: before each step
+        remote = None
+        if service and folder.controlnets:
+            if call_stream is None:
+                raise ValueError("controlnet_mode service needs the BLS stream to the controlnet model")
+            remote = functools.partial(_remote_residuals, call_stream)
+        self.step = TransformerControlNetStep(self.engine, self.controlnets, remote,
+                                              lambda name: block_counts(folder.controlnet_config(name)))
         self.loras, self.bal, self.hints = instance_loras(deployment, self.engine)
         self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         self.runs, self.run_seconds = 0, 0.0  # transformer evaluations and their time
