@@ -6,9 +6,9 @@ the VAE whose encoder turns control images into latents. Mode ``local``: the Con
 each transformer evaluation, their residuals streamed block by block
 (:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``service``: the same, the
 ControlNets running in the ``controlnet`` model, which streams each block's residual back over BLS;
-mode ``inline`` (the baseline): one after the other before it. BAL is the UNet's (:class:`katz.lora.bal.UNetLoras`, the same
-manager and bound): the LoRAs go in at the first step they are on the device, at step *k* at
-the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``. A loop request from
+mode ``inline`` (the baseline): one after the other before it. BAL is the UNet's
+(:class:`katz.lora.bal.UNetLoras`, the same manager and bound): the LoRAs go in at the first step
+they are on the device, at step *k* at the latest. Outputs: ``latents [1, C, h, w]`` and ``lora_applied_step [1, 1]``. A loop request from
 ``katz_stream`` names a progress channel (``loop_progress``, :mod:`katz.serving.progress`): the loop
 reports each step there and stops at a step boundary once the stream is cancelled.
 """
