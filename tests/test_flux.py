@@ -423,14 +423,8 @@ def test_flux_deployment_refuses_what_is_not_built_for_it(preset_dir):
         assert err.value.field == field
 
 
-@pytest.mark.integration
-def test_served_by_katz_serve(start_server, flux):
-    """``katz serve --preset tiny-flux`` (no other flag): a ControlNet + LoRA request over HTTP gives
-    the in-process image (which is diffusers', test_matches_diffusers); a field of another family is
-    a 400 naming it. Over gRPC streaming (``katz_stream``) the same request reports each step of the
-    loop running in the transformer's process, then the same image; a cancelled stream stops that
-    loop at its next step (katz_stream has one instance and the transformer one: the next request is
-    served long before the cancelled one would have ended)."""
+def _flux_requests(server):
+    """test_served_by_katz_serve's requests: (the HTTP result at 2 steps, the streamed one at 3)."""
     import time
     from dataclasses import replace
 
@@ -439,7 +433,6 @@ def test_served_by_katz_serve(start_server, flux):
     from katz.client import Generation, infer, make_client
     from katz.client.streaming import StreamCancelled, stream_generate
 
-    server = start_server("tiny-flux")
     gen = Generation(prompt=PROMPT, seed=42, steps=2, width=SIZE, height=SIZE, controlnets=["canny"],
                      control_images=[control_png()], controlnet_scales=[0.9], loras=["detail"], lora_k=0)
     client = make_client(server.http_url)
@@ -470,19 +463,30 @@ def test_served_by_katz_serve(start_server, flux):
     took = time.monotonic() - start
     assert took < remaining / 2, f"the next request took {took:.1f}s; the cancelled loop had ~{remaining:.1f}s left"
     assert np.array_equal(again.image, streamed.image)
+    return result, streamed
+
+
+@pytest.mark.integration
+def test_served_by_katz_serve(start_server, flux):
+    """``katz serve --preset tiny-flux`` (no other flag): a ControlNet + LoRA request over HTTP gives
+    the in-process image (which is diffusers', test_matches_diffusers); a field of another family is
+    a 400 naming it. Over gRPC streaming (``katz_stream``) the same request reports each step of the
+    loop running in the transformer's process, then the same image; a cancelled stream stops that
+    loop at its next step (katz_stream has one instance and the transformer one: the next request is
+    served long before the cancelled one would have ended)."""
+    server = start_server("tiny-flux")
+    try:
+        result, streamed = _flux_requests(server)
+    finally:
+        server.stop()  # no other test uses it (a session's servers otherwise all live to its end)
     model = flux("tiny-flux")
     model.set_loras([("detail", 1.0)])
     try:
-        ref = model.image(controlnet=True, steps=2)
+        ref, ref3 = model.image(controlnet=True, steps=2), model.image(controlnet=True, steps=3)
     finally:
         model.set_loras([])
     assert result.image.std() > 5
     assert _max_diff(result.image, ref) <= TOLERANCE
-    model.set_loras([("detail", 1.0)])
-    try:
-        ref3 = model.image(controlnet=True, steps=3)
-    finally:
-        model.set_loras([])
     assert _max_diff(streamed.image, ref3) <= TOLERANCE
 
 
@@ -498,15 +502,18 @@ def test_controlnet_service_served_by_katz_serve(start_server, ensemble):
     server = start_server("tiny-flux", ["--controlnet-mode", "service"])
     gen = Generation(prompt=PROMPT, seed=42, steps=STEPS, width=SIZE, height=SIZE, controlnets=["canny"],
                      control_images=[control_png()], controlnet_scales=[0.9], loras=["detail"], lora_k=0)
-    client = make_client(server.http_url)
     try:
-        result = infer(client, gen)
+        client = make_client(server.http_url)
+        try:
+            result = infer(client, gen)
+        finally:
+            client.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     finally:
-        client.close()
+        server.stop()  # no other test uses it
     local = ensemble("tiny-flux").generate(_request(controlnets=["canny"], control_images=[control_png()],
                                                     controlnet_scales=0.9, loras=["detail"], lora_k=0))
     assert result.image.std() > 5 and _max_diff(result.image, local["image"]) <= TOLERANCE
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     runs = [line for line in text.splitlines() if line.startswith("katz_controlnet_runs_total")]
     assert runs and float(runs[0].split()[-1]) == STEPS, runs
 
