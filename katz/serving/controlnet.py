@@ -68,6 +68,18 @@ class ControlNet:
         ]
 
 
+class _ResidualSender:
+    """Where :func:`katz.controlnet.blocks.run_blocks` publishes one kind of residual: each one a
+    response of the stream ``send``."""
+
+    def __init__(self, send, single: bool):
+        self.send, self.single = send, torch.tensor([single])
+
+    def publish(self, block: int, _index: int, residual: torch.Tensor) -> None:
+        self.send({"residual": residual, "block": torch.tensor([block], dtype=torch.int32), "single": self.single},
+                  False)
+
+
 class FluxControlNets:
     """``controlnet`` of a FLUX deployment in mode ``service``: one ControlNet on one transformer step,
     decoupled, one response per block residual as the block finishes (``residual [1, L, C]`` times the
@@ -90,16 +102,7 @@ class FluxControlNets:
         name = bytes(inputs["controlnet_name"].reshape(-1)[0]).decode()
         if name not in self.names:
             raise InvalidArgument("controlnets", f"unknown ControlNet {name!r}")
-
-        class Sender:
-            def __init__(self, single: bool):
-                self.single = torch.tensor([single])
-
-            def publish(self, block: int, _index: int, residual: torch.Tensor) -> None:
-                send({"residual": residual, "block": torch.tensor([block], dtype=torch.int32),
-                      "single": self.single}, False)
-
-        run_blocks(self.engine, name, Sender(False), Sender(True), 0,
+        run_blocks(self.engine, name, _ResidualSender(send, False), _ResidualSender(send, True), 0,
                    float(inputs["conditioning_scale"].reshape(-1)[0]), inputs["hidden_states"],
                    inputs["controlnet_cond"], inputs["timestep"], inputs.get("guidance"),
                    inputs["pooled_projections"], inputs["encoder_hidden_states"], inputs["txt_ids"],

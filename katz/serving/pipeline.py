@@ -117,12 +117,11 @@ class Pipeline:
         params = read_params(inputs)
         if self.loop == "unet":
             # the whole loop in the UNet's process: one BLS call (katz.diffusion.loop)
-            request = loop_request(inputs)
+            request, steps = loop_request(inputs), self._steps_run(params)
             if on_step is None:
-                call = lambda: self.call("unet", request, list(LOOP_OUTPUTS))  # noqa: E731
+                out = self._timed_unet_call(lambda: self.call("unet", request, list(LOOP_OUTPUTS)), steps)
             else:  # katz_stream: the loop reports its steps
-                call = lambda: self._loop_with_progress(request, on_step)  # noqa: E731
-            out = self._timed_unet_call(call, steps=self._steps_run(params))
+                out = self._timed_unet_call(lambda: self._loop_with_progress(request, on_step), steps)
             return {"latents": out["latents"], "lora_applied_step": out["lora_applied_step"].reshape(1)}
         dtype = self.deployment.torch_dtype
         embeds = inputs["prompt_embeds"].to(self.device, dtype)

@@ -46,7 +46,7 @@ class Stream:
         self.call = call
         self.preprocessing = Preprocessing(deployment)
         self.pipeline = Pipeline(deployment, call)
-        two = deployment.folder.family in ("sdxl", "flux")  # a second tokenizer and encoder
+        two = len(deployment.folder.tokenizer_parts) == 2  # SDXL, FLUX: a second tokenizer and encoder
         self.ids = ["input_ids", "input_ids_2"] if two else ["input_ids"]
         self.embeds = ["prompt_embeds", "pooled_prompt_embeds"] if two else ["prompt_embeds"]
 

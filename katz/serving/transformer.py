@@ -46,6 +46,10 @@ def _remote_residuals(call_stream, name, scale, hidden_states, cond, timestep, g
         yield kind, int(out["block"].reshape(-1)[0]), out["residual"].to(hidden_states.device)
 
 
+def _config_block_counts(folder, name: str) -> tuple[int, int]:
+    return block_counts(folder.controlnet_config(name))
+
+
 class Transformer:
     def __init__(self, deployment, call=None, call_stream=None):
         self.deployment = deployment
@@ -55,13 +59,13 @@ class Transformer:
         self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets and not service else None
         self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
         self.beside = deployment.controlnet_mode in ("local", "service")  # else inline: before each step
-        remote = None
+        remote = counts = None
         if service and folder.controlnets:
             if call_stream is None:
                 raise ValueError("controlnet_mode service needs the BLS stream to the controlnet model")
             remote = functools.partial(_remote_residuals, call_stream)
-        self.step = TransformerControlNetStep(self.engine, self.controlnets, remote,
-                                              lambda name: block_counts(folder.controlnet_config(name)))
+            counts = functools.partial(_config_block_counts, folder)  # no ControlNet weights in this process
+        self.step = TransformerControlNetStep(self.engine, self.controlnets, remote, counts)
         self.loras, self.bal, self.hints = instance_loras(deployment, self.engine)
         self._sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         self.runs, self.run_seconds = 0, 0.0  # transformer evaluations and their time
