@@ -116,7 +116,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="torch engines on GPUs: run every step eagerly (default: replay CUDA graphs captured at load)")
     p.add_argument("--compile", action="store_true",
-                   help="torch engines on GPUs: torch.compile the UNet and ControlNets at load, before graph capture "
+                   help="torch engines on GPUs: torch.compile the UNet and ControlNets (FLUX: their blocks) at load, before graph capture "
                         "(minutes on the first start; kernels cached in --compile-cache)")
     p.add_argument("--no-compile-vae", dest="compile_vae", action="store_false",
                    help="torch engines on GPUs: run the VAE decoder eagerly instead of compiling it at load "
@@ -132,7 +132,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "experimental", "for measurement; not faster than the defaults where measured (docs/serving.md, Experimental)")
     experimental.add_argument(
         "--experimental-fp8", dest="fp8", action="store_true",
-        help="torch engines on GPUs of compute capability 8.9+ (Ada, Hopper): the UNet's and ControlNets' transformer "
+        help="torch engines on GPUs of compute capability 8.9+ (Ada, Hopper): the UNet's (FLUX: transformer's) and ControlNets' transformer "
              "linears multiply in float8 e4m3 with per-tensor scales; measured no faster than float16 with --compile "
              "on an H200, image PSNR ~31 dB to float16 (bench/RESULTS.md, sixth session)")
 

@@ -79,8 +79,9 @@ class Deployment:
     compile_cache: Path | None = None  # where compiled kernels are kept between starts
     graph_sizes: list[tuple[int, int]] | None = None  # (height, width) captured at load; None: default size
     channels_last: bool = False  # torch engines on GPUs: UNet/ControlNet weights in channels-last layout
-    # experimental (measured no faster, docs/serving.md): torch engines on GPUs of compute capability 8.9+,
-    # the UNet's and ControlNets' transformer linears in float8 (katz.engines.torch.experimental.fp8)
+    # experimental (measured no faster for SDXL, docs/serving.md): torch engines on GPUs of compute capability
+    # 8.9+, the UNet's, FLUX transformer's and ControlNets' transformer linears in float8
+    # (katz.engines.torch.experimental.fp8)
     fp8: bool = False
 
     @property
@@ -140,7 +141,8 @@ class Deployment:
     def _check_flux(self) -> None:
         """What a FLUX.1 deployment runs so far: the loop in the transformer's process (``unet``
         model), one shard, ControlNets in that process (``local``; ``inline``, the baseline) or in the
-        ``controlnet`` model streaming residuals back (``service``), PyTorch engines, eager."""
+        ``controlnet`` model streaming residuals back (``service``), PyTorch engines (on GPUs: blocks
+        compiled with ``compile``, float8 block linears with ``fp8``; no CUDA graphs)."""
         if self.unet_shards != 1:
             raise DeploymentError("unet_shards", "must be 1 for FLUX models: their latent parallelism (sequence "
                                   "parallelism, docs/techniques.md) runs in one process only; serving it over "
@@ -153,8 +155,6 @@ class Deployment:
                                   "'remote': ControlNets on another server are not built for a transformer yet")
         if self.engine != "torch":
             raise DeploymentError("engine", "must be torch for FLUX models")
-        if self.fp8:
-            raise DeploymentError("fp8", "is not built for FLUX models")
 
     # ------------------------------------------------------------ parameters
     def to_parameters(self) -> dict[str, str]:

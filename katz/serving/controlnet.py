@@ -90,10 +90,14 @@ class FluxControlNets:
     ``img_ids`` (:class:`katz.controlnet.blocks.TransformerControlNetStep` sends them)."""
 
     def __init__(self, deployment):
-        from katz.engines.torch.transformer import FluxControlNetEngine
+        from katz.engines.torch.transformer import FluxControlNetEngine, flux_text_len
 
-        self.engine = FluxControlNetEngine(deployment.folder, deployment.device, deployment.torch_dtype)
-        self.names = set(deployment.folder.controlnets)
+        folder = deployment.folder
+        self.engine = FluxControlNetEngine(folder, deployment.device, deployment.torch_dtype, accel=deployment.accel)
+        self.names = set(folder.controlnets)
+        # with compile: the blocks compiled at load (this process has no transformer to do it)
+        self.engine.warm_up(sorted(self.names), deployment.accel.sizes, text_len=flux_text_len(folder),
+                            vae_scale_factor=folder.vae_scale_factor)
         self.runs = 0
 
     def execute_stream(self, inputs: dict, send, is_cancelled=lambda: False) -> None:

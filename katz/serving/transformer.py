@@ -2,7 +2,9 @@
 
 A FLUX request reaches it as a loop request (:mod:`katz.diffusion.loop`, :func:`run_flux_loop`):
 the loop runs here, next to the transformer, its ControlNets and, where the folder has ControlNets,
-the VAE whose encoder turns control images into latents. Mode ``local``: the ControlNets run beside
+the VAE whose encoder turns control images into latents. On a GPU the deployment's ``compile`` and
+``fp8`` apply to the transformer's and ControlNets' blocks (:mod:`katz.engines.torch.transformer`),
+compiled here at load for the deployment's graph sizes. Mode ``local``: the ControlNets run beside
 each transformer evaluation, their residuals streamed block by block
 (:class:`katz.controlnet.blocks.TransformerControlNetStep`); mode ``service``: the same, the
 ControlNets running in the ``controlnet`` model, which streams each block's residual back over BLS;
@@ -23,7 +25,7 @@ import torch
 
 from katz.controlnet.blocks import FLUX_RESIDUAL_OUTPUTS, TransformerControlNetStep, block_counts
 from katz.diffusion.loop import is_loop_request, read_loop_request, run_flux_loop
-from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine
+from katz.engines.torch.transformer import FluxControlNetEngine, FluxTransformerEngine, flux_text_len
 from katz.engines.torch.vae import VaeDecoderEngine
 from katz.errors import InvalidArgument
 from katz.lora.bal import instance_loras, queued_loop_order
@@ -54,9 +56,13 @@ class Transformer:
     def __init__(self, deployment, call=None, call_stream=None):
         self.deployment = deployment
         folder, device, dtype = deployment.folder, deployment.device, deployment.torch_dtype
-        self.engine = FluxTransformerEngine(folder, device, dtype)
+        accel = deployment.accel  # compile (per block) and fp8 on a GPU; the CPU runs eagerly
+        self.engine = FluxTransformerEngine(folder, device, dtype, accel=accel)
+        # compiled blocks at load, never on a request (the ControlNets beside it share the code)
+        self.engine.warm_up(accel.sizes, text_len=flux_text_len(folder), vae_scale_factor=folder.vae_scale_factor)
         service = deployment.controlnet_mode == "service"  # the ControlNets in the controlnet model
-        self.controlnets = FluxControlNetEngine(folder, device, dtype) if folder.controlnets and not service else None
+        self.controlnets = FluxControlNetEngine(folder, device, dtype, accel=accel) \
+            if folder.controlnets and not service else None
         self.vae = VaeDecoderEngine(folder, device, dtype) if folder.controlnets else None
         self.beside = deployment.controlnet_mode in ("local", "service")  # else inline: before each step
         remote = counts = None
@@ -85,7 +91,7 @@ class Transformer:
             bal.before_step()
             start = time.perf_counter()
             out = self.step(*args, controls=controls)
-            self._sync()  # eager engine: the step's time is the BAL estimate's step time
+            self._sync()  # the step's time on the device is the BAL estimate's step time
             seconds = time.perf_counter() - start
             self.runs, self.run_seconds = self.runs + 1, self.run_seconds + seconds
             self.bal.observe_step(seconds)

@@ -47,6 +47,12 @@ class Acceleration:
     ControlNets' weights in channels-last layout (cuDNN convolutions without layout conversions).
     ``fp8``: the UNet's and ControlNets' transformer linears multiply in float8 e4m3
     (:mod:`katz.engines.torch.experimental.fp8`; GPUs of compute capability 8.9+; on an H200 no faster than float16 compiled).
+
+    FLUX.1 (:mod:`katz.engines.torch.transformer`) takes ``compile`` per block (regional: each
+    double and single block class compiled once, shared by its 19 / 38 instances and the
+    ControlNets' blocks) and ``fp8`` (the blocks' linears); no CUDA graphs, since its step is
+    GPU-bound and its ControlNet residuals arrive block by block while the step runs.
+    ``compile_backend``: torch.compile's backend (inductor; tests on the CPU use ``aot_eager``).
     """
 
     cuda_graphs: bool = True
@@ -56,12 +62,14 @@ class Acceleration:
     sizes: list[tuple[int, int]] | None = None
     channels_last: bool = False  # UNet and ControlNets in channels-last layout
     fp8: bool = False  # UNet and ControlNets: transformer linears in float8 (katz.engines.torch.experimental.fp8)
+    compile_backend: str = "inductor"
 
     def active(self, device: torch.device) -> bool:
         return device.type == "cuda" and (self.cuda_graphs or self.compile or self.fp8)
 
-    def quantize(self, module: torch.nn.Module, device: torch.device) -> bool:
-        """With ``fp8``: swap ``module``'s transformer linears for float8 ones; returns whether it did.
+    def quantize(self, module: torch.nn.Module, device: torch.device, targets=None) -> bool:
+        """With ``fp8``: swap ``module``'s transformer linears (``targets``: their paths' pattern,
+        :func:`katz.engines.torch.experimental.fp8.fp8_targets`) for float8 ones; returns whether it did.
         Raises on a GPU without float8 tensor cores."""
         if not self.fp8:
             return False
@@ -71,7 +79,7 @@ class Acceleration:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
             raise ValueError(f"fp8 needs a GPU with float8 tensor cores (compute capability 8.9+: Ada, "
                              f"Hopper or newer), not {name}")
-        quantize_linears(module)
+        quantize_linears(module, targets=targets)
         return True
 
     def compiled(self, fn: Callable, on: bool | None = None) -> Callable:
@@ -82,7 +90,7 @@ class Acceleration:
         if self.compile_cache is not None:
             Path(self.compile_cache).mkdir(parents=True, exist_ok=True)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.compile_cache))
-        return torch.compile(fn, dynamic=False)
+        return torch.compile(fn, dynamic=False, backend=self.compile_backend)
 
 
 _PROCESS_POOLS: dict[int, tuple[object, threading.Lock]] = {}

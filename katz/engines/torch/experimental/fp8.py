@@ -1,4 +1,4 @@
-"""FP8 (e4m3) matrix multiplies for the UNet's and ControlNets' transformer layers (Hopper, Ada).
+"""FP8 (e4m3) matrix multiplies for the UNet's, FLUX transformer's and ControlNets' transformer layers (Hopper, Ada).
 
 Most of an SDXL UNet step's FLOPs are the linear layers of its transformer blocks (attention
 projections, GEGLU feed-forward, ``proj_in`` / ``proj_out``). :func:`quantize_linears` swaps those
@@ -10,6 +10,11 @@ scales on the tensor cores (``torch._scaled_mm``, twice float16's rate on an H10
   ``torch.compile`` fuses into the producing kernels; uncompiled they are extra kernels);
 * ``y = (x8 @ w8.T) * sx * sw + bias``, accumulated by the tensor cores and written in the
   input's dtype.
+
+In a FLUX.1 transformer (and its ControlNets) the same swap takes the linears of every double and
+single block (:data:`FLUX_TARGETS`: the image and text attention projections, both feed-forwards,
+the single blocks' ``proj_mlp`` / ``proj_out``), ~70% of the 12 B parameters; the AdaLN modulation
+linears (one token) and the embedders stay.
 
 Convolutions, attention itself (softmax(QK^T)V), the cross-attention keys and values of the
 77 text tokens (``attn2.to_k`` / ``to_v``), norms and embeddings stay in float16.
@@ -46,6 +51,14 @@ FAST_ACCUM = True
 _TARGETS = re.compile(
     r"(^|\.)attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
     r"(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_out\.0)|ff\.net\.(0\.proj|2)))$"
+)
+# a FLUX transformer's or FLUX ControlNet's block linears (FluxTransformerBlock, FluxSingleTransformerBlock):
+# where the step's FLOPs are, thousands of tokens each; not the per-block AdaLN linears (norm1.linear,
+# one row: no tensor-core work to save)
+FLUX_TARGETS = re.compile(
+    r"(^|\.)(transformer_blocks|single_transformer_blocks)\.\d+\."
+    r"(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff(_context)?\.net\.(0\.proj|2)|proj_mlp|proj_out)$"
 )
 
 
@@ -161,19 +174,28 @@ def requantize(modules: Iterable[torch.nn.Module]) -> None:
         torch._foreach_copy_([m.weight_scale for m in batch], scales)
 
 
-def fp8_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """The linears :func:`quantize_linears` converts in ``module`` (a diffusers UNet or ControlNet):
-    ``(path, module)`` in module order."""
+def fp8_targets(module: torch.nn.Module, targets: re.Pattern | None = None) -> list[tuple[str, torch.nn.Linear]]:
+    """The linears :func:`quantize_linears` converts in ``module``: ``(path, module)`` in module order.
+    ``targets``: the module paths taken (default: a diffusers UNet's or SD ControlNet's transformer
+    linears; :data:`FLUX_TARGETS` for a FLUX transformer or ControlNet). Linears converted already
+    are not listed again."""
+    pattern = targets if targets is not None else _TARGETS
     return [(name, m) for name, m in module.named_modules()
-            if type(m) is torch.nn.Linear and _TARGETS.search(name)
+            if type(m) is torch.nn.Linear and pattern.search(name)
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
-def quantize_linears(module: torch.nn.Module, rowwise: bool = False) -> list[str]:
-    """Swap the transformer linears of ``module`` for :class:`Fp8Linear` (sharing their weights);
-    returns their paths. Do it before anything indexes the modules (a LoRA patcher, a compile)."""
+def has_fp8(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds :class:`Fp8Linear` layers (whose float8 copies follow weight changes)."""
+    return any(isinstance(m, Fp8Linear) for m in module.modules())
+
+
+def quantize_linears(module: torch.nn.Module, rowwise: bool = False, targets: re.Pattern | None = None) -> list[str]:
+    """Swap the transformer linears of ``module`` (``targets``: see :func:`fp8_targets`) for
+    :class:`Fp8Linear` (sharing their weights); returns their paths. Do it before anything indexes
+    the modules (a LoRA patcher, a compile)."""
     done = []
-    for name, linear in fp8_targets(module):
+    for name, linear in fp8_targets(module, targets):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, Fp8Linear.from_linear(linear, rowwise))
