@@ -235,3 +235,30 @@ def test_traffic_bench_smoke_on_the_cpu(tmp_path, cache_root, preset_dir):
     assert "server ready" not in again.stdout and "[setup]" not in again.stdout
     assert re.findall(r"^goodput .*$", again.stdout, re.M) == re.findall(r"^goodput .*$", proc.stdout, re.M)
     print(f"traffic_bench smoke run: {took:.1f}s")
+
+
+def test_flux_bench_smoke_on_the_cpu(tmp_path, cache_root):
+    """bench/flux_bench.py on the tiny-flux architecture: every phase's figures in the JSON and the ratio table
+    (on the CPU the compiled and float8 variants run eagerly: the code path, not a figure)."""
+    out = tmp_path / "flux.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/flux_bench.py", "--preset", "tiny-flux", "--steps", "2", "--repeats", "1",
+         "--compile", "--fp8", "--compile-cache", str(tmp_path / "inductor"), "--model-dir", str(tmp_path / "model"),
+         "--out", str(out)],
+        cwd=ROOT, env=dict(os.environ, KATZ_CACHE=str(cache_root.parent)), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("diffusers_step_ms", "katz_step_eager_ms", "katz_step_compiled_ms", "katz_step_compiled_fp8_ms",
+                "diffusers_plain_s", "katz_plain_s", "diffusers_controlnet_cold_lora_s",
+                "katz_controlnet_cold_lora_k0_s", "katz_controlnet_cold_lora_bal_s", "katz_lora_load_s_mean"):
+        assert res[key] > 0, key
+    assert res["katz_step_eager_rel_err"] == 0 and res["katz_step_compiled_fp8_rel_err"] < 1e-5  # CPU: eager
+    assert res["katz_bal_applied_steps"] in ([0], [1])  # the cold LoRA in by step k = 1 of 2
+    assert set(res["phase_s"]) == {"build", "diffusers_step", "diffusers_request", "katz_step", "katz_request"}
+    assert len(res["ratios"]) == 6 and all(r > 0 for r in res["ratios"].values())
+    for row in ("transformer step, Katz compiled_fp8 (ms)", "request, plain (s)",
+                "request + ControlNet + cold LoRA, Katz k = 0 (s)", "Katz/diff"):
+        assert row in proc.stdout, row
+    assert (tmp_path / "model" / "loras" / "style.safetensors").stat().st_size > 0

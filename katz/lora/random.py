@@ -61,6 +61,7 @@ def make_random_flux_lora(
     seed: int,
     fmt: str,
     dtype: torch.dtype = torch.float32,
+    pattern: re.Pattern | None = None,
 ) -> None:
     """:func:`make_random_lora` for a FLUX.1 ``FluxTransformer2DModel`` (and its CLIP text encoder).
 
@@ -69,10 +70,14 @@ def make_random_flux_lora(
     (``img_attn_qkv`` is one layer over to_q, to_k and to_v; :mod:`katz.lora.flux_names`), on the
     double blocks' attention and the single blocks' ``linear2``, and ``lora_te1_`` names on the
     text encoder. (Not on ``linear1``: diffusers' kohya loader, the reference the tests hold Katz
-    to, splits it at full-size FLUX widths only.)
+    to, splits it at full-size FLUX widths only.) ``pattern`` (peft only): the linears targeted, by
+    module path, instead of the attention projections (a benchmark's LoRA on the feed-forwards too).
     """
+    if pattern is not None and fmt != "peft":
+        raise ValueError("pattern is for fmt 'peft' only")
     if fmt == "peft":
-        layers = [(p, "", lin.in_features, lin.out_features) for p, lin in _targets(transformer, _FLUX_ATTN_RE)]
+        layers = [(p, "", lin.in_features, lin.out_features)
+                  for p, lin in _targets(transformer, pattern or _FLUX_ATTN_RE)]
     else:
         modules = dict(transformer.named_modules())
         flats = [f"double_blocks_{i}_{part}" for i in range(len(transformer.transformer_blocks))

@@ -20,9 +20,11 @@ FLUX.1 model is served from its diffusers folder.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -164,6 +166,27 @@ def _family(unet_or_controlnet_config: dict) -> str:
     if "num_single_layers" in unet_or_controlnet_config:
         return "flux"
     return "sdxl" if unet_or_controlnet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+_PROVIDED: dict[str, torch.nn.Module] = {}
+_PROVIDED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def provided_modules(modules: dict[str, torch.nn.Module]):
+    """Within this context every folder's load of a part named in ``modules`` (``transformer``, ``vae``,
+    ``text_encoder_2``, ...; ``controlnet`` for any ControlNet) returns that module, already on its device
+    and in its dtype, instead of reading weights: one process can run diffusers and Katz on the same
+    module objects (a 12 B FLUX transformer fits one GPU once, not twice; ``bench/flux_bench.py``)."""
+    with _PROVIDED_LOCK:
+        if _PROVIDED:
+            raise RuntimeError("provided_modules does not nest")
+        _PROVIDED.update(modules)
+    try:
+        yield
+    finally:
+        with _PROVIDED_LOCK:
+            _PROVIDED.clear()
 
 
 class ModelFolderError(ValueError):
@@ -419,7 +442,11 @@ class ModelFolder:
     def _load(self, part: str, dtype: torch.dtype, **extra):
         """``part`` (``unet``, ``transformer``, ``vae``, a text encoder, or ``controlnet:<name>`` of a ControlNet
         folder) with the class its family loads it with (:func:`component_classes`): from the checkpoint where
-        that holds it, else from its folder, safetensors only, in the variant the checks resolved."""
+        that holds it, else from its folder, safetensors only, in the variant the checks resolved (or the
+        module :func:`provided_modules` gives for it)."""
+        provided = _PROVIDED.get(part.partition(":")[0])
+        if provided is not None:
+            return provided
         if self._checkpoint is not None and part in self._checkpoint.parts:
             from katz.models.checkpoint import load_part
 
