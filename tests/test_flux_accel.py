@@ -74,6 +74,7 @@ def test_compiled_blocks_give_the_eager_step_with_controlnets_and_loras(folder, 
     out = TransformerControlNetStep(fast, cn_fast)(*args, controls=controls)
     assert not torch.equal(ref, plain)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert fast.regions.eager_calls == 0  # the ControlNet's blocks too ran the warmed-up code
 
     # a LoRA merged in place after compiling: the compiled blocks read the merged weights
     lora = _lora(folder)
@@ -89,6 +90,7 @@ def test_compiled_blocks_give_the_eager_step_with_controlnets_and_loras(folder, 
     # a size not warmed up runs eagerly: nothing compiles on a request
     small = _args(fast, folder, size=32, seed=1)
     torch.testing.assert_close(fast(*small), eager(*small), rtol=1e-5, atol=1e-5)
+    assert fast.regions.eager_calls > 0
     # mode service: the controlnet model's process warms its ControlNets' blocks up itself
     service = T.FluxControlNetEngine(folder, accel=accel)
     assert service.warm_up(["canny"], [(SIZE, SIZE)], T.flux_text_len(folder), folder.vae_scale_factor) > 0
@@ -148,3 +150,14 @@ def test_from_module_shares_the_module(folder):
     ref = module(hidden_states=args[0], timestep=args[1], guidance=args[2], pooled_projections=args[3],
                  encoder_hidden_states=args[4], txt_ids=args[5], img_ids=args[6], return_dict=False)[0]
     assert torch.equal(engine(*args), ref)
+
+
+def test_controlnets_share_the_transformers_compiled_shapes_on_an_unindexed_device(monkeypatch):
+    """The transformer's engine names its device by index (read off its weights), a ControlNet engine by the
+    deployment's string (``cuda``): both get the one registry, so the ControlNets' blocks run the shapes the
+    transformer warmed up instead of running eagerly."""
+    monkeypatch.setattr(T, "_REGIONS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    accel = Acceleration(compile=True)
+    assert T.process_regions(torch.device("cuda", 0), accel) is T.process_regions(torch.device("cuda"), accel)
+    assert T.process_regions("cuda", accel) is not T.process_regions(torch.device("cuda", 1), accel)

@@ -48,6 +48,7 @@ class RegionalCompile:
         self.accel = accel
         self._compiled: dict[type, Callable] = {}
         self.shapes: set[tuple] = set()  # (image tokens shape, text tokens shape, dtype) compiled at warm-up
+        self.eager_calls = 0  # block calls of a shape not warmed up (run eagerly): a benchmark's check
         self._warming = 0
         self._lock = threading.Lock()
 
@@ -86,6 +87,7 @@ class RegionalCompile:
         if self._warming:
             self.shapes.add(key)
         elif key not in self.shapes:
+            self.eager_calls += 1
             return cls.forward(block, *args, **kwargs)
         fn = self._compiled.get(cls)
         if fn is None:
@@ -130,8 +132,15 @@ _REGIONS_LOCK = threading.Lock()
 
 def process_regions(device: torch.device, accel: Acceleration) -> RegionalCompile:
     """The process's :class:`RegionalCompile` for ``device``: the transformer and the ControlNets beside it
-    share it, so the ControlNets' blocks run the code compiled at the transformer's warm-up."""
-    key = (device.type, device.index)
+    share it, so the ControlNets' blocks run the code compiled at the transformer's warm-up. ``cuda`` and
+    ``cuda:<current device>`` are one device: the transformer's is read off its weights (indexed), a
+    ControlNet engine's is the deployment's string (maybe not), and two keys would leave the ControlNets
+    with shapes never warmed up, hence eager."""
+    device = torch.device(device)
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    key = (device.type, index)
     with _REGIONS_LOCK:
         if key not in _REGIONS:
             _REGIONS[key] = RegionalCompile(accel)
