@@ -272,6 +272,10 @@ def request_phase_diffusers(folder, modules, args, res, control, lora_dir: Path,
     res["diffusers_plain_s"] = wall(gen(plain), args.repeats)
     print(f"diffusers plain request: {res['diffusers_plain_s']:.2f} s", flush=True)
     save()
+    gen(with_cn, 2, **cn)()  # warm-up
+    res["diffusers_controlnet_s"] = wall(gen(with_cn, **cn), args.repeats)
+    print(f"diffusers ControlNet request: {res['diffusers_controlnet_s']:.2f} s", flush=True)
+    save()
     cold_lora(with_cn, 2, **cn)()  # warm-up: the LoRA loader's first use
     res["diffusers_controlnet_cold_lora_s"] = wall(cold_lora(with_cn, **cn), args.repeats)
     print(f"diffusers ControlNet + cold LoRA request: {res['diffusers_controlnet_cold_lora_s']:.2f} s", flush=True)
@@ -290,7 +294,7 @@ def request_phase_katz(folder, args, res, control_png: bytes, lora_dir: Path, de
     mf = ModelFolder(folder, discover_controlnets(folder / "controlnets"))
     limits = Limits(default_width=args.size, default_height=args.size, default_guidance=GUIDANCE)
     dep = Deployment(mf.path, mf.controlnets, lora_dir, limits, device=device,
-                     dtype="bfloat16" if device == "cuda" else "float32", controlnet_mode="local",
+                     dtype="bfloat16" if device == "cuda" else "float32", controlnet_mode=args.controlnet_mode,
                      compile=args.compile, fp8=args.fp8, compile_vae=args.compile_vae,
                      compile_cache=args.compile_cache, graph_sizes=[(args.size, args.size)]).validate()
     t0 = time.perf_counter()
@@ -324,22 +328,38 @@ def request_phase_katz(folder, args, res, control_png: bytes, lora_dir: Path, de
             applied.setdefault(k, []).append(int(out["lora_applied_step"][0]))
         return run
 
+    def measured(case: str, fn) -> float:
+        """The median of ``fn`` over the repeats, and where the time went on average (seconds per model's
+        execute, the transformer's step, the LoRA weight switches), as ``katz_<case>_breakdown``."""
+        regions = transformer.engine.regions
+        eager_before = regions.eager_calls if regions is not None else 0
+        before = dict(ens.seconds), transformer.runs, transformer.run_seconds, transformer.loras.stats.switch_seconds
+        res[f"katz_{case}_s"] = median = wall(fn, args.repeats)
+        seconds, runs, run_s, switch_s = before
+        n = args.repeats
+        breakdown = {f"{m}_s": (ens.seconds[m] - seconds.get(m, 0.0)) / n for m in ens.seconds}
+        breakdown["transformer_step_ms"] = 1e3 * (transformer.run_seconds - run_s) / max(transformer.runs - runs, 1)
+        breakdown["lora_switch_s"] = (transformer.loras.stats.switch_seconds - switch_s) / n
+        if regions is not None:  # with --compile: blocks that ran eagerly (a shape not warmed up)
+            breakdown["eager_block_calls"] = (regions.eager_calls - eager_before) / n
+        res[f"katz_{case}_breakdown"] = breakdown
+        print(f"Katz {case.replace('_', ' ')} request: {median:.2f} s ({', '.join(f'{k} {v:.3f}' for k, v in breakdown.items())})",
+              flush=True)
+        save()
+        return median
+
     ens.generate(req(2))  # warm-up
-    res["katz_plain_s"] = wall(lambda: ens.generate(req()), args.repeats)
-    print(f"Katz plain request: {res['katz_plain_s']:.2f} s", flush=True)
-    save()
-    cold_lora(0, 2)()  # warm-up: the LoRA loader's and the ControlNet's first use
-    res["katz_controlnet_cold_lora_k0_s"] = wall(cold_lora(0), args.repeats)
-    print(f"Katz ControlNet + cold LoRA request (k = 0): {res['katz_controlnet_cold_lora_k0_s']:.2f} s", flush=True)
-    save()
+    measured("plain", lambda: ens.generate(req()))
+    ens.generate(req(2, **cn))  # warm-up: the ControlNet's first use
+    measured("controlnet", lambda: ens.generate(req(**cn)))
+    cold_lora(0, 2)()  # warm-up: the LoRA loader's first use
+    measured("controlnet_cold_lora_k0", cold_lora(0))
     k = min(args.bal_k, args.steps - 1)
     if k > 0:
         res["katz_bal_k"] = k
-        res["katz_controlnet_cold_lora_bal_s"] = wall(cold_lora(k), args.repeats)
+        measured("controlnet_cold_lora_bal", cold_lora(k))
         res["katz_bal_applied_steps"] = applied.get(k, [])
-        print(f"Katz ControlNet + cold LoRA request (BAL k = {k}): "
-              f"{res['katz_controlnet_cold_lora_bal_s']:.2f} s, LoRA in from steps {res['katz_bal_applied_steps']}",
-              flush=True)
+        print(f"Katz BAL k = {k}: LoRA in from steps {res['katz_bal_applied_steps']}", flush=True)
     s = transformer.loras.stats
     res["katz_lora_load_s_mean"] = s.load_seconds / max(s.loads, 1)
     res["katz_transformer_step_s_mean"] = transformer.run_seconds / max(transformer.runs, 1)
@@ -359,6 +379,7 @@ def print_table(res: dict, args) -> None:
                 rows.append((f"transformer step, Katz {name} (ms)", res["diffusers_step_ms"], res[f"katz_step_{name}_ms"]))
     base = res.get("diffusers_controlnet_cold_lora_s")
     for label, d, k in (("request, plain (s)", res.get("diffusers_plain_s"), res.get("katz_plain_s")),
+                        ("request + ControlNet (s)", res.get("diffusers_controlnet_s"), res.get("katz_controlnet_s")),
                         ("request + ControlNet + cold LoRA, Katz k = 0 (s)", base,
                          res.get("katz_controlnet_cold_lora_k0_s")),
                         (f"request + ControlNet + cold LoRA, Katz BAL k = {res.get('katz_bal_k')} (s)", base,
@@ -386,6 +407,10 @@ def main(argv=None) -> None:
                    help="TORCHINDUCTOR_CACHE_DIR: a second run reuses the compiled code")
     p.add_argument("--no-compile-vae", dest="compile_vae", action="store_false",
                    help="Katz: VAE decoder eager (default: compiled at load, the server's default)")
+    p.add_argument("--controlnet-mode", choices=["local", "inline"], default="inline",
+                   help="Katz: the ControlNet before each transformer step (inline, katz serve's FLUX default) or "
+                        "beside it, block by block (local)")
+    p.add_argument("--skip-diffusers", action="store_true", help="Katz's figures only (no ratios)")
     p.add_argument("--bal-k", type=int, default=2, help="Katz's BAL bound for the second cold-LoRA case (0: skip)")
     p.add_argument("--lora-rank", type=int, default=64)
     p.add_argument("--model-dir", type=Path, default=None,
@@ -410,7 +435,8 @@ def main(argv=None) -> None:
                  "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
                  "model": "tiny-flux preset" if args.preset else "FLUX.1-dev architecture (random weights)",
                  "dtype": str(dtype).removeprefix("torch."), "steps": args.steps, "repeats": args.repeats,
-                 "compile": args.compile, "fp8": args.fp8, "phases": phases}
+                 "compile": args.compile, "fp8": args.fp8, "phases": phases,
+                 "controlnet_mode": args.controlnet_mode}
 
     def save() -> None:
         if args.out:
@@ -446,12 +472,12 @@ def main(argv=None) -> None:
     control.save(buf, "PNG")
 
     # diffusers first: Katz's engines change the shared modules in place
-    if "step" in phases:
+    if "step" in phases and not args.skip_diffusers:
         t0 = time.perf_counter()
         step_phase_diffusers(modules, args, res, device, dtype, text_len)
         elapsed(res, "diffusers_step", t0)
         save()
-    if "request" in phases:
+    if "request" in phases and not args.skip_diffusers:
         t0 = time.perf_counter()
         request_phase_diffusers(folder, modules, args, res, control, lora_dir, save)
         elapsed(res, "diffusers_request", t0)

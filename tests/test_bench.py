@@ -252,12 +252,16 @@ def test_flux_bench_smoke_on_the_cpu(tmp_path, cache_root):
     res = json.loads(out.read_text())
     for key in ("diffusers_step_ms", "katz_step_eager_ms", "katz_step_compiled_ms", "katz_step_compiled_fp8_ms",
                 "diffusers_plain_s", "katz_plain_s", "diffusers_controlnet_cold_lora_s",
-                "katz_controlnet_cold_lora_k0_s", "katz_controlnet_cold_lora_bal_s", "katz_lora_load_s_mean"):
+                "katz_controlnet_cold_lora_k0_s", "katz_controlnet_cold_lora_bal_s", "katz_lora_load_s_mean",
+                "diffusers_controlnet_s", "katz_controlnet_s"):
         assert res[key] > 0, key
+    breakdown = res["katz_controlnet_breakdown"]  # where a request's time went, by model
+    assert 0 < breakdown["unet_s"] <= breakdown["katz_pipeline_s"] < res["katz_controlnet_s"] * 1.5
+    assert breakdown["transformer_step_ms"] > 0 and breakdown["vae_decoder_s"] > 0
     assert res["katz_step_eager_rel_err"] == 0 and res["katz_step_compiled_fp8_rel_err"] < 1e-5  # CPU: eager
     assert res["katz_bal_applied_steps"] in ([0], [1])  # the cold LoRA in by step k = 1 of 2
     assert set(res["phase_s"]) == {"build", "diffusers_step", "diffusers_request", "katz_step", "katz_request"}
-    assert len(res["ratios"]) == 6 and all(r > 0 for r in res["ratios"].values())
+    assert len(res["ratios"]) == 7 and all(r > 0 for r in res["ratios"].values())
     for row in ("transformer step, Katz compiled_fp8 (ms)", "request, plain (s)",
                 "request + ControlNet + cold LoRA, Katz k = 0 (s)", "Katz/diff"):
         assert row in proc.stdout, row

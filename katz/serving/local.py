@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections import defaultdict
 
 from katz.deployment import Deployment
 from katz.serving.factory import create_model
@@ -32,13 +34,24 @@ class LocalEnsemble:
         if deployment.folder.family == "flux" and deployment.controlnet_mode != "service":
             del roles["controlnet"]  # as the rendered repository: its transformer holds the ControlNets
         roles.update({f"unet_{i}": "unet" for i in range(1, deployment.unet_shards)})
+        # wall seconds in each model's execute, by model name (a caller's include its callees'): where a
+        # request's time goes, for benchmarks
+        self.seconds: dict[str, float] = defaultdict(float)
         self.models = {
             name: create_model(role, params, deployment.device, call=self._call, call_stream=self._call_stream)
             for name, role in roles.items()
         }
 
+    def execute(self, model: str, inputs: dict) -> dict:
+        """``model``'s ``execute``, its time added to :attr:`seconds`."""
+        start = time.perf_counter()
+        try:
+            return self.models[model].execute(inputs)
+        finally:
+            self.seconds[model] += time.perf_counter() - start
+
     def _call(self, model: str, inputs: dict, output_names: list[str]) -> dict:
-        out = self.models[model].execute(inputs)
+        out = self.execute(model, inputs)
         return {k: out[k] for k in output_names}
 
     def _call_stream(self, model: str, inputs: dict, output_names: list[str]):
@@ -62,14 +75,12 @@ class LocalEnsemble:
 
     def generate(self, request: dict) -> dict:
         """Request tensors (see :mod:`katz.request`) -> ``{"image", "png", "seed"}``."""
-        pre = self.models["preprocessing"].execute(request)
+        pre = self.execute("preprocessing", request)
         shared = {"params": pre["params"], "control_images": pre["control_images"]}
-        text = self.models["text_encoder"].execute(
-            {k: v for k, v in pre.items() if k.startswith("input_ids") or k == "params"}
-        )
-        denoised = self.models["katz_pipeline"].execute({**text, **shared})
+        text = self.execute("text_encoder", {k: v for k, v in pre.items() if k.startswith("input_ids") or k == "params"})
+        denoised = self.execute("katz_pipeline", {**text, **shared})
         latents = denoised["latents"]
-        image = self.models["vae_decoder"].execute({"latents": latents})["image"]
-        pixels = self.models["postprocessing"].execute({"image": image})["image"]
-        png = self.models["png_encoder"].execute({"image": pixels, "params": pre["params"]})["png"]
+        image = self.execute("vae_decoder", {"latents": latents})["image"]
+        pixels = self.execute("postprocessing", {"image": image})["image"]
+        png = self.execute("png_encoder", {"image": pixels, "params": pre["params"]})["png"]
         return {"image": pixels, "png": png, "seed": pre["seed"], "lora_applied_step": denoised["lora_applied_step"]}
