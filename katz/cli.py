@@ -52,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dir", type=Path, help="folder of .safetensors LoRAs (default: <model>/loras)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                   help="default: float16 on cuda, float32 on cpu")
+                   help="default: float16 on cuda (FLUX models: bfloat16), float32 on cpu")
     p.add_argument("--gpus", default="0", help="GPU ids for the network models, comma-separated (cuda only)")
     D = _deployment_default
     p.add_argument("--pipeline-instances", type=int, default=2, help="concurrent denoising loops")
@@ -81,7 +81,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "beside the UNet's down path; local: in each UNet instance's process, on its GPU and CUDA "
                         "stream (no controlnet model; --controlnet-gpus/--controlnet-instances do not apply); "
                         f"remote: on another server (--controlnet-url). Default: {D('controlnet_mode')} "
-                        "(FLUX models: local; service streams each block's residual back; inline is their baseline)")
+                        "(FLUX models: inline, measured faster than local on one GPU; local runs the ControlNet beside "
+                        "the transformer's blocks, service streams each block's residual back)")
     p.add_argument("--controlnet-url", default="", help="remote mode: HOST:PORT of the ControlNet server (gRPC)")
     p.add_argument("--controlnet-timeout", type=float, default=D("controlnet_timeout_s"), help="remote mode: seconds per call")
     p.add_argument("--controlnet-gpus", default=None, help="GPU ids of the ControlNet instances (default: --gpus)")
@@ -149,9 +150,15 @@ def build_deployment(args):
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     # ModelFolderError listing every problem of the model, its ControlNets and their weight files
     folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, dtype, args.preset)
+    if folder.family == "flux" and args.dtype is None and device.startswith("cuda"):
+        # FLUX.1's activations overflow float16 (diffusers runs it in bfloat16); the variant files follow the dtype
+        dtype = "bfloat16"
+        folder = open_model(args.model_dir, args.checkpoint, args.controlnet, args.variant, dtype, args.preset)
     folder.check_weights()
     if args.controlnet_mode is None:
-        args.controlnet_mode = "local" if folder.family == "flux" else _deployment_default("controlnet_mode")
+        # FLUX on one GPU: a step is compute-bound, and the ControlNet beside it (local) measured slower than
+        # before it (inline) on an H100 (bench/RESULTS.md, eleventh session)
+        args.controlnet_mode = "inline" if folder.family == "flux" else _deployment_default("controlnet_mode")
     # a checkpoint's config folder may be a preset's, whose LoRAs are not the checkpoint's
     lora_dir = args.lora_dir or (None if folder.checkpoint else folder.path / "loras")
     if getattr(args, "only", None) == "controlnet" and args.controlnet_mode == "local":

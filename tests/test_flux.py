@@ -613,3 +613,28 @@ def test_perf_analyzer_input_is_a_valid_flux_request(preset_dir):
         req = parse_request(tensors, dep.request_limits, frozenset(folder.controlnets), dep.loras.exists)
         assert (req.width, req.controlnets, req.loras) == (SIZE, ["canny"], ["style"])
         assert decode_control_image(req.control_images[0], SIZE, SIZE, 1 << 24).shape == (1, 3, SIZE, SIZE)
+
+
+def test_cli_defaults_for_flux(preset_dir, tmp_path, monkeypatch):
+    """`katz serve/render` with no mode or dtype flag: FLUX's ControlNets run inline (the ControlNet beside
+    a compute-bound transformer step measured slower on one GPU, bench/RESULTS.md), in bfloat16 on a GPU
+    (FLUX.1's activations overflow float16); a flag still wins, and SD keeps its defaults."""
+    import torch
+
+    from katz.cli import build_deployment, parser
+
+    def deployment(preset, *flags):
+        args = parser().parse_args(["render", "--model-dir", str(preset_dir(preset)), "--out", str(tmp_path), *flags])
+        return build_deployment(args)
+
+    cpu = deployment("tiny-flux", "--device", "cpu")
+    assert (cpu.controlnet_mode, cpu.dtype) == ("inline", "float32")
+    assert deployment("tiny-flux", "--device", "cpu", "--controlnet-mode", "local").controlnet_mode == "local"
+    assert deployment("tiny-sdxl", "--device", "cpu").controlnet_mode == "service"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the GPU checks of a CUDA deployment
+    try:
+        gpu = deployment("tiny-flux", "--device", "cuda")
+    except SystemExit as exc:  # a check this CPU machine cannot pass: the defaults are still decided before it
+        pytest.skip(f"a CUDA deployment cannot be built here: {exc}")
+    assert gpu.dtype == "bfloat16"
+    assert deployment("tiny-flux", "--device", "cuda", "--dtype", "float16").dtype == "float16"
