@@ -169,17 +169,14 @@ def write_lora(path: Path, transformer: torch.nn.Module, rank: int, dtype: torch
 
 
 def step_args(transformer, size: int, device, dtype, text_len: int) -> dict:
+    from katz.diffusion.flux import latent_image_ids, latent_size
     from katz.engines.torch.transformer import flux_example_inputs
 
     gen = torch.Generator(device).manual_seed(2)
     x = flux_example_inputs(transformer.config, size, size, device, dtype, text_len)
     for name in ("hidden_states", "encoder_hidden_states", "pooled_projections"):
         x[name] = torch.randn(x[name].shape, generator=gen, device=device, dtype=dtype)
-    n = int(math.isqrt(x["img_ids"].shape[0]))
-    ids = torch.zeros(n, n, 3, device=device)
-    ids[..., 1] += torch.arange(n, device=device)[:, None]
-    ids[..., 2] += torch.arange(n, device=device)[None, :]
-    x["img_ids"] = ids.reshape(-1, 3).to(dtype)
+    x["img_ids"] = latent_image_ids(*latent_size(size, size, 8), device, dtype)  # each token's (0, row, column)
     return x
 
 
@@ -317,12 +314,7 @@ def request_phase_katz(folder, args, res, control_png: bytes, lora_dir: Path, de
 
     def cold_lora(k, steps=None):
         def run():
-            transformer.bal.switch_to(())
-            transformer.loras.clear_caches()
-            for m in ens.models.values():
-                d = getattr(m, "deployment", None)
-                if d is not None and "loras" in vars(d):  # a model's parsed-file cache
-                    d.loras.clear_cache()
+            ens.forget_loras()
             evict(lora_dir / "style.safetensors")
             out = ens.generate(req(steps, **cn, loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))
             applied.setdefault(k, []).append(int(out["lora_applied_step"][0]))

@@ -646,12 +646,7 @@ def main() -> None:
 
     def katz_cold_lora(k):
         def run():
-            unet.bal.switch_to(())
-            unet.loras.clear_caches()
-            for m in ens.models.values():
-                d = getattr(m, "deployment", None)
-                if d is not None and "loras" in vars(d):  # the text encoder's parsed-file cache
-                    d.loras.clear_cache()
+            ens.forget_loras()
             evict(lora_dir / "style.safetensors")
             out = ens.generate(req(loras=np.array([b"style"], object), lora_k=np.array([k], np.int32)))
             applied.append(int(out["lora_applied_step"][0]))

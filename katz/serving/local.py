@@ -73,6 +73,18 @@ class LocalEnsemble:
         if failed:
             raise failed[0]
 
+    def forget_loras(self) -> None:
+        """Make the next LoRA request load cold: the base weights back in every model that merges LoRAs,
+        their loaded LoRAs dropped, and any parsed-file cache emptied (a benchmark's cold case; the OS
+        page cache is the caller's: :func:`katz.lora.readahead.evict`)."""
+        for model in self.models.values():
+            if hasattr(model, "bal"):
+                model.bal.switch_to(())
+                model.loras.clear_caches()
+            deployment = getattr(model, "deployment", None)
+            if deployment is not None and "loras" in vars(deployment):  # a LoRA store made (cached_property)
+                deployment.loras.clear_cache()
+
     def generate(self, request: dict) -> dict:
         """Request tensors (see :mod:`katz.request`) -> ``{"image", "png", "seed"}``."""
         pre = self.execute("preprocessing", request)

@@ -239,8 +239,9 @@ class FluxTransformerEngine:
                 self(**x)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.warmup_s += time.perf_counter() - start
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.warmup_s += seconds
+        return seconds
 
     def set_loras(self, loras: Sequence[tuple[LoraWeights, float]]) -> None:
         """Make the weights base + exactly these LoRAs (an empty list restores the base)."""
